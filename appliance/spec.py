@@ -1,0 +1,186 @@
+"""The declarative spec: one appliance.toml drives images, engine and service.
+
+Precedence, highest first: values passed by the caller (CLI flags) > APPLIANCE_* environment variables
+(nested with "__", e.g. APPLIANCE_GUEST__MEMORY_MIB=2048) > appliance.toml > the defaults below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_SPEC_FILE = Path("appliance.toml")
+SPEC_FILE_ENV = "APPLIANCE_CONFIG"
+_PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "appliance"
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; the message is one line naming the field, the file and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GuestSpec(_Section):
+    """What goes into the guest image and how big each sandbox VM is."""
+
+    suite: Literal["bookworm"] = Field("bookworm", description="Debian suite of the guest root filesystem")
+    mirror: str = Field("http://deb.debian.org/debian", description="Debian mirror for the guest rootfs")
+    kernel_package: str = Field("linux-image-cloud-amd64", description="Debian kernel package for the guest")
+    apt_packages: list[str] = Field(default_factory=list, description="extra Debian packages in the guest")
+    pip_packages: list[str] = Field(
+        default_factory=lambda: [
+            "numpy==2.4.6",
+            "pandas==3.1.1",
+            "scikit-learn==1.9.1",
+            "matplotlib==3.11.2",
+            "scipy==1.17.1",
+        ],
+        description="Python packages in the guest, each pinned as name==version",
+    )
+    vcpus: int = Field(1, ge=1, le=64, description="virtual CPUs per sandbox")
+    memory_mib: int = Field(1024, ge=256, le=262144, description="guest memory per sandbox in MiB")
+    accelerator: Literal["auto", "kvm", "tcg"] = Field(
+        "auto", description="auto probes KVM and falls back to TCG; kvm or tcg forces one"
+    )
+
+    @field_validator("pip_packages")
+    @classmethod
+    def _pinned(cls, packages: list[str]) -> list[str]:
+        for package in packages:
+            if not _PIN.match(package):
+                raise ValueError(f"{package!r} is not pinned; write it as name==version, e.g. 'numpy==2.4.6'")
+        return packages
+
+    def content_hash(self) -> str:
+        """Hash of everything that changes the image's bytes (not the VM size), for build caching."""
+        image_fields = {k: v for k, v in self.model_dump().items() if k not in {"vcpus", "memory_mib", "accelerator"}}
+        return hashlib.sha256(json.dumps(image_fields, sort_keys=True).encode()).hexdigest()
+
+
+class EngineSpec(_Section):
+    """How the sandbox engine runs VMs."""
+
+    boot_timeout_s: float = Field(60.0, gt=0, le=600, description="deadline from QEMU start to agent ready")
+    exec_timeout_s: float = Field(60.0, gt=0, le=86400, description="default time limit of one exec")
+    interrupt_grace_s: float = Field(
+        2.0, gt=0, le=60, description="after a timeout's interrupt, how long before the REPL worker is killed"
+    )
+    output_cap_bytes: int = Field(1 << 20, ge=1024, description="stdout+stderr kept per exec; the rest is cut")
+    kvm_probe_timeout_s: float = Field(10.0, gt=0, le=120, description="deadline of the KVM probe boot")
+
+
+class PathsSpec(_Section):
+    cache_dir: Path = Field(default_factory=_default_cache_dir, description="downloads and build stages")
+    images_dir: Path | None = Field(None, description="built guest images (default: <cache_dir>/images)")
+    state_dir: Path = Field(Path("/var/lib/appliance"), description="sandbox registry, sockets, snapshots")
+    run_dir: Path = Field(Path("/dev/shm/appliance"), description="VM memory files and sockets (tmpfs)")
+
+    @property
+    def images(self) -> Path:
+        return self.images_dir or self.cache_dir / "images"
+
+
+class ApplianceSpec(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="APPLIANCE_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    guest: GuestSpec = Field(default_factory=GuestSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    paths: PathsSpec = Field(default_factory=PathsSpec)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _SPEC_FILE_IN_USE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+# pydantic-settings picks sources per class, not per call: load_spec() sets the file for the duration of one load.
+_SPEC_FILE_IN_USE: dict[str, Path | None] = {}
+
+
+def spec_file_path(explicit: Path | None = None) -> Path:
+    if explicit is not None:
+        return explicit
+    return Path(os.environ.get(SPEC_FILE_ENV, DEFAULT_SPEC_FILE))
+
+
+def load_spec(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ApplianceSpec:
+    """Load the spec; `overrides` are CLI flags as nested dicts, e.g. {"guest": {"vcpus": 2}}.
+
+    A missing default file is fine (defaults apply); a missing file named explicitly is an error.
+    """
+    explicit = path is not None or SPEC_FILE_ENV in os.environ
+    toml_file = spec_file_path(path)
+    if not toml_file.exists():
+        if explicit:
+            raise SpecError(f"{toml_file}: no such spec file (run 'appliance init' to write one)")
+        toml_file_or_none = None
+    else:
+        toml_file_or_none = toml_file
+    _SPEC_FILE_IN_USE["path"] = toml_file_or_none
+    try:
+        return ApplianceSpec(**_merge_overrides(overrides or {}, toml_file_or_none))
+    except ValidationError as exc:
+        raise SpecError(describe_validation_error(exc, toml_file_or_none)) from None
+    except ValueError as exc:  # TOML syntax errors surface as ValueError subclasses
+        raise SpecError(f"{toml_file}: {exc}".splitlines()[0]) from None
+    finally:
+        _SPEC_FILE_IN_USE.pop("path", None)
+
+
+def _merge_overrides(overrides: dict[str, Any], toml_file: Path | None) -> dict[str, Any]:
+    """Init kwargs replace a whole nested section in pydantic-settings; merge CLI flags into the layers below.
+
+    We build the lower layers first (env > file > defaults), then lay the CLI flags over that dict.
+    """
+    if not overrides:
+        return {}
+    lower = ApplianceSpec().model_dump()
+    for section, values in overrides.items():
+        lower.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    return lower
+
+
+def describe_validation_error(exc: ValidationError, toml_file: Path | None) -> str:
+    """First problem as one actionable line: field path, where it came from, what is allowed."""
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"])
+    source = str(toml_file) if toml_file is not None else "defaults/environment"
+    env_name = "APPLIANCE_" + "__".join(str(part).upper() for part in error["loc"])
+    message = error["msg"]
+    if error["type"] == "literal_error":
+        message = f"must be one of {error['ctx']['expected']}"
+    elif error["type"] == "extra_forbidden":
+        message = "is not a known setting (check the spelling; 'appliance init' writes every setting)"
+    got = error.get("input")
+    got_text = f" (got {got!r})" if got is not None and error["type"] != "extra_forbidden" else ""
+    return f"{source}: {field}{got_text}: {message} [file key '{field}' or env {env_name}]"

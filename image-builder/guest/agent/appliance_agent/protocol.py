@@ -1,0 +1,107 @@
+"""The host <-> guest agent wire protocol, version 1. Imported by both ends; standard library only.
+
+Transport: a byte stream (virtio-serial port in the guest, a unix socket on the host). Each message is one
+JSON object encoded as UTF-8 on a single line ending in b"\\n". json.dumps never emits a raw newline, and
+every string is text: bytes that are not valid UTF-8 (a program's output) are decoded with "replace" before
+they are put into a message, so no input can break the framing.
+
+Requests go host -> agent and carry an integer "id" chosen by the host and an "op":
+    ping                                      -> pong {protocol, agent_version, worker_pid}
+    exec   {code, language, timeout_s,        -> stdout/stderr/display events, then done
+            grace_s, output_cap}
+    interrupt                                 -> ok (KeyboardInterrupt in the running code, if any)
+    reseed {seed_hex}                         -> ok (kernel CRNG, Python `random`, numpy in the worker)
+    set_clock {unix_ns}                       -> ok (CLOCK_REALTIME)
+    restart_worker                            -> ok (a fresh namespace)
+Events go agent -> host and carry the "id" of the request they answer and an "ev". The agent sends one
+unsolicited event with id 0 when it starts: hello {protocol, agent_version}.
+
+An exec answers with any number of
+    stdout {data}      stderr {data}      display {data: mime bundle}
+and exactly one final
+    done {value: mime bundle | null, error: {name, value, traceback} | null, exit_code: int | null,
+          truncated_bytes: int, worker_restarted: bool, worker_exit: str | null, duration_s: float}
+A request the agent cannot serve is answered with error {code, message} (codes in ErrorCode).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+PROTOCOL_VERSION = 1
+# The virtio-serial port name the agent opens in the guest (/dev/virtio-ports/<name>).
+AGENT_PORT_NAME = "org.appliance.agent.0"
+# Default cap on stdout + stderr bytes kept per exec; the rest is dropped and counted.
+DEFAULT_OUTPUT_CAP = 1 << 20
+# Time between the interrupt at timeout and the kill of the worker, when the code ignores KeyboardInterrupt.
+DEFAULT_GRACE_S = 2.0
+TRUNCATION_MARKER = "\n[output truncated: {omitted} bytes omitted]\n"
+
+OPS = frozenset({"ping", "exec", "interrupt", "reseed", "set_clock", "restart_worker"})
+EVENTS = frozenset({"hello", "pong", "stdout", "stderr", "display", "done", "ok", "error"})
+LANGUAGES = frozenset({"python", "bash"})
+
+
+class ErrorCode:
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_OP = "unknown_op"
+    BUSY = "busy"
+    INTERNAL = "internal"
+
+
+class ProtocolError(ValueError):
+    """A line that is not a valid protocol message."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One message as one line of UTF-8 JSON."""
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    """Parse one line (with or without its newline) into a message; ProtocolError if it is not one."""
+    try:
+        message = json.loads(line.decode("utf-8", errors="replace"))
+    except ValueError as exc:
+        raise ProtocolError(f"not JSON: {line[:80]!r}") from exc
+    if not isinstance(message, dict) or not isinstance(message.get("id"), int):
+        raise ProtocolError(f"not a message object with an integer id: {line[:80]!r}")
+    if "op" not in message and "ev" not in message:
+        raise ProtocolError(f"message has neither 'op' nor 'ev': {line[:80]!r}")
+    return message
+
+
+def request(request_id: int, op: str, **args: Any) -> dict[str, Any]:
+    if op not in OPS:
+        raise ProtocolError(f"unknown op {op!r}")
+    return {"id": request_id, "op": op, **args}
+
+
+def event(request_id: int, ev: str, **fields: Any) -> dict[str, Any]:
+    if ev not in EVENTS:
+        raise ProtocolError(f"unknown event {ev!r}")
+    return {"id": request_id, "ev": ev, **fields}
+
+
+def text(data: bytes) -> str:
+    """Program output as protocol text: invalid UTF-8 becomes U+FFFD instead of breaking a message."""
+    return data.decode("utf-8", errors="replace")
+
+
+class LineReader:
+    """Splits a byte stream into protocol lines; feed() whatever recv() returned, get complete lines back."""
+
+    def __init__(self, max_line: int = 64 << 20) -> None:
+        self._buffer = bytearray()
+        self._max_line = max_line
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._buffer += chunk
+        if b"\n" not in chunk:
+            if len(self._buffer) > self._max_line:
+                raise ProtocolError(f"line longer than {self._max_line} bytes")
+            return []
+        *lines, rest = bytes(self._buffer).split(b"\n")
+        self._buffer = bytearray(rest)
+        return [line for line in lines if line]
