@@ -1,0 +1,53 @@
+# The two commands a user needs are at the top of README.md: `make demo` and `make test`.
+# Both install what they need (Debian packages, a venv in .venv/) and are safe to run again.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APPLIANCE := $(VENV)/bin/appliance
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+# Host packages: QEMU to run sandboxes; the rest to build the guest image.
+APT_PACKAGES := python3 python3-venv qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio zstd \
+	dpkg-dev ca-certificates
+
+.PHONY: demo test setup host-packages guest-image lint unit integration bench clean
+
+demo: setup guest-image
+	$(APPLIANCE) doctor
+	$(APPLIANCE) run -c 'import pandas, sklearn, platform; print("pandas", pandas.__version__, "sklearn", sklearn.__version__, "on", platform.node())'
+
+test: setup guest-image lint
+	$(VENV)/bin/pytest -q
+
+setup: host-packages $(VENV)/.installed
+
+host-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	@touch $@
+
+guest-image: setup
+	$(APPLIANCE) build guest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+unit: setup
+	$(VENV)/bin/pytest -q -m 'not integration'
+
+integration: setup guest-image
+	$(VENV)/bin/pytest -q -m integration
+
+bench: setup guest-image
+	$(PY) bench/engine_bench.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""One module per command group; each exposes a Click command or group that cli.py registers."""

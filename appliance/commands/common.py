@@ -1,0 +1,66 @@
+"""Options and helpers shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..spec import ApplianceSpec, load_spec
+
+spec_option = click.option(
+    "--spec",
+    "spec_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Spec file (default: ./appliance.toml, or $APPLIANCE_CONFIG).",
+)
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print no progress.")
+
+
+def load(spec_path: Path | None, **overrides: dict) -> ApplianceSpec:
+    """The spec with CLI flags laid over it; SpecError becomes a one-line CLI error in cli.py."""
+    return load_spec(spec_path, overrides or None)
+
+
+def open_engine(spec: ApplianceSpec):
+    """The engine for the guest image this spec builds (the CLI's one door into service.engine)."""
+    from service.engine import Engine, EngineConfig
+
+    from ..build.guest import guest_image_dir
+
+    return Engine(EngineConfig.from_spec(spec, guest_image_dir(spec)))
+
+
+def boot_sandbox(spec: ApplianceSpec, quiet: bool):
+    """A fresh microVM tied to this process; says which accelerator it runs on."""
+    engine = open_engine(spec)
+    choice = engine.accelerator
+    sandbox = engine.boot(die_with_parent=True)
+    if not quiet:
+        click.secho(f"[sandbox on {choice.name}, ready in {sandbox.boot_seconds:.1f}s]", err=True, dim=True)
+    return sandbox
+
+
+def print_event(event: dict) -> None:
+    """Stream one agent event to the terminal as it arrives."""
+    kind = event.get("ev")
+    if kind == "stdout":
+        click.echo(event["data"], nl=False)
+    elif kind == "stderr":
+        click.echo(event["data"], nl=False, err=True)
+    elif kind == "display":
+        bundle = event["data"]
+        click.echo(bundle.get("text/plain", f"<display: {', '.join(sorted(bundle))}>"))
+
+
+def print_outcome(result, show_value: bool) -> int:
+    """Value and error of a finished exec; returns the process exit code it deserves."""
+    if show_value and result.text is not None:
+        click.echo(result.text)
+    if result.worker_exit and (result.error is None or result.worker_exit not in result.error.get("value", "")):
+        click.secho(result.worker_exit, err=True, fg="yellow")
+    if result.error is not None:
+        click.echo(result.error.get("traceback") or f"{result.error['name']}: {result.error['value']}", err=True)
+        return result.exit_code if result.exit_code else 1
+    return 0

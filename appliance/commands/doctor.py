@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import click
+
+from .. import doctor_checks
+from .common import load, open_engine, spec_option
+
+_MARKS = {"ok": ("✓", "green"), "warn": ("!", "yellow"), "fail": ("✗", "red")}
+
+
+@click.command("doctor")
+@spec_option
+def doctor_command(spec_path: Path | None) -> None:
+    """What this host can do: KVM or TCG, tools, disk, guest image. Exits non-zero if it cannot run sandboxes."""
+    from service.engine import EngineError, accel
+
+    spec = load(spec_path)
+    findings = doctor_checks.tool_findings()
+    findings.append(doctor_checks.disk_finding(spec.paths.images, lambda p: shutil.disk_usage(p).free))
+    choice = None
+    try:
+        engine = open_engine(spec)
+    except EngineError as exc:
+        findings.append(doctor_checks.Finding("warn", "guest image", str(exc), "appliance build guest"))
+    else:
+        findings.append(doctor_checks.Finding("ok", "guest image", str(engine.image.directory)))
+        if shutil.which("qemu-system-x86_64"):
+            try:
+                chosen = engine.accelerator
+                choice = (chosen.name, chosen.reason)
+            except accel.AcceleratorUnavailable as exc:
+                fix = "set guest.accelerator = 'auto'"
+                findings.append(doctor_checks.Finding("fail", "accelerator", str(exc), fix))
+    findings += doctor_checks.accelerator_findings(accel.kvm_device_problem(), choice)
+    for finding in findings:
+        mark, color = _MARKS[finding.level]
+        fix = f"  → {finding.fix}" if finding.fix else ""
+        click.echo(f"{click.style(mark, fg=color)} {finding.subject:<20} {finding.detail}{fix}")
+    if not doctor_checks.can_run_sandboxes(findings):
+        raise click.ClickException("this host cannot run sandboxes (see ✗ above)")

@@ -1,0 +1,113 @@
+"""The host end of the agent protocol: one unix-socket connection to a VM's virtio-serial port."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from appliance_agent import protocol
+
+from .errors import AgentTimeout, SandboxLost
+
+
+class AgentChannel:
+    """Requests go out under a lock (interrupt may come from another thread); one reader consumes events."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._reader = protocol.LineReader()
+        self._pending: deque[dict[str, Any]] = deque()
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.agent_info: dict[str, Any] = {}
+
+    @classmethod
+    def connect(cls, path: Path, deadline: float) -> AgentChannel:
+        """Connect to QEMU's chardev socket, retrying until QEMU has created it or the deadline passes."""
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(str(path))
+                return cls(sock)
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise AgentTimeout(f"agent socket {path} did not appear in time") from None
+                time.sleep(0.002)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def send(self, op: str, **args: Any) -> int:
+        request_id = next(self._ids)
+        data = protocol.encode(protocol.request(request_id, op, **args))
+        with self._send_lock:
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                raise SandboxLost(f"the VM's agent connection broke: {exc}") from None
+        return request_id
+
+    def wait_ready(self, deadline: float, ping_every: float = 0.1) -> dict[str, Any]:
+        """Ping until the agent answers. A ping sent before the guest opened its port may be lost: resend."""
+        next_ping = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise AgentTimeout("the guest agent did not answer before the boot deadline")
+            if now >= next_ping:
+                self.send("ping")
+                next_ping = now + ping_every
+            message = self._next_message(min(deadline, next_ping))
+            if message is not None and message.get("ev") in {"pong", "hello"}:
+                self.agent_info = message
+                self._pending.clear()  # answers to our earlier pings
+                return message
+
+    def events(self, request_id: int, deadline: float | None) -> Iterator[dict[str, Any]]:
+        """Events answering `request_id` until (and including) its final one: done, ok, pong or error."""
+        while True:
+            message = self._next_message(deadline)
+            if message is None:
+                raise AgentTimeout("the guest agent stopped answering")
+            if message.get("id") != request_id:
+                continue  # a late answer to an earlier request (an interrupt's ok, a stray pong)
+            yield message
+            if message.get("ev") in {"done", "ok", "pong", "error"}:
+                return
+
+    def call(self, op: str, deadline: float | None, **args: Any) -> dict[str, Any]:
+        """A request with a single answer."""
+        request_id = self.send(op, **args)
+        final: dict[str, Any] = {}
+        for final in self.events(request_id, deadline):  # noqa: B007 - the last event is the answer
+            pass
+        return final
+
+    def _next_message(self, deadline: float | None) -> dict[str, Any] | None:
+        """The next message, or None at the deadline. SandboxLost if the connection closed."""
+        while not self._pending:
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                return None
+            self._sock.settimeout(timeout)
+            try:
+                chunk = self._sock.recv(1 << 16)
+            except TimeoutError:
+                return None
+            except OSError as exc:
+                raise SandboxLost(f"the VM's agent connection broke: {exc}") from None
+            if not chunk:
+                raise SandboxLost("the VM closed its agent connection (it stopped or crashed)")
+            for line in self._reader.feed(chunk):
+                try:
+                    self._pending.append(protocol.decode(line))
+                except protocol.ProtocolError:
+                    continue  # boot noise before the agent took the port; nothing a host can act on
+        return self._pending.popleft()

@@ -1,0 +1,102 @@
+"""The engine's public face: boot sandboxes from one guest image with one accelerator choice."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import accel
+from .errors import BootFailed
+from .image import GuestImage
+from .machine import MachineConfig
+from .sandbox import ExecLimits, Sandbox
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    image_dir: Path
+    run_dir: Path
+    accelerator: str = "auto"  # auto | kvm | tcg
+    vcpus: int = 1
+    memory_mib: int = 1024
+    boot_timeout_s: float = 60.0
+    kvm_probe_timeout_s: float = 10.0
+    limits: ExecLimits = field(default_factory=ExecLimits)
+
+    @classmethod
+    def from_spec(cls, spec, image_dir: Path) -> EngineConfig:  # spec: appliance.spec.ApplianceSpec
+        return cls(
+            image_dir=image_dir,
+            run_dir=spec.paths.run_dir,
+            accelerator=spec.guest.accelerator,
+            vcpus=spec.guest.vcpus,
+            memory_mib=spec.guest.memory_mib,
+            boot_timeout_s=spec.engine.boot_timeout_s,
+            kvm_probe_timeout_s=spec.engine.kvm_probe_timeout_s,
+            limits=ExecLimits(
+                timeout_s=spec.engine.exec_timeout_s,
+                grace_s=spec.engine.interrupt_grace_s,
+                output_cap=spec.engine.output_cap_bytes,
+            ),
+        )
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.image = GuestImage.load(config.image_dir)
+        self._accelerator: accel.AcceleratorChoice | None = None
+
+    @property
+    def accelerator(self) -> accel.AcceleratorChoice:
+        """Chosen once per engine (and cached per host boot on disk): the KVM probe costs a boot."""
+        if self._accelerator is None:
+            cache = self.config.run_dir / "accelerator.json"
+            self._accelerator = accel.cached_choice(
+                cache,
+                key=f"{self.config.accelerator}:{self.image.image_id}",
+                decide=lambda: accel.choose_accelerator(
+                    self.config.accelerator, accel.kvm_device_problem, self._probe_kvm_boot
+                ),
+            )
+            log.info("accelerator: %s (%s)", self._accelerator.name, self._accelerator.reason)
+        return self._accelerator
+
+    def machine(self, accelerator: str | None = None, vcpus: int | None = None, memory_mib: int | None = None,
+                **overrides) -> MachineConfig:
+        return MachineConfig(
+            kernel=self.image.kernel,
+            initrd=self.image.initrd,
+            rootfs=self.image.rootfs,
+            accelerator=accelerator or self.accelerator.name,
+            vcpus=vcpus or self.config.vcpus,
+            memory_mib=memory_mib or self.config.memory_mib,
+            tsc_khz=accel.host_tsc_khz(),
+            **overrides,
+        )
+
+    def boot(self, vcpus: int | None = None, memory_mib: int | None = None, die_with_parent: bool = False) -> Sandbox:
+        return Sandbox.boot(
+            self.machine(vcpus=vcpus, memory_mib=memory_mib),
+            self.config.run_dir,
+            self.config.limits,
+            self.config.boot_timeout_s,
+            die_with_parent=die_with_parent,
+        )
+
+    def _probe_kvm_boot(self) -> str | None:
+        try:
+            sandbox = Sandbox.boot(
+                self.machine(accelerator="kvm", memory_mib=256),
+                self.config.run_dir,
+                self.config.limits,
+                self.config.kvm_probe_timeout_s,
+                die_with_parent=True,
+            )
+        except (BootFailed, OSError) as exc:
+            return f"a probe guest did not boot under KVM: {str(exc)[:200]}"
+        sandbox.close()
+        return None

@@ -1,0 +1,187 @@
+"""A sandbox: one microVM with a live Python process, and the calls a user makes on it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .channel import AgentChannel
+from .errors import AgentTimeout, BootFailed, SandboxBusy, SandboxClosed, SandboxLost
+from .machine import MachineConfig
+from .vm import VirtualMachine
+
+# How long past the exec's own timeout + grace we wait for the agent before declaring the VM lost.
+_HOST_SLACK_S = 15.0
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class ExecResult:
+    stdout: str = ""
+    stderr: str = ""
+    value: dict[str, Any] | None = None  # MIME bundle of the trailing expression
+    displays: list[dict[str, Any]] = field(default_factory=list)  # MIME bundles shown while running
+    error: dict[str, Any] | None = None  # {name, value, traceback}
+    exit_code: int | None = None  # bash only
+    truncated_bytes: int = 0
+    worker_restarted: bool = False
+    worker_exit: str | None = None
+    duration_s: float = 0.0
+
+    @property
+    def text(self) -> str | None:
+        return None if self.value is None else self.value.get("text/plain")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def add(self, event: dict[str, Any]) -> None:
+        """Fold one agent event into the result."""
+        kind = event.get("ev")
+        if kind == "stdout":
+            self.stdout += event["data"]
+        elif kind == "stderr":
+            self.stderr += event["data"]
+        elif kind == "display":
+            self.displays.append(event["data"])
+        elif kind == "done":
+            self.value = event.get("value")
+            self.error = event.get("error")
+            self.exit_code = event.get("exit_code")
+            self.truncated_bytes = event.get("truncated_bytes", 0)
+            self.worker_restarted = event.get("worker_restarted", False)
+            self.worker_exit = event.get("worker_exit")
+            self.duration_s = event.get("duration_s", 0.0)
+        elif kind == "error":
+            self.error = {"name": "AgentError", "value": event.get("message", ""), "traceback": ""}
+
+
+@dataclass(frozen=True)
+class ExecLimits:
+    timeout_s: float = 60.0
+    grace_s: float = 2.0
+    output_cap: int = 1 << 20
+
+
+class Sandbox:
+    def __init__(self, vm: VirtualMachine, channel: AgentChannel, limits: ExecLimits) -> None:
+        self.vm = vm
+        self._channel = channel
+        self.limits = limits
+        self._exec_lock = threading.Lock()
+        self._closed = False
+        self.boot_seconds = 0.0
+
+    @classmethod
+    def boot(
+        cls,
+        config: MachineConfig,
+        run_dir: Path,
+        limits: ExecLimits,
+        boot_timeout_s: float,
+        die_with_parent: bool = False,
+    ) -> Sandbox:
+        """Start a VM and wait until its agent answers. On any failure (or Ctrl-C) the VM is gone again."""
+        started = time.monotonic()
+        deadline = started + boot_timeout_s
+        vm = VirtualMachine.start(config, run_dir, die_with_parent=die_with_parent)
+        channel: AgentChannel | None = None
+        try:
+            channel = AgentChannel.connect(vm.paths.agent_socket, deadline)
+            channel.wait_ready(deadline)
+        except (AgentTimeout, SandboxLost) as exc:
+            report = vm.failure_report()
+            code = vm.exited()
+            if channel is not None:
+                channel.close()
+            vm.stop()
+            if code is not None:
+                raise BootFailed(f"QEMU exited with code {code} during boot: {report}") from None
+            raise BootFailed(f"the guest did not become ready within {boot_timeout_s:g}s ({exc}); {report}") from None
+        except BaseException:
+            if channel is not None:
+                channel.close()
+            vm.stop()
+            raise
+        sandbox = cls(vm, channel, limits)
+        sandbox.boot_seconds = time.monotonic() - started
+        return sandbox
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def run_code(
+        self,
+        code: str,
+        timeout_s: float | None = None,
+        language: str = "python",
+        on_event: EventHandler | None = None,
+    ) -> ExecResult:
+        """Run code in the persistent interpreter (or a bash command); stream events to `on_event` as they come."""
+        if self._closed:
+            raise SandboxClosed("the sandbox is closed")
+        if not self._exec_lock.acquire(blocking=False):
+            raise SandboxBusy("the sandbox is already running code; wait for it or interrupt it")
+        try:
+            timeout = self.limits.timeout_s if timeout_s is None else timeout_s
+            request_id = self._channel.send(
+                "exec",
+                code=code,
+                language=language,
+                timeout_s=timeout,
+                grace_s=self.limits.grace_s,
+                output_cap=self.limits.output_cap,
+            )
+            deadline = time.monotonic() + timeout + self.limits.grace_s + _HOST_SLACK_S
+            result = ExecResult()
+            try:
+                for event in self._channel.events(request_id, deadline):
+                    result.add(event)
+                    if on_event is not None:
+                        on_event(event)
+            except (AgentTimeout, SandboxLost) as exc:
+                self._lose(str(exc))
+            return result
+        finally:
+            self._exec_lock.release()
+
+    def interrupt(self) -> None:
+        """KeyboardInterrupt in the running code, if any; the namespace is kept."""
+        if not self._closed:
+            self._channel.send("interrupt")
+
+    def call(self, op: str, timeout_s: float = 10.0, **args: Any) -> dict[str, Any]:
+        """A control request with a single answer (ping, reseed, set_clock, restart_worker)."""
+        if self._closed:
+            raise SandboxClosed("the sandbox is closed")
+        with self._exec_lock:
+            try:
+                return self._channel.call(op, time.monotonic() + timeout_s, **args)
+            except (AgentTimeout, SandboxLost) as exc:
+                self._lose(str(exc))
+                raise AssertionError("unreachable") from None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._channel.close()
+        self.vm.stop()
+
+    def _lose(self, why: str) -> None:
+        report = self.vm.failure_report()
+        self.close()
+        raise SandboxLost(f"sandbox lost: {why}; {report}")
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
