@@ -87,11 +87,37 @@ class EngineSpec(_Section):
     kvm_probe_timeout_s: float = Field(10.0, gt=0, le=120, description="deadline of the KVM probe boot")
 
 
+class ServiceSpec(_Section):
+    """The execution API (appliance serve)."""
+
+    host: str = Field("127.0.0.1", description="address the API listens on")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port of the API")
+    workers: int = Field(2, ge=1, le=16, description="gunicorn worker processes (any worker serves any sandbox)")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="API keys (prefer APPLIANCE_API_KEYS=k1,k2); if none, serve creates one in the state dir",
+    )
+    pool_size: int = Field(2, ge=0, le=64, description="warm clones kept ready so a create is a hand-out")
+    warm_code: str = Field(
+        "import numpy, pandas, sklearn, sklearn.linear_model, matplotlib, matplotlib.pyplot",
+        description="run in the template before it is saved: every sandbox starts with this already done",
+    )
+    sandbox_timeout_s: float = Field(900.0, gt=0, description="default idle lifetime of a sandbox")
+    max_sandboxes_per_key: int = Field(16, ge=1, description="running sandboxes one API key may hold")
+    max_sandboxes: int = Field(64, ge=1, description="running sandboxes on this host, all keys together")
+    max_body_bytes: int = Field(16 << 20, ge=1024, description="largest JSON request body")
+    max_code_bytes: int = Field(1 << 20, ge=64, description="largest code string of one exec")
+    max_file_bytes: int = Field(4 << 30, ge=1024, description="largest file upload")
+
+
 class PathsSpec(_Section):
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="downloads and build stages")
     images_dir: Path | None = Field(None, description="built guest images (default: <cache_dir>/images)")
     state_dir: Path = Field(Path("/var/lib/appliance"), description="sandbox registry, sockets, snapshots")
     run_dir: Path = Field(Path("/dev/shm/appliance"), description="VM memory files and sockets (tmpfs)")
+    guest_image: Path | None = Field(
+        None, description="boot this built guest image directory instead of the one built for this spec"
+    )
 
     @property
     def images(self) -> Path:
@@ -105,6 +131,7 @@ class ApplianceSpec(BaseSettings):
 
     guest: GuestSpec = Field(default_factory=GuestSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
     paths: PathsSpec = Field(default_factory=PathsSpec)
 
     @classmethod
@@ -121,6 +148,13 @@ class ApplianceSpec(BaseSettings):
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+
+def guest_image_dir(spec: ApplianceSpec) -> Path:
+    """Where the guest image for this spec lives: one directory per image-defining spec hash."""
+    if spec.paths.guest_image is not None:
+        return spec.paths.guest_image
+    return spec.paths.images / f"guest-{spec.guest.content_hash()[:16]}"
 
 
 # pydantic-settings picks sources per class, not per call: load_spec() sets the file for the duration of one load.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from appliance_agent.protocol import AGENT_PORT_NAME
+from appliance_agent.protocol import agent_port_name
 
 QEMU_BINARY = "qemu-system-x86_64"
 # Debian's kernels are built with HZ=250; lpj must match the TSC rate we announce, or udelay() is wrong.
@@ -29,6 +30,9 @@ class MachineConfig:
     # Host TSC frequency handed to the guest under TCG: without it, boots hang now and then calibrating the TSC.
     tsc_khz: int | None = None
     extra_kernel_args: tuple[str, ...] = ()
+    # Agent ports: each is its own host socket, so several host processes (API workers) can each hold one
+    # connection to the same guest at once. Part of the machine: saved state only restores onto the same ports.
+    agent_ports: int = 1
     qemu_binary: str = QEMU_BINARY
 
     def __post_init__(self) -> None:
@@ -36,17 +40,35 @@ class MachineConfig:
             raise ValueError(f"accelerator must be 'kvm' or 'tcg', not {self.accelerator!r}")
         if self.vcpus < 1 or self.memory_mib < 64:
             raise ValueError("a VM needs at least 1 vCPU and 64 MiB")
+        if not 1 <= self.agent_ports <= 30:
+            raise ValueError("agent_ports must be between 1 and 30 (virtio-serial has 31 ports)")
 
 
 @dataclass(frozen=True)
 class RuntimePaths:
-    """Per-VM files on the host: they differ between a VM and its clones, the machine does not."""
+    """Per-VM files on the host, all in the VM's own directory: they differ between a VM and its clones."""
 
-    agent_socket: Path
-    qmp_socket: Path
-    console_log: Path
-    incoming: str | None = None  # a migration URI to restore from, e.g. "exec:cat /path/state"
+    directory: Path
+    incoming: str | None = None  # a migration URI to restore from, or "defer" to give it later over QMP
+    # Detach from the starting process (QEMU forks once its sockets exist and writes a pidfile): the VM then
+    # outlives API workers, and init reaps it.
+    daemonize: bool = False
     extra_args: tuple[str, ...] = field(default=())
+
+    def agent_socket(self, port: int = 0) -> Path:
+        return self.directory / f"agent-{port}.sock"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.directory / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.directory / "qemu.pid"
 
 
 def kernel_command_line(config: MachineConfig) -> str:
@@ -78,7 +100,7 @@ def build_qemu_command(config: MachineConfig, paths: RuntimePaths) -> list[str]:
         *accel,
         *memory,
         "-smp", str(config.vcpus),
-        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", f"file:{paths.console_log}",
         "-kernel", str(config.kernel),
         "-initrd", str(config.initrd),
@@ -86,12 +108,34 @@ def build_qemu_command(config: MachineConfig, paths: RuntimePaths) -> list[str]:
         "-drive", f"id=root,file={config.rootfs},format=raw,if=none,readonly=on,cache=unsafe",
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-rng-device",
-        "-device", "virtio-serial-device,max_ports=2",
-        "-chardev", f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
-        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
-        "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
+        "-device", f"virtio-serial-device,max_ports={config.agent_ports + 1}",
     ]
+    for port in range(config.agent_ports):
+        argv += [
+            "-chardev", f"socket,id=agent{port},path={paths.agent_socket(port)},server=on,wait=off",
+            "-device", f"virtserialport,chardev=agent{port},name={agent_port_name(port)},nr={port + 1}",
+        ]
+    argv += ["-qmp", f"unix:{paths.qmp_socket},server=on,wait=off"]
     if paths.incoming is not None:
         argv += ["-incoming", paths.incoming]
+    if paths.daemonize:
+        argv += ["-daemonize", "-pidfile", str(paths.pidfile)]
     argv += list(paths.extra_args)
     return argv
+
+
+def machine_to_json(machine: MachineConfig) -> dict[str, Any]:
+    """JSON form of a machine, stored with templates, snapshots and registry rows."""
+    data = asdict(machine)
+    for key in ("kernel", "initrd", "rootfs", "memory_file"):
+        data[key] = None if data[key] is None else str(data[key])
+    data["extra_kernel_args"] = list(machine.extra_kernel_args)
+    return data
+
+
+def machine_from_json(stored: dict[str, Any]) -> MachineConfig:
+    data = dict(stored)
+    for key in ("kernel", "initrd", "rootfs", "memory_file"):
+        data[key] = None if data[key] is None else Path(data[key])
+    data["extra_kernel_args"] = tuple(data["extra_kernel_args"])
+    return MachineConfig(**data)

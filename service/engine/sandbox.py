@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,14 +86,16 @@ class Sandbox:
         limits: ExecLimits,
         boot_timeout_s: float,
         die_with_parent: bool = False,
+        detach: bool = False,
+        vm_id: str | None = None,
     ) -> Sandbox:
         """Start a VM and wait until its agent answers. On any failure (or Ctrl-C) the VM is gone again."""
         started = time.monotonic()
         deadline = started + boot_timeout_s
-        vm = VirtualMachine.start(config, run_dir, die_with_parent=die_with_parent)
+        vm = VirtualMachine.start(config, run_dir, die_with_parent=die_with_parent, detach=detach, vm_id=vm_id)
         channel: AgentChannel | None = None
         try:
-            channel = AgentChannel.connect(vm.paths.agent_socket, deadline)
+            channel = AgentChannel.connect(vm.paths.agent_socket(0), deadline)
             channel.wait_ready(deadline)
         except (AgentTimeout, SandboxLost) as exc:
             report = vm.failure_report()
@@ -125,6 +127,16 @@ class Sandbox:
         on_event: EventHandler | None = None,
     ) -> ExecResult:
         """Run code in the persistent interpreter (or a bash command); stream events to `on_event` as they come."""
+        result = ExecResult()
+        for event in self.exec_events(code, timeout_s, language):
+            result.add(event)
+            if on_event is not None:
+                on_event(event)
+        return result
+
+    def exec_events(self, code: str, timeout_s: float | None = None, language: str = "python") -> Iterator[dict]:
+        """The agent's events for one exec as they arrive, ending with `done`. One exec at a time per sandbox:
+        SandboxBusy if this process or (through another agent port) another one is already running code."""
         if self._closed:
             raise SandboxClosed("the sandbox is closed")
         if not self._exec_lock.acquire(blocking=False):
@@ -140,15 +152,13 @@ class Sandbox:
                 output_cap=self.limits.output_cap,
             )
             deadline = time.monotonic() + timeout + self.limits.grace_s + _HOST_SLACK_S
-            result = ExecResult()
             try:
                 for event in self._channel.events(request_id, deadline):
-                    result.add(event)
-                    if on_event is not None:
-                        on_event(event)
+                    if event.get("ev") == "error" and event.get("code") == "busy":
+                        raise SandboxBusy("the sandbox is already running code; wait for it or interrupt it")
+                    yield event
             except (AgentTimeout, SandboxLost) as exc:
                 self._lose(str(exc))
-            return result
         finally:
             self._exec_lock.release()
 
@@ -169,11 +179,17 @@ class Sandbox:
                 raise AssertionError("unreachable") from None
 
     def close(self) -> None:
+        """Stop the VM and remove its files."""
         if self._closed:
             return
         self._closed = True
         self._channel.close()
         self.vm.stop()
+
+    def detach(self) -> None:
+        """Drop this process's connection; the VM keeps running for whoever attaches next."""
+        self._closed = True
+        self._channel.close()
 
     def _lose(self, why: str) -> None:
         report = self.vm.failure_report()

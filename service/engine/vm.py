@@ -24,12 +24,28 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class VirtualMachine:
-    def __init__(self, config: MachineConfig, vm_dir: Path, process: subprocess.Popen[bytes], paths: RuntimePaths):
+    """A QEMU process. Either started here (we hold its Popen) or attached by PID from another process:
+    API workers come and go while the VMs they serve keep running."""
+
+    def __init__(
+        self,
+        config: MachineConfig,
+        vm_dir: Path,
+        pid: int,
+        process: subprocess.Popen[bytes] | None = None,
+        incoming: str | None = None,
+    ) -> None:
         self.config = config
         self.dir = vm_dir
         self.process = process
-        self.paths = paths
+        self._pid = pid
+        self.paths = RuntimePaths(vm_dir, incoming=incoming)
         self._qmp: QEMUMonitorProtocol | None = None
+
+    @classmethod
+    def attach(cls, config: MachineConfig, vm_dir: Path) -> VirtualMachine:
+        """A VM another process started, found by its directory (which holds its pidfile)."""
+        return cls(config, vm_dir, int((vm_dir / "qemu.pid").read_text()))
 
     @classmethod
     def start(
@@ -38,17 +54,16 @@ class VirtualMachine:
         run_dir: Path,
         incoming: str | None = None,
         die_with_parent: bool = False,
+        detach: bool = False,
         vm_id: str | None = None,
     ) -> VirtualMachine:
-        """Spawn QEMU in its own session. `die_with_parent` ties the VM to this process (CLI use)."""
+        """Spawn QEMU. `die_with_parent` ties the VM to this process (CLI use); `detach` makes it independent of
+        this process (service use): QEMU daemonizes once its sockets exist."""
+        if die_with_parent and detach:
+            raise ValueError("a VM cannot both die with its parent and be detached from it")
         vm_dir = run_dir / f"vm-{vm_id or secrets.token_hex(6)}"
         vm_dir.mkdir(parents=True, exist_ok=False)
-        paths = RuntimePaths(
-            agent_socket=vm_dir / "agent.sock",
-            qmp_socket=vm_dir / "qmp.sock",
-            console_log=vm_dir / "console.log",
-            incoming=incoming,
-        )
+        paths = RuntimePaths(vm_dir, incoming=incoming, daemonize=detach)
         argv = build_qemu_command(config, paths)
         log = open(vm_dir / "qemu.log", "wb")  # noqa: SIM115 - handed to the child
         try:
@@ -66,14 +81,42 @@ class VirtualMachine:
             raise OSError(f"cannot start {config.qemu_binary}: {exc.strerror}") from exc
         finally:
             log.close()
-        return cls(config, vm_dir, process, paths)
+        if not detach:
+            paths.pidfile.write_text(str(process.pid))
+            return cls(config, vm_dir, process.pid, process, incoming)
+        try:
+            code = process.wait(timeout=60)
+            pid = int(paths.pidfile.read_text()) if code == 0 else None
+        except (subprocess.TimeoutExpired, OSError, ValueError):
+            process.kill()
+            process.wait()
+            pid = None
+        if pid is None:
+            vm = cls(config, vm_dir, process.pid, process, incoming)
+            report = vm.failure_report()
+            vm.stop()
+            raise OSError(f"QEMU did not start: {report}")
+        return cls(config, vm_dir, pid, None, incoming)
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self._pid
 
     def exited(self) -> int | None:
-        return self.process.poll()
+        """None while running; an exit code (or -1 when not our child and gone) once it stopped."""
+        if self.process is not None:
+            return self.process.poll()
+        return None if self._is_ours_and_alive() else -1
+
+    def _is_ours_and_alive(self) -> bool:
+        """The PID is alive and still this VM's QEMU (PIDs get reused), judged by its command line."""
+        try:
+            cmdline = Path(f"/proc/{self._pid}/cmdline").read_bytes()
+            stat = Path(f"/proc/{self._pid}/stat").read_text()
+        except OSError:
+            return False
+        state = stat.rsplit(")", 1)[1].split()[0]
+        return state != "Z" and str(self.dir).encode() in cmdline
 
     def qmp(self, timeout: float = 5.0) -> QEMUMonitorProtocol:
         if self._qmp is None:
@@ -103,9 +146,16 @@ class VirtualMachine:
             with contextlib.suppress(Exception):
                 self._qmp.close()
             self._qmp = None
-        if self.process.poll() is None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        elif self._is_ours_and_alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+                os.kill(self._pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while self._is_ours_and_alive() and time.monotonic() < deadline:
+                time.sleep(0.005)
         if not keep_files:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -2,8 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance_agent.protocol import AGENT_PORT_NAME
-from service.engine.machine import MachineConfig, RuntimePaths, build_qemu_command, kernel_command_line
+from service.engine.machine import (
+    MachineConfig,
+    RuntimePaths,
+    build_qemu_command,
+    kernel_command_line,
+    machine_from_json,
+    machine_to_json,
+)
 
 
 def config(**overrides) -> MachineConfig:
@@ -13,8 +19,7 @@ def config(**overrides) -> MachineConfig:
     return MachineConfig(**base)
 
 
-PATHS = RuntimePaths(agent_socket=Path("/run/vm/agent.sock"), qmp_socket=Path("/run/vm/qmp.sock"),
-                     console_log=Path("/run/vm/console.log"))
+PATHS = RuntimePaths(Path("/run/vm"))
 
 
 def option(argv: list[str], flag: str) -> list[str]:
@@ -29,9 +34,9 @@ def test_tcg_machine():
     assert option(argv, "-M")[0].startswith("microvm")
     assert "-nodefaults" in argv and "-no-reboot" in argv
     assert any("readonly=on" in d and "/img/rootfs.ext4" in d for d in option(argv, "-drive"))
-    assert f"socket,id=agent,path={PATHS.agent_socket},server=on,wait=off" in option(argv, "-chardev")
-    assert f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}" in option(argv, "-device")
-    assert option(argv, "-qmp") == [f"unix:{PATHS.qmp_socket},server=on,wait=off"]
+    assert option(argv, "-chardev") == ["socket,id=agent0,path=/run/vm/agent-0.sock,server=on,wait=off"]
+    assert "virtserialport,chardev=agent0,name=org.appliance.agent.0,nr=1" in option(argv, "-device")
+    assert option(argv, "-qmp") == ["unix:/run/vm/qmp.sock,server=on,wait=off"]
     assert "-incoming" not in argv
 
 
@@ -58,7 +63,7 @@ def test_file_backed_memory_for_templates_and_clones():
 
 
 def test_incoming_migration():
-    paths = RuntimePaths(PATHS.agent_socket, PATHS.qmp_socket, PATHS.console_log, incoming="exec:cat /s/state")
+    paths = RuntimePaths(Path("/run/vm"), incoming="exec:cat /s/state")
     assert option(build_qemu_command(config(), paths), "-incoming") == ["exec:cat /s/state"]
 
 
@@ -66,3 +71,19 @@ def test_incoming_migration():
 def test_invalid_machines_are_refused(bad):
     with pytest.raises(ValueError):
         config(**bad)
+
+
+def test_one_socket_and_port_per_agent_connection():
+    argv = build_qemu_command(config(agent_ports=3), PATHS)
+    sockets = option(argv, "-chardev")
+    assert [s.split("path=")[1].split(",")[0] for s in sockets] == [f"/run/vm/agent-{k}.sock" for k in range(3)]
+    ports = [d for d in option(argv, "-device") if d.startswith("virtserialport")]
+    assert [p.split("name=")[1].split(",")[0] for p in ports] == [f"org.appliance.agent.{k}" for k in range(3)]
+    assert "virtio-serial-device,max_ports=4" in option(argv, "-device")
+
+
+def test_machine_survives_a_json_round_trip():
+    import json
+
+    machine = config(memory_file=Path("/dev/shm/t.mem"), memory_shared=False, agent_ports=4)
+    assert machine_from_json(json.loads(json.dumps(machine_to_json(machine)))) == machine

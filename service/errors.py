@@ -1,0 +1,54 @@
+"""Service errors: each has a stable code and HTTP status; the API's one error serializer renders them as
+{"error": {"code": ..., "message": ...}}. Messages tell the user what to do."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    code = "internal"
+    status = 500
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class BadRequest(ServiceError):
+    code, status = "bad_request", 400
+
+
+class Unauthorized(ServiceError):
+    code, status = "unauthorized", 401
+
+
+class NotFound(ServiceError):
+    code, status = "not_found", 404
+
+
+class Busy(ServiceError):
+    code, status = "sandbox_busy", 409
+
+
+class TooLarge(ServiceError):
+    code, status = "too_large", 413
+
+
+class Invalid(ServiceError):
+    code, status = "invalid", 422
+
+
+class LimitReached(ServiceError):
+    code, status = "limit_reached", 429
+
+
+class SandboxLostError(ServiceError):
+    code, status = "sandbox_lost", 410
+
+
+class NotReady(ServiceError):
+    code, status = "not_ready", 503
+
+
+class InsufficientStorage(ServiceError):
+    code, status = "insufficient_storage", 507

@@ -1,0 +1,158 @@
+"""The pool keeper: one process per node, beside the API workers.
+
+It boots and publishes the warm template, keeps `pool_size` clones of it ready so a create is a hand-out, closes
+sandboxes past their idle lifetime, marks sandboxes whose VM died as lost, and removes templates nobody maps.
+API workers never wait for any of this; they read the registry and the published template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from service.engine import BootFailed, Engine
+from service.engine.machine import MachineConfig, machine_from_json, machine_to_json
+from service.engine.template import Template, TemplateError
+from service.engine.vm import VirtualMachine
+
+from .config import ServiceConfig
+from .registry import LOST, POOLED, RUNNING, Registry, SandboxRecord
+from .sandboxes import new_sandbox_id
+from .templates import TemplateStore
+
+log = logging.getLogger("appliance.pool")
+_TICK_S = 0.1
+_HEALTH_EVERY_S = 2.0
+
+
+class PoolKeeper:
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.engine = Engine(config.engine)
+        self.registry = Registry(config.registry_path)
+        self.templates = TemplateStore(config.templates_dir)
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def ensure_template(self) -> Template:
+        """Reuse the published template if it was made for this image and machine, else make a new one."""
+        wanted = self.engine.machine(agent_ports=self.config.agent_ports)
+        current = self.templates.current()
+        if current is not None and _same_machine(current.machine, wanted):
+            return current
+        log.info("booting a new template (accelerator %s)", self.engine.accelerator.name)
+        started = time.monotonic()
+        template = Template.create(
+            wanted,
+            self.config.templates_dir,
+            self.engine.config.limits,
+            self.engine.config.boot_timeout_s,
+            warm_code=self.config.warm_code,
+        )
+        self.templates.publish(template)
+        log.info("template %s warm in %.1fs", template.template_id, time.monotonic() - started)
+        return template
+
+    def fill_pool(self, template: Template) -> None:
+        while not self._stop.is_set():
+            pooled = self.registry.count(states=(POOLED,))
+            if pooled >= self.config.pool_size:
+                return
+            if self.registry.count() + pooled >= self.config.max_sandboxes:
+                return
+            sandbox_id = new_sandbox_id()
+            try:
+                sandbox = template.clone(
+                    self.config.sandboxes_dir, self.engine.config.limits, vm_id=sandbox_id, detach=True
+                )
+            except BootFailed as exc:
+                log.error("could not clone the template: %s", exc)
+                return
+            sandbox.detach()
+            self.registry.add(
+                SandboxRecord(
+                    id=sandbox_id, owner=None, state=POOLED, vm_dir=str(sandbox.vm.dir),
+                    template_id=template.template_id, machine=machine_to_json(template.machine),
+                    timeout_s=self.config.sandbox_timeout_s,
+                )
+            )
+
+    def reap(self) -> None:
+        """Close sandboxes idle past their lifetime; mark those whose VM died as lost."""
+        for record in self.registry.idle_since(time.time()):
+            log.info("closing %s: idle for more than %gs", record.id, record.timeout_s)
+            self._kill(record)
+            self.registry.remove(record.id)
+        for record in self.registry.list(state=RUNNING) + self.registry.list(state=POOLED):
+            if not self._alive(record):
+                if record.state == POOLED:
+                    self.registry.remove(record.id)
+                else:
+                    log.warning("sandbox %s lost: its VM is not running", record.id)
+                    self.registry.set_state(record.id, LOST)
+
+    def run(self) -> None:
+        template = self.ensure_template()
+        self.templates.remove_unused(self.registry)
+        last_health = 0.0
+        while not self._stop.is_set():
+            self.fill_pool(template)
+            if time.monotonic() - last_health > _HEALTH_EVERY_S:
+                self.reap()
+                self.templates.remove_unused(self.registry)
+                last_health = time.monotonic()
+            self._stop.wait(_TICK_S)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Pooled clones are cheap to remake: stop them. Sandboxes users hold keep running for the next start."""
+        for record in self.registry.list(state=POOLED):
+            self._kill(record)
+            self.registry.remove(record.id)
+        self.registry.close()
+
+    def _alive(self, record: SandboxRecord) -> bool:
+        try:
+            vm = VirtualMachine.attach(machine_from_json(record.machine), Path(record.vm_dir))
+        except (OSError, ValueError):
+            return False
+        return vm.exited() is None
+
+    def _kill(self, record: SandboxRecord) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            VirtualMachine.attach(machine_from_json(record.machine), Path(record.vm_dir)).stop()
+
+
+def _same_machine(a: MachineConfig, b: MachineConfig) -> bool:
+    """Equal but for where the RAM lives (a template maps its own memory file)."""
+    return replace(a, memory_file=None, memory_shared=True) == replace(b, memory_file=None, memory_shared=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="appliance pool keeper (started by `appliance serve`)")
+    parser.add_argument("--spec", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s pool %(levelname)s %(message)s")
+    from .app_config import service_config_from_spec
+
+    keeper = PoolKeeper(service_config_from_spec(args.spec))
+    signal.signal(signal.SIGTERM, lambda *_: keeper.stop())
+    signal.signal(signal.SIGINT, lambda *_: keeper.stop())
+    try:
+        keeper.run()
+    except (TemplateError, BootFailed) as exc:
+        log.error("the pool keeper cannot warm a template: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

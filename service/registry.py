@@ -1,0 +1,160 @@
+"""The sandbox registry: one SQLite file in the state directory, shared by every API worker and the pool keeper.
+
+Any worker can serve any sandbox because everything needed to reach one is here (its VM directory holds its
+sockets and pidfile). SQLite in WAL mode gives atomic claims across processes: two creates never get the same
+pooled clone.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+POOLED, RUNNING, FROZEN, LOST = "pooled", "running", "frozen", "lost"
+STATES = (POOLED, RUNNING, FROZEN, LOST)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY,
+    owner TEXT,                -- sha256 of the API key that created it; NULL while pooled
+    state TEXT NOT NULL,
+    vm_dir TEXT NOT NULL,
+    template_id TEXT,
+    machine TEXT NOT NULL,     -- JSON of the MachineConfig (to attach, save and restore)
+    timeout_s REAL NOT NULL,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    last_active_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sandboxes_owner ON sandboxes(owner, state);
+CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes(state);
+"""
+
+
+@dataclass
+class SandboxRecord:
+    id: str
+    owner: str | None
+    state: str
+    vm_dir: str
+    template_id: str | None
+    machine: dict[str, Any]
+    timeout_s: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    last_active_at: float = 0.0
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> SandboxRecord:
+        data = dict(row)
+        data["machine"] = json.loads(data["machine"])
+        data["metadata"] = json.loads(data["metadata"])
+        return cls(**data)
+
+
+class Registry:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def add(self, record: SandboxRecord) -> None:
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                record.id, record.owner, record.state, record.vm_dir, record.template_id,
+                json.dumps(record.machine), record.timeout_s, json.dumps(record.metadata),
+                record.created_at or now, record.last_active_at or now,
+            ),
+        )
+
+    def claim_pooled(
+        self, owner: str, template_id: str, timeout_s: float, metadata: dict[str, Any]
+    ) -> SandboxRecord | None:
+        """Atomically hand one pooled clone of `template_id` to `owner`; None if the pool is empty."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT * FROM sandboxes WHERE state=? AND template_id=? ORDER BY created_at LIMIT 1",
+                (POOLED, template_id),
+            ).fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            db.execute(
+                "UPDATE sandboxes SET owner=?, state=?, timeout_s=?, metadata=?, created_at=?, last_active_at=? "
+                "WHERE id=?",
+                (owner, RUNNING, timeout_s, json.dumps(metadata), now, now, row["id"]),
+            )
+        record = SandboxRecord.from_row(row)
+        record.owner, record.state, record.timeout_s, record.metadata = owner, RUNNING, timeout_s, metadata
+        record.created_at = record.last_active_at = now
+        return record
+
+    def get(self, sandbox_id: str) -> SandboxRecord | None:
+        row = self._db.execute("SELECT * FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
+        return None if row is None else SandboxRecord.from_row(row)
+
+    def list(self, owner: str | None = None, state: str | None = None) -> list[SandboxRecord]:
+        query, args = "SELECT * FROM sandboxes WHERE 1=1", []
+        if owner is not None:
+            query += " AND owner=?"
+            args.append(owner)
+        if state is not None:
+            query += " AND state=?"
+            args.append(state)
+        rows = self._db.execute(query + " ORDER BY created_at", args).fetchall()
+        return [SandboxRecord.from_row(row) for row in rows]
+
+    def count(self, owner: str | None = None, states: tuple[str, ...] = (RUNNING,)) -> int:
+        marks = ",".join("?" * len(states))
+        if owner is None:
+            return self._db.execute(f"SELECT COUNT(*) FROM sandboxes WHERE state IN ({marks})", states).fetchone()[0]
+        return self._db.execute(
+            f"SELECT COUNT(*) FROM sandboxes WHERE owner=? AND state IN ({marks})", (owner, *states)
+        ).fetchone()[0]
+
+    def counts_by_state(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT state, COUNT(*) FROM sandboxes GROUP BY state").fetchall()
+        return {state: 0 for state in STATES} | {row[0]: row[1] for row in rows}
+
+    def touch(self, sandbox_id: str) -> None:
+        self._db.execute("UPDATE sandboxes SET last_active_at=? WHERE id=?", (time.time(), sandbox_id))
+
+    def set_state(self, sandbox_id: str, state: str, **columns: Any) -> None:
+        sets = ", ".join(["state=?", *[f"{name}=?" for name in columns]])
+        values = [json.dumps(v) if name in {"machine", "metadata"} else v for name, v in columns.items()]
+        self._db.execute(f"UPDATE sandboxes SET {sets} WHERE id=?", (state, *values, sandbox_id))
+
+    def remove(self, sandbox_id: str) -> bool:
+        return self._db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,)).rowcount > 0
+
+    def idle_since(self, cutoff_for: float) -> list[SandboxRecord]:
+        """Running sandboxes whose idle lifetime has passed at time `cutoff_for`."""
+        rows = self._db.execute(
+            "SELECT * FROM sandboxes WHERE state=? AND last_active_at + timeout_s < ?", (RUNNING, cutoff_for)
+        ).fetchall()
+        return [SandboxRecord.from_row(row) for row in rows]
