@@ -7,8 +7,7 @@ PY := $(VENV)/bin/python
 APPLIANCE := $(VENV)/bin/appliance
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # Host packages: QEMU to run sandboxes; the rest to build the guest image.
-APT_PACKAGES := python3 python3-venv qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio zstd \
-	dpkg-dev ca-certificates
+APT_PACKAGES := python3 python3-venv qemu-system-x86 qemu-utils mmdebstrap e2fsprogs ca-certificates
 
 .PHONY: demo test setup host-packages guest-image lint unit integration bench clean
 

@@ -14,9 +14,7 @@ REQUIRED_TOOLS = {
 }
 BUILD_TOOLS = {
     "mmdebstrap": "mmdebstrap",
-    "busybox": "busybox-static",
     "mkfs.ext4": "e2fsprogs",
-    "cpio": "cpio",
     "dpkg-deb": "dpkg",
     "apt-get": "apt",
 }

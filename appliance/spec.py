@@ -150,11 +150,14 @@ class ApplianceSpec(BaseSettings):
         return tuple(sources)
 
 
-def guest_image_dir(spec: ApplianceSpec) -> Path:
-    """Where the guest image for this spec lives: one directory per image-defining spec hash."""
-    if spec.paths.guest_image is not None:
-        return spec.paths.guest_image
+def image_build_dir(spec: ApplianceSpec) -> Path:
+    """Where `appliance build guest` puts the image for this spec: one directory per image-defining spec hash."""
     return spec.paths.images / f"guest-{spec.guest.content_hash()[:16]}"
+
+
+def guest_image_dir(spec: ApplianceSpec) -> Path:
+    """The image sandboxes boot from: an explicitly configured one (e.g. installed by a deploy), else the build."""
+    return spec.paths.guest_image if spec.paths.guest_image is not None else image_build_dir(spec)
 
 
 # pydantic-settings picks sources per class, not per call: load_spec() sets the file for the duration of one load.

@@ -59,6 +59,9 @@ def print_outcome(result, show_value: bool) -> int:
     if result.worker_exit and (result.error is None or result.worker_exit not in result.error.get("value", "")):
         click.secho(result.worker_exit, err=True, fg="yellow")
     if result.error is not None:
+        if result.error.get("name") == "SystemExit":  # sys.exit(n) in a script: exit n, as python would
+            value = result.error.get("value", "")
+            return int(value) if value.lstrip("-").isdigit() else (0 if value in ("", "None") else 1)
         click.echo(result.error.get("traceback") or f"{result.error['name']}: {result.error['value']}", err=True)
         return result.exit_code if result.exit_code else 1
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import select
 import socket
 import threading
 import time
@@ -15,12 +16,19 @@ from appliance_agent import protocol
 
 from .errors import AgentTimeout, SandboxLost
 
+_SEND_TIMEOUT_S = 30.0
+
 
 class AgentChannel:
     """Requests go out under a lock (interrupt may come from another thread); one reader consumes events."""
 
     def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
         self._sock = sock
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
+        self._writable = select.poll()
+        self._writable.register(sock, select.POLLOUT)
         self._reader = protocol.LineReader()
         self._pending: deque[dict[str, Any]] = deque()
         self._send_lock = threading.Lock()
@@ -46,16 +54,27 @@ class AgentChannel:
 
     def send(self, op: str, **args: Any) -> int:
         request_id = next(self._ids)
-        data = protocol.encode(protocol.request(request_id, op, **args))
+        data = memoryview(protocol.encode(protocol.request(request_id, op, **args)))
+        # The socket stays non-blocking: the reader waits with poll() and its own deadline, and a sender must not
+        # block forever on a guest that stopped reading (QEMU reads the socket only while the guest port is open).
+        deadline = time.monotonic() + _SEND_TIMEOUT_S
         with self._send_lock:
-            try:
-                self._sock.sendall(data)
-            except OSError as exc:
-                raise SandboxLost(f"the VM's agent connection broke: {exc}") from None
+            while data:
+                try:
+                    sent = self._sock.send(data)
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise SandboxLost("the guest stopped reading requests (its agent is hung)") from None
+                    self._writable.poll(50)
+                    continue
+                except OSError as exc:
+                    raise SandboxLost(f"the VM's agent connection broke: {exc}") from None
+                data = data[sent:]
         return request_id
 
-    def wait_ready(self, deadline: float, ping_every: float = 0.1) -> dict[str, Any]:
-        """Ping until the agent answers. A ping sent before the guest opened its port may be lost: resend."""
+    def wait_ready(self, deadline: float, ping_every: float = 1.0) -> dict[str, Any]:
+        """Ping until the agent answers. Bytes sent before the guest opened its port wait in the socket and
+        arrive later, and the agent says hello whenever a host connects, so a slow resend is only a fallback."""
         next_ping = 0.0
         while True:
             now = time.monotonic()
@@ -93,14 +112,14 @@ class AgentChannel:
     def _next_message(self, deadline: float | None) -> dict[str, Any] | None:
         """The next message, or None at the deadline. SandboxLost if the connection closed."""
         while not self._pending:
-            timeout = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
-                return None
-            self._sock.settimeout(timeout)
             try:
                 chunk = self._sock.recv(1 << 16)
-            except TimeoutError:
-                return None
+            except BlockingIOError:
+                timeout = None if deadline is None else deadline - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    return None
+                self._readable.poll(None if timeout is None else max(1, int(timeout * 1000) + 1))
+                continue
             except OSError as exc:
                 raise SandboxLost(f"the VM's agent connection broke: {exc}") from None
             if not chunk:

@@ -71,6 +71,7 @@ class Engine:
             kernel=self.image.kernel,
             initrd=self.image.initrd,
             rootfs=self.image.rootfs,
+            kernel_args=self.image.kernel_args,
             accelerator=accelerator or self.accelerator.name,
             vcpus=vcpus or self.config.vcpus,
             memory_mib=memory_mib or self.config.memory_mib,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ class GuestImage:
             manifest = json.loads(manifest_file.read_text())
         except ValueError as exc:
             raise ImageNotFound(f"{manifest_file} is not valid JSON ({exc}); rebuild with --force") from None
+        if "kernel_cmdline" not in manifest:
+            raise ImageNotFound(f"{manifest_file} has no kernel_cmdline; rebuild with 'appliance build guest --force'")
         for name in (KERNEL, INITRD, ROOTFS):
             if not (directory / name).is_file():
                 raise ImageNotFound(
@@ -46,6 +49,12 @@ class GuestImage:
         return self.directory / ROOTFS
 
     @property
+    def kernel_args(self) -> str:
+        return str(self.manifest["kernel_cmdline"])
+
+    @property
     def image_id(self) -> str:
-        """Identifies the bytes a VM boots from (snapshots must be restored onto the same image)."""
-        return str(self.manifest.get("spec_hash", self.directory.name))[:16]
+        """Identifies the bytes a VM boots from (what saved state must be restored onto): the artifacts' hashes."""
+        artifacts = self.manifest.get("artifacts", {})
+        digests = "".join(artifacts.get(name, {}).get("sha256", "?") for name in (KERNEL, INITRD, ROOTFS))
+        return hashlib.sha256(digests.encode()).hexdigest()[:16]

@@ -21,6 +21,8 @@ class MachineConfig:
     initrd: Path
     rootfs: Path
     accelerator: str  # "kvm" or "tcg", already chosen
+    # The guest's own kernel arguments, as its image's manifest gives them (root device, console, quiet...).
+    kernel_args: str = "console=ttyS0 root=/dev/vda rootfstype=ext4 ro panic=-1 quiet"
     vcpus: int = 1
     memory_mib: int = 1024
     # Guest RAM as a file (a tmpfs path) instead of anonymous memory: needed to save a template that clones
@@ -72,10 +74,10 @@ class RuntimePaths:
 
 
 def kernel_command_line(config: MachineConfig) -> str:
-    args = ["console=ttyS0", "quiet", "loglevel=3", "panic=-1", "root=/dev/vda", "ro"]
-    args += ["8250.nr_uarts=1", "i8042.noaux", "i8042.nokbd", "i8042.nopnp", "cryptomgr.notests", "random.trust_cpu=on"]
+    """The image's arguments plus what only the host knows: the TSC rate under TCG."""
+    args = config.kernel_args.split()
     if config.accelerator == "tcg" and config.tsc_khz:
-        args += [f"tsc_early_khz={config.tsc_khz}", f"lpj={config.tsc_khz * 1000 // GUEST_KERNEL_HZ}", "tsc=reliable"]
+        args += [f"tsc_early_khz={config.tsc_khz}", f"lpj={config.tsc_khz * 1000 // GUEST_KERNEL_HZ}"]
     args += list(config.extra_kernel_args)
     return " ".join(args)
 

@@ -22,16 +22,40 @@ and exactly one final
     done {value: mime bundle | null, error: {name, value, traceback} | null, exit_code: int | null,
           truncated_bytes: int, worker_restarted: bool, worker_exit: str | null, duration_s: float}
 A request the agent cannot serve is answered with error {code, message} (codes in ErrorCode).
+
+How the agent fills these in (appliance_agent.agent):
+- exec arguments: language defaults to "python"; timeout_s null or absent means no limit; grace_s and
+  output_cap default to DEFAULT_GRACE_S and DEFAULT_OUTPUT_CAP. The cap counts stdout + stderr bytes; what is
+  dropped is counted in truncated_bytes and announced by one last stderr event with TRUNCATION_MARKER.
+- mime bundles: "text/plain" always (a capped repr), plus "text/html", "text/markdown", "image/svg+xml",
+  "image/png" (base64), "image/jpeg" (base64), "text/latex" when the object offers them (_repr_*_ methods,
+  matplotlib figures). Tracebacks name cells "<cell-N>" (N counts the worker's execs).
+- error names beyond the code's own exceptions: "TimeoutError" (timeout_s passed; the namespace is kept
+  unless worker_restarted), "WorkerExited" (the Python process died or was restarted during the exec),
+  "CalledProcessError" (bash exited non-zero); exit_code is bash's status, negative for a signal.
+- worker_restarted/worker_exit are also set on the first exec after the worker died while idle.
+- hello is sent again each time a host connects to a port. The agent serves every port named
+  AGENT_PORT_PREFIX<n>: any port may send any request, there is one worker and one exec at a time for all of
+  them (busy), an exec's events go to the port that asked for it, and interrupt acts on whichever exec runs.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: importing `typing` costs the guest agent boot time under TCG
+    from typing import Any
 
 PROTOCOL_VERSION = 1
-# The virtio-serial port name the agent opens in the guest (/dev/virtio-ports/<name>).
-AGENT_PORT_NAME = "org.appliance.agent.0"
+# The virtio-serial port names the agent serves in the guest (/dev/virtio-ports/<name>): one per host connection.
+AGENT_PORT_PREFIX = "org.appliance.agent."
+AGENT_PORT_NAME = AGENT_PORT_PREFIX + "0"
+
+
+def agent_port_name(port: int) -> str:
+    return f"{AGENT_PORT_PREFIX}{port}"
+
 # Default cap on stdout + stderr bytes kept per exec; the rest is dropped and counted.
 DEFAULT_OUTPUT_CAP = 1 << 20
 # Time between the interrupt at timeout and the kill of the worker, when the code ignores KeyboardInterrupt.
@@ -54,9 +78,14 @@ class ProtocolError(ValueError):
     """A line that is not a valid protocol message."""
 
 
+# One encoder for all messages: json.dumps with options builds a new JSONEncoder per call, which is
+# measurable on the per-exec path under TCG.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode(message: dict[str, Any]) -> bytes:
     """One message as one line of UTF-8 JSON."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    return _ENCODER.encode(message).encode("utf-8") + b"\n"
 
 
 def decode(line: bytes) -> dict[str, Any]:
@@ -97,6 +126,9 @@ class LineReader:
         self._max_line = max_line
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if not self._buffer and chunk.endswith(b"\n"):  # the usual case: whole lines, nothing held back
+            lines = chunk[:-1].split(b"\n")
+            return lines if b"" not in lines else [line for line in lines if line]
         self._buffer += chunk
         if b"\n" not in chunk:
             if len(self._buffer) > self._max_line:

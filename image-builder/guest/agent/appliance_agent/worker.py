@@ -1,0 +1,295 @@
+"""The REPL worker: one persistent Python namespace, driven by the agent over pipes.
+
+fd 0 is /dev/null, fds 1 and 2 are the stdout/stderr pipes the agent relays. Two more descriptors come on the
+command line: requests (agent -> worker) and control (worker -> agent); their messages are in pipes.py.
+Every control message is written after stdout and stderr are flushed, and the agent drains those pipes before
+it acts on a control message. A display from the cell's thread then waits for the agent's ack (matched by
+seq), so that what the cell prints next cannot overtake the display; done needs no ack, the cell is over.
+The per-exec path imports nothing and starts nothing: the target is a round trip far below a millisecond.
+"""
+
+from __future__ import annotations
+
+import _thread
+import ast
+import builtins
+import contextlib
+import json
+import linecache
+import os
+import signal
+import sys
+
+from appliance_agent import display as display_module
+from appliance_agent.pipes import DONE_QUIET
+
+# Only for annotations (never evaluated, see the __future__ import): `typing` costs start-up time under TCG.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+_OWN_FILES = frozenset({__file__, display_module.__file__})
+_COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+_CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
+TRACEBACK_LIMIT = 64 << 10
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # reused: json.dumps with options builds one per call
+_decode = json.JSONDecoder().decode
+
+
+class Worker:
+    def __init__(self, request_fd: int, control_fd: int) -> None:
+        self._requests = os.fdopen(request_fd, "rb", buffering=1 << 16)
+        self._control = control_fd
+        self._control_lock = _thread.allocate_lock()
+        self._pid = os.getpid()
+        self._forked = False  # set in a child that user code forks (no getpid() per exec)
+        os.register_at_fork(after_in_child=self._in_forked_child)
+        self._running = False
+        self._cells = 0
+        self._main_thread = _thread.get_ident()
+        self._display_seq = 0
+        self._deferred: list[dict[str, Any]] = []
+        self._event_loop: Any = None
+        main_module = type(sys)("__main__")
+        main_module.__dict__["__builtins__"] = builtins
+        # pickle and multiprocessing look classes and functions up in sys.modules["__main__"].
+        sys.modules["__main__"] = main_module
+        self.namespace = main_module.__dict__
+        self.figures = display_module.Figures(self._display_one)
+
+    # -- setup ---------------------------------------------------------------------------------------------
+
+    def install(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(encoding="utf-8", errors="replace", line_buffering=True)
+        self._streams = (sys.stdout, sys.stderr)
+        sys.argv = [""]
+        signal.signal(signal.SIGINT, self._on_sigint)
+        builtins.display = self.display  # type: ignore[attr-defined]
+        self.figures.install()
+        os.environ.setdefault("MPLBACKEND", "Agg")
+
+    def _in_forked_child(self) -> None:
+        self._forked = True
+
+    def _on_sigint(self, _signum: int, _frame: Any) -> None:
+        # Idle, an interrupt that arrived just after the cell ended is ignored: it was meant for the cell.
+        if self._running:
+            raise KeyboardInterrupt
+
+    # -- the request loop ----------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self._send({"ev": "ready", "pid": self._pid})
+        while True:
+            request = self._deferred.pop(0) if self._deferred else self._next_request()
+            if request is None:
+                return  # the agent is gone
+            try:
+                op = request.get("op")
+                if op == "exec":
+                    try:
+                        done = self.run_cell(request.get("code", ""))
+                    except KeyboardInterrupt as exc:  # landed between the cell and its bookkeeping
+                        self._running = False
+                        done = {"ev": "done", "value": None, "error": describe_exception(exc)}
+                    if done is None:
+                        self._write(DONE_QUIET)
+                    else:
+                        self._send(done)
+                elif op == "reseed":
+                    self.reseed(bytes.fromhex(request.get("seed_hex", "")))
+            except KeyboardInterrupt:
+                pass
+            except Exception as exc:  # a bad request from the agent is a bug there, not a reason to die
+                print(f"[worker: bad request: {exc!r}]", file=sys.stderr)
+            if self._forked:
+                os._exit(0)  # user code forked and the child fell through the cell: it must not serve
+
+    def _next_request(self) -> dict[str, Any] | None:
+        while True:
+            line = self._requests.readline()
+            if not line:
+                return None
+            try:
+                request = _decode(line.decode("utf-8", "replace"))
+            except ValueError:
+                continue
+            if isinstance(request, dict):
+                return request
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._write(_ENCODER.encode(message).encode("ascii") + b"\n")
+
+    def _write(self, data: bytes) -> None:
+        """One control message, after what the code printed so far (the agent relies on that order)."""
+        if self._forked:
+            return
+        for stream in self._streams:
+            with contextlib.suppress(Exception):
+                stream.flush()
+        if sys.stdout not in self._streams or sys.stderr not in self._streams:  # the user replaced them
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+        with self._control_lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._control, view) :]
+
+    # -- exec ----------------------------------------------------------------------------------------------
+
+    def run_cell(self, code: str) -> dict[str, Any] | None:
+        """Run one cell; its done message, or None for the common "no value, no error" (DONE_QUIET)."""
+        self._cells += 1
+        filename = f"<cell-{self._cells}>"
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        value = error = None
+        pyplot_before = display_module.PYPLOT in sys.modules
+        before = self.figures.open_before_cell() if pyplot_before else frozenset()
+        try:
+            self._running = True
+            try:
+                body, last = self._compile(code, filename)
+            except BaseException as exc:
+                exc.__traceback__ = None  # the parser's frames are not the user's
+                raise
+            self._evaluate(body)
+            if last is not None:
+                result = self._evaluate(last)
+                if result is not None:
+                    value = display_module.mime_bundle(result)
+            self._running = False
+        except BaseException as exc:
+            self._running = False
+            error = describe_exception(exc)
+        if pyplot_before or display_module.PYPLOT in sys.modules:
+            with contextlib.suppress(KeyboardInterrupt):
+                self.figures.show_new(before)
+        if value is None and error is None:
+            return None
+        return {"ev": "done", "value": value, "error": error}
+
+    @staticmethod
+    def _compile(code: str, filename: str) -> tuple[Any, Any]:
+        """(code for all statements but a trailing expression, code for that expression or None)."""
+        tree = compile(code, filename, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a wrapper's cost
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            expression = tree.body.pop()
+            if not _ends_with_semicolon(code, expression):
+                last = compile(ast.Expression(expression.value), filename, "eval", _COMPILE_FLAGS)
+            else:
+                tree.body.append(expression)
+        return compile(tree, filename, "exec", _COMPILE_FLAGS), last
+
+    def _evaluate(self, code: Any) -> Any:
+        result = eval(code, self.namespace)
+        if code.co_flags & _CO_COROUTINE:
+            result = self._run_coroutine(result)
+        return result
+
+    def _run_coroutine(self, coroutine: Any) -> Any:
+        import asyncio  # only for cells with a top-level await
+
+        if self._event_loop is None or self._event_loop.is_closed():
+            self._event_loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._event_loop)
+        return self._event_loop.run_until_complete(coroutine)
+
+    # -- display -------------------------------------------------------------------------------------------
+
+    def display(self, *objects: Any, **_ignored: Any) -> None:
+        """Show objects as rich output (the `display` builtin, as in Jupyter)."""
+        for obj in objects:
+            self._display_one(obj)
+
+    def _display_one(self, obj: Any) -> None:
+        bundle = display_module.mime_bundle(obj)
+        if _thread.get_ident() != self._main_thread:  # a background thread: no ack, order is best effort
+            self._send({"ev": "display", "data": bundle, "seq": None})
+            return
+        self._display_seq += 1
+        self._send({"ev": "display", "data": bundle, "seq": self._display_seq})
+        while True:
+            request = self._next_request()
+            if request is None:
+                os._exit(0)
+            if request.get("op") != "ack":
+                self._deferred.append(request)  # a reseed queued behind this cell
+            elif request.get("seq") == self._display_seq:
+                return
+
+    # -- reseed --------------------------------------------------------------------------------------------
+
+    def reseed(self, seed: bytes) -> None:
+        """Give `random` (and numpy's legacy global RNG, if imported) a fresh state after a clone."""
+        random_module = sys.modules.get("random")
+        if random_module is not None:
+            random_module.seed(seed)
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            import hashlib
+
+            digest = hashlib.sha256(b"numpy:" + seed).digest()
+            try:
+                numpy.random.seed([int.from_bytes(digest[i : i + 4], "little") for i in range(0, 32, 4)])
+            except Exception as exc:
+                print(f"[could not reseed numpy: {exc}]", file=sys.stderr)
+
+
+def _ends_with_semicolon(code: str, node: ast.expr | ast.stmt) -> bool:
+    """A trailing `;` after the last expression suppresses its value, as in IPython."""
+    if node.end_lineno is None or node.end_col_offset is None:
+        return False
+    lines = code.split("\n")
+    if node.end_lineno > len(lines):
+        return False
+    rest = lines[node.end_lineno - 1].encode("utf-8")[node.end_col_offset :]
+    return rest.decode("utf-8", errors="replace").lstrip().startswith(";")
+
+
+def describe_exception(exc: BaseException) -> dict[str, str]:
+    """{name, value, traceback} with the worker's own frames left out of the traceback.
+
+    Leading frames are the worker calling the cell; a trailing one is the SIGINT handler raising
+    KeyboardInterrupt.
+    """
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename in _OWN_FILES:
+        tb = tb.tb_next
+    try:
+        import traceback  # on the first error only: a worker starts faster without it
+
+        summary = traceback.TracebackException(type(exc), exc, tb)
+        while summary.stack and summary.stack[-1].filename in _OWN_FILES:
+            summary.stack.pop()
+        text = "".join(summary.format())
+    except Exception as format_error:
+        text = f"[the traceback could not be formatted: {format_error!r}]\n"
+    if len(text) > TRACEBACK_LIMIT:
+        half = TRACEBACK_LIMIT // 2
+        text = f"{text[:half]}\n[... {len(text) - 2 * half} characters omitted ...]\n{text[-half:]}"
+    try:
+        value = str(exc)
+    except Exception:
+        value = "<str() failed>"
+    return {"name": type(exc).__name__, "value": value, "traceback": text}
+
+
+def main(argv: list[str]) -> None:
+    """Entry point: argv = [request_fd, control_fd, die_with_agent]."""
+    package_parent = sys.path.pop(0)  # inserted by the boot line; user code sees an interpreter's sys.path
+    del package_parent
+    request_fd, control_fd = int(argv[0]), int(argv[1])
+    for fd in (request_fd, control_fd):
+        os.set_inheritable(fd, False)  # user subprocesses must not hold the agent's pipes
+    if argv[2:3] == ["1"]:
+        from appliance_agent import sysops
+
+        sysops.prctl(sysops.PR_SET_PDEATHSIG, signal.SIGKILL)
+    worker = Worker(request_fd, control_fd)
+    worker.install()
+    with contextlib.suppress(BrokenPipeError):
+        worker.serve()
+    os._exit(0)

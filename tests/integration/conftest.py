@@ -1,0 +1,58 @@
+"""Fixtures that boot real microVMs from the built guest image (`appliance build guest` must have run)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from appliance.spec import guest_image_dir, load_spec
+from service.engine import Engine, EngineConfig, ImageNotFound
+from tests.vmtools import kill_qemus_under
+
+
+@pytest.fixture(scope="session")
+def spec():
+    return load_spec()
+
+
+@pytest.fixture(scope="session")
+def image_dir(spec) -> Path:
+    directory = guest_image_dir(spec)
+    if not (directory / "manifest.json").exists():
+        pytest.fail(f"no guest image at {directory}: run 'appliance build guest' (make test does) first")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def run_root():
+    """A run dir on tmpfs for this session's VMs; every QEMU under it is ended at the end, whatever happened."""
+    root = Path(tempfile.mkdtemp(prefix="appliance-test-", dir="/dev/shm"))
+    yield root
+    kill_qemus_under(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def run_dir(run_root, request) -> Path:
+    directory = run_root / request.node.name[:40].replace("/", "_").replace("[", "_").replace("]", "_")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def engine(spec, image_dir, run_root) -> Engine:
+    try:
+        return Engine(replace(EngineConfig.from_spec(spec, image_dir), run_dir=run_root / "engine"))
+    except ImageNotFound as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="module")
+def sandbox(engine):
+    """One booted sandbox shared by a module's tests (boots are slow under TCG)."""
+    with engine.boot() as sb:
+        yield sb
