@@ -7,9 +7,12 @@ import logging
 import click
 
 from .commands.build import build_group
+from .commands.bundle import bundle_command
+from .commands.deploy import deploy_command
 from .commands.doctor import doctor_command
 from .commands.init import init_command
 from .commands.run import run_command
+from .commands.serve import serve_command
 from .commands.shell import shell_command
 
 
@@ -45,3 +48,6 @@ main.add_command(build_group)
 main.add_command(run_command)
 main.add_command(shell_command)
 main.add_command(doctor_command)
+main.add_command(serve_command)
+main.add_command(bundle_command)
+main.add_command(deploy_command)
