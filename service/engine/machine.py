@@ -84,15 +84,15 @@ def kernel_command_line(config: MachineConfig) -> str:
 
 def build_qemu_command(config: MachineConfig, paths: RuntimePaths) -> list[str]:
     """The full argv for one sandbox VM. The only place a QEMU command line is assembled."""
-    machine = "microvm,x-option-roms=off,rtc=on,pcie=off"
-    memory: list[str] = ["-m", f"{config.memory_mib}M"]
-    if config.memory_file is not None:
+    # RAM is always a named backend object ("ram"), so its RAM block has the same name whether it is anonymous
+    # or a file: a state saved by one kind restores onto the other (freeze a clone, resume into plain RAM).
+    machine = "microvm,x-option-roms=off,rtc=on,pcie=off,memory-backend=ram"
+    if config.memory_file is None:
+        backend = f"memory-backend-ram,id=ram,size={config.memory_mib}M"
+    else:
         share = "on" if config.memory_shared else "off"
-        memory += [
-            "-object",
-            f"memory-backend-file,id=ram,size={config.memory_mib}M,mem-path={config.memory_file},share={share}",
-        ]
-        machine += ",memory-backend=ram"
+        backend = f"memory-backend-file,id=ram,size={config.memory_mib}M,mem-path={config.memory_file},share={share}"
+    memory = ["-m", f"{config.memory_mib}M", "-object", backend]
     accel = ["-accel", "kvm", "-cpu", "host"] if config.accelerator == "kvm" else [
         "-accel", "tcg,tb-size=64", "-cpu", "max",
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,16 @@ class Sandbox:
                     yield event
             except (AgentTimeout, SandboxLost) as exc:
                 self._lose(str(exc))
+        finally:
+            self._exec_lock.release()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the sandbox idle (no exec from this process can start) for a freeze or a fork."""
+        if not self._exec_lock.acquire(blocking=False):
+            raise SandboxBusy("the sandbox is running code; wait for it or interrupt it first")
+        try:
+            yield
         finally:
             self._exec_lock.release()
 

@@ -99,7 +99,7 @@ def save_device_state(vm: VirtualMachine, state_file: Path) -> None:
     qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
     qmp.cmd("migrate-set-parameters", **{"max-bandwidth": _MIGRATE_BANDWIDTH})
     qmp.cmd("migrate", uri=f"exec:cat > {tmp}")
-    _wait_migration(qmp, "completed", deadline=time.monotonic() + 60)
+    wait_migration(qmp, "completed", deadline=time.monotonic() + 60)
     tmp.replace(state_file)
 
 
@@ -111,15 +111,21 @@ def restore(
     timeout_s: float,
     vm_id: str | None = None,
     detach: bool = False,
+    reader: str | None = None,
+    ignore_shared: bool = True,
 ) -> Sandbox:
-    """Start a VM from saved device state over `machine.memory_file`, resume it, reseed it, set its clock."""
+    """Start a VM from saved state, resume it, reseed it, set its clock.
+
+    With `ignore_shared` the state holds only devices and the RAM comes from `machine.memory_file` (a template);
+    without, the state is a full stream. `reader` is a shell command printing the state (e.g. decompressing)."""
     deadline = time.monotonic() + timeout_s
     vm = VirtualMachine.start(machine, run_dir, incoming="defer", vm_id=vm_id, detach=detach)
     channel: AgentChannel | None = None
     try:
         qmp = vm.qmp()
-        qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-        qmp.cmd("migrate-incoming", uri=f"exec:cat {state_file}")
+        if ignore_shared:
+            qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        qmp.cmd("migrate-incoming", uri=f"exec:{reader or f'cat {state_file}'}")
         _wait_incoming(qmp, deadline)
         qmp.cmd("cont")
         channel = AgentChannel.connect(vm.paths.agent_socket(0), deadline)
@@ -143,7 +149,7 @@ def refresh_identity(sandbox: Sandbox) -> None:
     sandbox.call("set_clock", unix_ns=time.time_ns())
 
 
-def _wait_migration(qmp: Any, want: str, deadline: float) -> None:
+def wait_migration(qmp: Any, want: str, deadline: float) -> None:
     while True:
         info = qmp.cmd("query-migrate")
         status = info.get("status") if isinstance(info, dict) else None

@@ -17,6 +17,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from .machine import MachineConfig, RuntimePaths, build_qemu_command
 
 _PR_SET_PDEATHSIG = 1
+_UNIX_PATH_MAX = 108
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -62,6 +63,8 @@ class VirtualMachine:
         if die_with_parent and detach:
             raise ValueError("a VM cannot both die with its parent and be detached from it")
         vm_dir = run_dir / f"vm-{vm_id or secrets.token_hex(6)}"
+        if len(str(vm_dir / "agent-00.sock")) >= _UNIX_PATH_MAX:
+            raise OSError(f"run directory {run_dir} is too deep: socket paths must stay under {_UNIX_PATH_MAX} bytes")
         vm_dir.mkdir(parents=True, exist_ok=False)
         paths = RuntimePaths(vm_dir, incoming=incoming, daemonize=detach)
         argv = build_qemu_command(config, paths)

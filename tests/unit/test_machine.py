@@ -13,8 +13,15 @@ from service.engine.machine import (
 
 
 def config(**overrides) -> MachineConfig:
-    base = dict(kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd.img"), rootfs=Path("/img/rootfs.ext4"),
-                accelerator="tcg", vcpus=2, memory_mib=1024, tsc_khz=2_600_000)
+    base = dict(
+        kernel=Path("/img/vmlinuz"),
+        initrd=Path("/img/initrd.img"),
+        rootfs=Path("/img/rootfs.ext4"),
+        accelerator="tcg",
+        vcpus=2,
+        memory_mib=1024,
+        tsc_khz=2_600_000,
+    )
     base.update(overrides)
     return MachineConfig(**base)
 
@@ -55,6 +62,9 @@ def test_kvm_machine_uses_host_cpu_and_no_tsc_override():
 
 
 def test_file_backed_memory_for_templates_and_clones():
+    plain = build_qemu_command(config(), PATHS)
+    assert "memory-backend=ram" in option(plain, "-M")[0]  # the same RAM block name as file-backed machines
+    assert option(plain, "-object") == ["memory-backend-ram,id=ram,size=1024M"]
     shared = build_qemu_command(config(memory_file=Path("/dev/shm/t.mem")), PATHS)
     assert "memory-backend=ram" in option(shared, "-M")[0]
     assert option(shared, "-object") == ["memory-backend-file,id=ram,size=1024M,mem-path=/dev/shm/t.mem,share=on"]
