@@ -108,6 +108,9 @@ class ServiceSpec(_Section):
     max_body_bytes: int = Field(16 << 20, ge=1024, description="largest JSON request body")
     max_code_bytes: int = Field(1 << 20, ge=64, description="largest code string of one exec")
     max_file_bytes: int = Field(4 << 30, ge=1024, description="largest file upload")
+    max_fork: int = Field(64, ge=1, le=256, description="most copies one fork request may make")
+    frozen_quota_bytes: int = Field(64 << 30, ge=1 << 20, description="disk all frozen sandboxes may use together")
+    compress_snapshots: bool = Field(False, description="zstd-compress frozen sandboxes (smaller, slower)")
 
 
 class PathsSpec(_Section):

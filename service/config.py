@@ -33,6 +33,9 @@ class ServiceConfig:
     max_code_bytes: int = 1 << 20
     max_file_bytes: int = 4 << 30
     agent_ports: int = 4
+    max_fork: int = 64
+    frozen_quota_bytes: int = 64 << 30
+    compress_snapshots: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -65,6 +68,9 @@ class ServiceConfig:
             max_body_bytes=service.max_body_bytes,
             max_code_bytes=service.max_code_bytes,
             max_file_bytes=service.max_file_bytes,
+            max_fork=service.max_fork,
+            frozen_quota_bytes=service.frozen_quota_bytes,
+            compress_snapshots=service.compress_snapshots,
             # one port per gunicorn worker, one for the pool keeper, one spare for a worker being replaced
             agent_ports=min(service.workers + 2, 30),
         )

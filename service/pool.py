@@ -22,8 +22,9 @@ from service.engine.template import Template, TemplateError
 from service.engine.vm import VirtualMachine
 
 from .config import ServiceConfig
+from .errors import ServiceError
 from .registry import LOST, POOLED, RUNNING, Registry, SandboxRecord
-from .sandboxes import new_sandbox_id
+from .sandboxes import SandboxManager, new_sandbox_id
 from .templates import TemplateStore
 
 log = logging.getLogger("appliance.pool")
@@ -37,6 +38,7 @@ class PoolKeeper:
         self.engine = Engine(config.engine)
         self.registry = Registry(config.registry_path)
         self.templates = TemplateStore(config.templates_dir)
+        self.manager = SandboxManager(config, engine=self.engine, registry=self.registry)
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -86,8 +88,17 @@ class PoolKeeper:
             )
 
     def reap(self) -> None:
-        """Close sandboxes idle past their lifetime; mark those whose VM died as lost."""
+        """Freeze (persistent) or close sandboxes idle past their lifetime; mark those whose VM died as lost."""
         for record in self.registry.idle_since(time.time()):
+            if record.persistent:
+                log.info("freezing %s: idle for more than %gs", record.id, record.timeout_s)
+                try:
+                    self.manager.freeze_record(record)
+                    continue
+                except ServiceError as exc:
+                    log.error("could not freeze idle %s (%s); it keeps running", record.id, exc.message)
+                    self.registry.touch(record.id)  # try again after another idle period, not every tick
+                    continue
             log.info("closing %s: idle for more than %gs", record.id, record.timeout_s)
             self._kill(record)
             self.registry.remove(record.id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     timeout_s REAL NOT NULL,
     metadata TEXT NOT NULL DEFAULT '{}',
     created_at REAL NOT NULL,
-    last_active_at REAL NOT NULL
+    last_active_at REAL NOT NULL,
+    persistent INTEGER NOT NULL DEFAULT 0  -- idle past timeout_s: freeze (1) instead of close (0)
 );
 CREATE INDEX IF NOT EXISTS sandboxes_owner ON sandboxes(owner, state);
 CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes(state);
@@ -49,12 +51,14 @@ class SandboxRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     last_active_at: float = 0.0
+    persistent: bool = False
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> SandboxRecord:
         data = dict(row)
         data["machine"] = json.loads(data["machine"])
         data["metadata"] = json.loads(data["metadata"])
+        data["persistent"] = bool(data["persistent"])
         return cls(**data)
 
 
@@ -62,14 +66,32 @@ class Registry:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # One connection per thread: API workers serve requests on several threads, and a connection's
+        # transaction is shared by every thread using it (BEGIN in one thread fails while another is in one).
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
         self._db.executescript(_SCHEMA)
 
+    @property
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
+
     def close(self) -> None:
-        self._db.close()
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
+            db.close()
+        self._local = threading.local()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -84,16 +106,16 @@ class Registry:
     def add(self, record: SandboxRecord) -> None:
         now = time.time()
         self._db.execute(
-            "INSERT INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 record.id, record.owner, record.state, record.vm_dir, record.template_id,
                 json.dumps(record.machine), record.timeout_s, json.dumps(record.metadata),
-                record.created_at or now, record.last_active_at or now,
+                record.created_at or now, record.last_active_at or now, int(record.persistent),
             ),
         )
 
     def claim_pooled(
-        self, owner: str, template_id: str, timeout_s: float, metadata: dict[str, Any]
+        self, owner: str, template_id: str, timeout_s: float, metadata: dict[str, Any], persistent: bool = False
     ) -> SandboxRecord | None:
         """Atomically hand one pooled clone of `template_id` to `owner`; None if the pool is empty."""
         with self._transaction() as db:
@@ -105,12 +127,13 @@ class Registry:
                 return None
             now = time.time()
             db.execute(
-                "UPDATE sandboxes SET owner=?, state=?, timeout_s=?, metadata=?, created_at=?, last_active_at=? "
-                "WHERE id=?",
-                (owner, RUNNING, timeout_s, json.dumps(metadata), now, now, row["id"]),
+                "UPDATE sandboxes SET owner=?, state=?, timeout_s=?, metadata=?, created_at=?, last_active_at=?, "
+                "persistent=? WHERE id=?",
+                (owner, RUNNING, timeout_s, json.dumps(metadata), now, now, int(persistent), row["id"]),
             )
         record = SandboxRecord.from_row(row)
         record.owner, record.state, record.timeout_s, record.metadata = owner, RUNNING, timeout_s, metadata
+        record.persistent = persistent
         record.created_at = record.last_active_at = now
         return record
 
@@ -145,6 +168,7 @@ class Registry:
         self._db.execute("UPDATE sandboxes SET last_active_at=? WHERE id=?", (time.time(), sandbox_id))
 
     def set_state(self, sandbox_id: str, state: str, **columns: Any) -> None:
+        """Change state (and other columns, e.g. vm_dir or machine after a resume)."""
         sets = ", ".join(["state=?", *[f"{name}=?" for name in columns]])
         values = [json.dumps(v) if name in {"machine", "metadata"} else v for name, v in columns.items()]
         self._db.execute(f"UPDATE sandboxes SET {sets} WHERE id=?", (state, *values, sandbox_id))

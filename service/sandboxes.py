@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -18,15 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.engine import Engine, ExecResult, Sandbox, SandboxBusy, SandboxClosed, SandboxLost
+from service.engine import Engine, EngineError, ExecResult, Sandbox, SandboxBusy, SandboxClosed, SandboxLost, snapshot
 from service.engine.channel import AgentChannel
 from service.engine.machine import MachineConfig, machine_from_json, machine_to_json
 from service.engine.template import refresh_identity
 from service.engine.vm import VirtualMachine
 
 from .config import ServiceConfig
-from .errors import Busy, LimitReached, NotFound, NotReady, SandboxLostError
-from .registry import LOST, POOLED, RUNNING, Registry, SandboxRecord
+from .errors import (
+    Busy,
+    InsufficientStorage,
+    Invalid,
+    LimitReached,
+    NotFound,
+    NotReady,
+    SandboxLostError,
+    ServiceError,
+)
+from .registry import FROZEN, LOST, POOLED, RUNNING, Registry, SandboxRecord
 from .templates import TemplateStore
 
 log = logging.getLogger(__name__)
@@ -66,7 +76,10 @@ class SandboxManager:
         memory_mib: int | None = None,
         timeout_s: float | None = None,
         metadata: dict[str, Any] | None = None,
+        persistent: bool = False,
     ) -> SandboxRecord:
+        """A running sandbox for `owner`: a pooled clone if one is ready, else a clone of the warm template, else
+        (a non-default size) a cold boot. `persistent` sandboxes are frozen, not closed, when idle too long."""
         self._check_limits(owner)
         timeout = timeout_s or self.config.sandbox_timeout_s
         metadata = metadata or {}
@@ -75,7 +88,7 @@ class SandboxManager:
             memory_mib in (None, self.engine.config.memory_mib)
         )
         if template is not None and wants_default_size:
-            record = self.registry.claim_pooled(owner, template.template_id, timeout, metadata)
+            record = self.registry.claim_pooled(owner, template.template_id, timeout, metadata, persistent)
             if record is not None:
                 try:
                     refresh_identity(self._attach(record))
@@ -100,7 +113,7 @@ class SandboxManager:
             template_id = None
         record = SandboxRecord(
             id=sandbox_id, owner=owner, state=RUNNING, vm_dir=str(sandbox.vm.dir), template_id=template_id,
-            machine=machine_to_json(machine), timeout_s=timeout, metadata=metadata,
+            machine=machine_to_json(machine), timeout_s=timeout, metadata=metadata, persistent=persistent,
         )
         sandbox.detach()  # the creating connection used port 0; workers attach on their own ports
         self.registry.add(record)
@@ -158,16 +171,117 @@ class SandboxManager:
         record = self._running(owner, sandbox_id)
         self._attach(record).interrupt()
 
+    # ---- fork, freeze, resume --------------------------------------------------------------------------------
+
+    def snapshot_dir(self, sandbox_id: str) -> Path:
+        return self.config.state_dir / "snapshots" / sandbox_id
+
+    def freeze(self, owner: str, sandbox_id: str) -> SandboxRecord:
+        """Write the sandbox's whole state under the state dir and stop its VM. A failure leaves it running."""
+        record = self.get(owner, sandbox_id)
+        if record.state == FROZEN:
+            return record
+        return self.freeze_record(self._running(owner, sandbox_id))
+
+    def freeze_record(self, record: SandboxRecord) -> SandboxRecord:
+        self._check_frozen_quota(record)
+        sandbox = self._attach(record)
+        try:
+            snapshot.freeze(sandbox, self.snapshot_dir(record.id), self.engine.image.image_id,
+                            compress=self.config.compress_snapshots)
+        except SandboxBusy as exc:
+            raise Busy(str(exc)) from None
+        except (EngineError, OSError) as exc:
+            raise ServiceError(f"freezing {record.id} failed; it keeps running: {exc}") from None
+        self._forget(record.id)
+        self.registry.set_state(record.id, FROZEN, template_id=None)  # a snapshot holds all of its RAM
+        self.templates.release(record.template_id, self.registry)
+        record.state, record.template_id = FROZEN, None
+        return record
+
+    def resume(self, owner: str, sandbox_id: str) -> SandboxRecord:
+        """Restore a frozen sandbox (same process state, new entropy, the right clock)."""
+        record = self.get(owner, sandbox_id)
+        if record.state != FROZEN:
+            return record
+        self._check_limits(owner)
+        directory = self.snapshot_dir(sandbox_id)
+        with _exclusive_file(directory.with_name(directory.name + ".lock")):
+            record = self.get(owner, sandbox_id)  # another worker may have resumed it while we waited
+            if record.state != FROZEN:
+                return record
+            try:
+                frozen = snapshot.Snapshot.load(directory)
+                sandbox = snapshot.resume(frozen, self.config.sandboxes_dir, self.engine.config.limits,
+                                          self.engine.image.image_id, vm_id=_fresh_vm_id(sandbox_id), detach=True)
+            except snapshot.SnapshotMismatch as exc:
+                raise Invalid(f"sandbox {sandbox_id} cannot be resumed on this host: {exc}") from None
+            except (EngineError, OSError) as exc:
+                raise ServiceError(f"resuming {sandbox_id} failed; it stays frozen: {exc}") from None
+            sandbox.detach()
+            self.registry.set_state(sandbox_id, RUNNING, vm_dir=str(sandbox.vm.dir),
+                                    machine=machine_to_json(sandbox.vm.config), last_active_at=time.time())
+            shutil.rmtree(directory, ignore_errors=True)
+        return self.get(owner, sandbox_id)
+
+    def fork(self, owner: str, sandbox_id: str, n: int) -> list[SandboxRecord]:
+        """n new running sandboxes, each starting from this one's state now; the source keeps running."""
+        if not 1 <= n <= self.config.max_fork:
+            raise Invalid(f"n must be between 1 and {self.config.max_fork} (service.max_fork)")
+        record = self._running(owner, sandbox_id)
+        self._check_limits(owner, adding=n)
+        self._check_memory(record, n)
+        sandbox = self._attach(record)
+        ids = [new_sandbox_id() for _ in range(n)]
+        try:
+            template, clones = snapshot.fork(sandbox, n, self.config.templates_dir, self.config.sandboxes_dir,
+                                             self.engine.config.limits, detach=True, vm_ids=ids)
+        except SandboxBusy as exc:
+            raise Busy(str(exc)) from None
+        except (EngineError, OSError) as exc:
+            raise ServiceError(f"fork of {sandbox_id} failed; it keeps running unchanged: {exc}") from None
+        records = []
+        for clone_id, clone in zip(ids, clones, strict=True):
+            clone.detach()
+            child = SandboxRecord(
+                id=clone_id, owner=owner, state=RUNNING, vm_dir=str(clone.vm.dir), template_id=template.template_id,
+                machine=machine_to_json(clone.vm.config), timeout_s=record.timeout_s,
+                metadata={**record.metadata, "forked_from": sandbox_id}, persistent=record.persistent,
+            )
+            self.registry.add(child)
+            records.append(child)
+        return records
+
+    def _check_frozen_quota(self, record: SandboxRecord) -> None:
+        root = self.config.state_dir / "snapshots"
+        used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
+        worst_case = machine_from_json(record.machine).memory_mib << 20
+        if used + worst_case > self.config.frozen_quota_bytes:
+            raise InsufficientStorage(
+                f"frozen sandboxes use {used >> 20} MiB of the {self.config.frozen_quota_bytes >> 20} MiB quota "
+                f"(service.frozen_quota_bytes) and this one may need up to {worst_case >> 20} MiB; delete frozen "
+                "sandboxes or raise the quota"
+            )
+
+    def _check_memory(self, record: SandboxRecord, n: int) -> None:
+        """Refuse a fork up front when the host cannot hold n more copies (each may touch all of its RAM)."""
+        available = _mem_available_bytes()
+        needed = n * (machine_from_json(record.machine).memory_mib << 20) // 4  # copy-on-write: a quarter each
+        if available is not None and needed > available:
+            raise InsufficientStorage(
+                f"fork of {n} needs about {needed >> 20} MiB of host memory; {available >> 20} MiB is available"
+            )
+
     # ---- internals -------------------------------------------------------------------------------------------
 
-    def _check_limits(self, owner: str) -> None:
-        if self.registry.count(owner) >= self.config.max_sandboxes_per_key:
+    def _check_limits(self, owner: str, adding: int = 1) -> None:
+        if self.registry.count(owner) + adding > self.config.max_sandboxes_per_key:
             raise LimitReached(
                 f"this key already holds {self.config.max_sandboxes_per_key} sandboxes (service.max_sandboxes_per_key);"
                 " delete one first",
                 retry_after=5,
             )
-        if self.registry.count() >= self.config.max_sandboxes:
+        if self.registry.count() + adding > self.config.max_sandboxes:
             raise LimitReached(
                 f"this host runs its maximum of {self.config.max_sandboxes} sandboxes (service.max_sandboxes);"
                 " retry later",
@@ -175,7 +289,10 @@ class SandboxManager:
             )
 
     def _running(self, owner: str, sandbox_id: str) -> SandboxRecord:
+        """The sandbox, running: a frozen one is resumed first, transparently."""
         record = self.get(owner, sandbox_id)
+        if record.state == FROZEN:
+            record = self.resume(owner, sandbox_id)
         if record.state == LOST:
             raise SandboxLostError(f"sandbox {sandbox_id} was lost (its VM stopped); delete it and create a new one")
         return record
@@ -217,6 +334,8 @@ class SandboxManager:
         with contextlib.suppress(OSError, ValueError):
             VirtualMachine.attach(machine_from_json(record.machine), Path(record.vm_dir)).stop()
         self.registry.remove(record.id)
+        shutil.rmtree(self.snapshot_dir(record.id), ignore_errors=True)
+        self.templates.release(record.template_id, self.registry)
 
     def _mark_lost(self, record: SandboxRecord) -> None:
         self._forget(record.id)
@@ -228,6 +347,32 @@ class SandboxManager:
         for sandbox_id in list(self._handles):
             self._forget(sandbox_id)
         self.registry.close()
+
+
+def _fresh_vm_id(sandbox_id: str) -> str:
+    """A resumed VM gets a new directory: the frozen one's files may still be on their way out."""
+    return f"{sandbox_id}-{secrets.token_hex(2)}"
+
+
+def _mem_available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def _exclusive_file(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _claim_port(vm_dir: Path, machine: MachineConfig) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from service.engine.template import Template, TemplateError
@@ -14,6 +15,7 @@ from .registry import Registry
 
 log = logging.getLogger(__name__)
 CURRENT = "current.json"
+_YOUNG_S = 300.0
 
 
 class TemplateStore:
@@ -45,13 +47,33 @@ class TemplateStore:
         tmp.write_text(json.dumps({"id": template.template_id}))
         tmp.replace(pointer)
 
-    def remove_unused(self, registry: Registry) -> list[str]:
-        """Delete templates that are neither published nor mapped by any sandbox (pooled, running or frozen)."""
+    def release(self, template_id: str | None, registry: Registry) -> bool:
+        """Remove a template as soon as its last sandbox is gone, unless it is the published one."""
+        if template_id is None:
+            return False
+        current = self.current()
+        if current is not None and current.template_id == template_id:
+            return False
+        if any(record.template_id == template_id for record in registry.list()):
+            return False
+        shutil.rmtree(self.directory / template_id, ignore_errors=True)
+        return True
+
+    def remove_unused(self, registry: Registry, min_age_s: float = _YOUNG_S) -> list[str]:
+        """Delete templates that are neither published nor mapped by any sandbox. Templates younger than
+        `min_age_s` are spared: a fork is still starting the clones that will reference them."""
         current = self.current()
         in_use = {record.template_id for record in registry.list()}
         removed = []
+        now = time.time()
         for directory in sorted(self.directory.glob("tpl-*")):
-            if (current is None or directory.name != current.template_id) and directory.name not in in_use:
+            try:
+                young = now - directory.stat().st_mtime < min_age_s
+            except FileNotFoundError:
+                continue
+            if young or (current is not None and directory.name == current.template_id):
+                continue
+            if directory.name not in in_use:
                 shutil.rmtree(directory, ignore_errors=True)
                 removed.append(directory.name)
         return removed

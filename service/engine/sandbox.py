@@ -198,9 +198,10 @@ class Sandbox:
         self.vm.stop()
 
     def detach(self) -> None:
-        """Drop this process's connection; the VM keeps running for whoever attaches next."""
+        """Drop this process's connections; the VM keeps running for whoever attaches next."""
         self._closed = True
         self._channel.close()
+        self.vm.close_monitor()
 
     def _lose(self, why: str) -> None:
         report = self.vm.failure_report()

@@ -143,12 +143,16 @@ class VirtualMachine:
                     lines.append(f"{name}: " + " | ".join(text.splitlines()[-3:]))
         return "; ".join(lines) or "no output from QEMU or the guest console"
 
-    def stop(self, keep_files: bool = False) -> None:
-        """Kill QEMU (it holds nothing we need to flush: the root disk is read-only) and remove its files."""
+    def close_monitor(self) -> None:
+        """Drop our QMP connection (the VM keeps running; QEMU accepts the next one)."""
         if self._qmp is not None:
             with contextlib.suppress(Exception):
                 self._qmp.close()
             self._qmp = None
+
+    def stop(self, keep_files: bool = False) -> None:
+        """Kill QEMU (it holds nothing we need to flush: the root disk is read-only) and remove its files."""
+        self.close_monitor()
         if self.process is not None:
             if self.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

@@ -1,0 +1,135 @@
+"""The service core without HTTP: pool hand-out, fork, freeze/resume across a restart, limits, no leaks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from dataclasses import replace
+
+import pytest
+
+from service.config import ServiceConfig
+from service.engine import EngineConfig
+from service.errors import InsufficientStorage, Invalid, LimitReached, NotFound
+from service.pool import PoolKeeper
+from service.registry import FROZEN, POOLED, RUNNING
+from service.sandboxes import SandboxManager
+from tests.vmtools import kill_qemus_under, qemu_pids_under
+
+pytestmark = pytest.mark.integration
+OWNER, OTHER = "owner-hash", "other-hash"
+
+
+@pytest.fixture(scope="module")
+def service_config(spec, image_dir, run_root, tmp_path_factory):
+    engine = replace(EngineConfig.from_spec(spec, image_dir), run_dir=run_root / "svc", memory_mib=512)
+    return ServiceConfig(
+        engine=engine, state_dir=tmp_path_factory.mktemp("state"), key_hashes=frozenset(), pool_size=1,
+        warm_code="import random, numpy as np", max_sandboxes_per_key=6, max_sandboxes=8, agent_ports=3,
+    )
+
+
+@pytest.fixture(scope="module")
+def keeper(service_config):
+    keeper = PoolKeeper(service_config)
+    thread = threading.Thread(target=keeper.run, daemon=True)
+    thread.start()
+    manager = SandboxManager(service_config)
+    deadline = __import__("time").monotonic() + 300
+    while manager.readiness() is not None or not manager.registry.count(states=(POOLED,)):
+        assert thread.is_alive(), "the pool keeper died"
+        assert __import__("time").monotonic() < deadline, "no warm template within 300 s"
+        thread.join(0.5)
+    yield keeper
+    keeper.stop()
+    thread.join(60)
+
+
+@pytest.fixture
+def manager(service_config, keeper):
+    manager = SandboxManager(service_config)
+    yield manager
+    for record in manager.registry.list(owner=OWNER) + manager.registry.list(owner=OTHER):
+        manager._destroy(record)
+    manager.close()
+
+
+def test_create_is_a_hand_out_from_the_pool_and_keys_are_isolated(manager):
+    pooled = {r.id for r in manager.registry.list(state=POOLED)}
+    record = manager.create(OWNER)
+    assert record.id in pooled and record.state == RUNNING
+    assert manager.exec(OWNER, record.id, "int(np.arange(3).sum())").text == "3"
+    with pytest.raises(NotFound):
+        manager.exec(OTHER, record.id, "1")
+    assert [r.id for r in manager.list(OTHER)] == []
+
+
+def test_fork_copies_state_and_its_template_goes_with_the_last_clone(manager, service_config):
+    source = manager.create(OWNER)
+    manager.exec(OWNER, source.id, "x = 41")
+    kids = manager.fork(OWNER, source.id, 2)
+    assert len(kids) == 2 and {k.metadata["forked_from"] for k in kids} == {source.id}
+    for i, kid in enumerate(kids):
+        manager.exec(OWNER, kid.id, f"x += {i + 1}")
+    assert [manager.exec(OWNER, k.id, "x").text for k in kids] == ["42", "43"]
+    assert manager.exec(OWNER, source.id, "x").text == "41"
+    draws = {manager.exec(OWNER, sid, "random.random()").text for sid in (source.id, *[k.id for k in kids])}
+    assert len(draws) == 3
+    template_dir = service_config.templates_dir / kids[0].template_id
+    assert (template_dir / "memory").exists()
+    for kid in kids:
+        manager.delete(OWNER, kid.id)
+    assert not template_dir.exists()  # removed with its last clone: no leaked memory file
+
+
+def test_fork_over_the_limit_is_refused_up_front(manager):
+    source = manager.create(OWNER)
+    with pytest.raises(LimitReached, match="max_sandboxes_per_key"):
+        manager.fork(OWNER, source.id, 6)
+    with pytest.raises(Invalid):
+        manager.fork(OWNER, source.id, 0)
+    assert manager.exec(OWNER, source.id, "1 + 1").text == "2"
+
+
+def test_freeze_survives_a_restart_with_tmpfs_cleared(manager, service_config):
+    record = manager.create(OWNER, persistent=True)
+    manager.exec(OWNER, record.id, "import numpy as np; state = np.arange(5) * 7")
+    frozen = manager.freeze(OWNER, record.id)
+    assert frozen.state == FROZEN
+    assert qemu_pids_under(service_config.sandboxes_dir / f"vm-{record.id}") == []
+    # "reboot": every VM gone, tmpfs emptied, a new manager from what is on disk
+    manager.close()
+    kill_qemus_under(service_config.sandboxes_dir)
+    shutil.rmtree(service_config.sandboxes_dir, ignore_errors=True)
+    fresh = SandboxManager(service_config)
+    try:
+        assert fresh.get(OWNER, record.id).state == FROZEN
+        assert fresh.exec(OWNER, record.id, "state.tolist()").text == "[0, 7, 14, 21, 28]"  # resumes on use
+        assert fresh.get(OWNER, record.id).state == RUNNING
+        assert not fresh.snapshot_dir(record.id).exists()
+    finally:
+        fresh.close()
+
+
+def test_mismatched_snapshot_is_refused_and_stays_frozen(manager):
+    record = manager.create(OWNER)
+    manager.freeze(OWNER, record.id)
+    meta_file = manager.snapshot_dir(record.id) / "snapshot.json"
+    meta = json.loads(meta_file.read_text())
+    meta["image_id"] = "feedfacefeedface"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(Invalid, match="guest image"):
+        manager.resume(OWNER, record.id)
+    assert manager.get(OWNER, record.id).state == FROZEN
+
+
+def test_frozen_quota_is_enforced(manager, service_config):
+    record = manager.create(OWNER)
+    tight = SandboxManager(replace(service_config, frozen_quota_bytes=64 << 20))
+    try:
+        with pytest.raises(InsufficientStorage, match="quota"):
+            tight.freeze(OWNER, record.id)
+        assert tight.exec(OWNER, record.id, "'still running'").text == "'still running'"
+    finally:
+        tight.close()
