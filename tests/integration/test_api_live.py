@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -15,9 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import httpx
 import pytest
@@ -307,38 +306,9 @@ def test_tool_call_helper_against_the_live_service(live):
         assert "ZeroDivisionError" in run_tool_call({"name": "run_python", "args": {"code": "1/0"}}, sb)
 
 
-class _FakeModel(BaseHTTPRequestHandler):
-    """A scripted OpenAI-compatible chat endpoint: asks for one run_python call, then answers with its result."""
-
-    requests: ClassVar[list[dict]] = []
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append(body)
-        tool_results = [m for m in body["messages"] if m.get("role") == "tool"]
-        if not tool_results:
-            code = "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})\nint(df.a.sum())"
-            message = {"role": "assistant", "content": None, "tool_calls": [{
-                "id": "call_1", "type": "function",
-                "function": {"name": "run_python", "arguments": json.dumps({"code": code})}}]}
-        else:
-            message = {"role": "assistant", "content": f"The tool said: {tool_results[-1]['content']!r}"}
-        payload = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
-                              "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_example_tool_loop_against_a_fake_model(live):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeModel)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    scripted_model = _load_example("scripted_model")
+    server = scripted_model.start()
     try:
         env = {**os.environ, "OPENAI_BASE_URL": f"http://127.0.0.1:{server.server_port}/v1",
                "OPENAI_API_KEY": "fake", "MODEL": "scripted", "APPLIANCE_URL": live.url,
@@ -349,9 +319,16 @@ def test_example_tool_loop_against_a_fake_model(live):
         server.shutdown()
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "The tool said: '[result]\\n6'"
-    first, second = _FakeModel.requests
+    first, second = scripted_model.ScriptedModel.requests
     assert first["tools"][0]["function"]["name"] == "run_python"
     assert second["messages"][-1]["tool_call_id"] == "call_1"
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---- files ---------------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_unpinned_pip_package_is_refused(tmp_path):
 
 def test_unknown_key_is_refused(tmp_path):
     path = write(tmp_path, "[guest]\nvcpu = 2\n")
-    with pytest.raises(SpecError, match="guest.vcpu.*not a known setting"):
+    with pytest.raises(SpecError, match=r"guest\.vcpu.*not a known setting"):
         load_spec(path)
 
 

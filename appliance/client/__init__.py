@@ -1,0 +1,37 @@
+"""Python SDK of the appliance execution API (see also appliance.client.tools for LLM tool declarations)."""
+
+from .errors import (
+    ApplianceError,
+    AuthenticationError,
+    BadRequestError,
+    ConnectionFailed,
+    InvalidRequestError,
+    NotFoundError,
+    NotReadyError,
+    PayloadTooLargeError,
+    RateLimitError,
+    SandboxBusyError,
+    SandboxLostError,
+    ServerError,
+)
+from .sandbox import CommandResult, Execution, ExecutionError, ExecutionStream, Sandbox
+
+__all__ = [
+    "ApplianceError",
+    "AuthenticationError",
+    "BadRequestError",
+    "CommandResult",
+    "ConnectionFailed",
+    "Execution",
+    "ExecutionError",
+    "ExecutionStream",
+    "InvalidRequestError",
+    "NotFoundError",
+    "NotReadyError",
+    "PayloadTooLargeError",
+    "RateLimitError",
+    "Sandbox",
+    "SandboxBusyError",
+    "SandboxLostError",
+    "ServerError",
+]

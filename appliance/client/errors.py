@@ -1,0 +1,96 @@
+"""Errors the SDK raises: one class per API error code, each carrying the code, HTTP status and message."""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Any error the API answered with (or a connection failure: code 'connection')."""
+
+    def __init__(self, message: str, code: str = "error", status: int | None = None,
+                 retry_after: float | None = None, field: str | None = None) -> None:
+        super().__init__(f"{message} ({code})")
+        self.message = message
+        self.code = code
+        self.status = status
+        self.retry_after = retry_after
+        self.field = field
+
+
+class ConnectionFailed(ApplianceError):
+    """The service could not be reached (not running, wrong APPLIANCE_URL, network)."""
+
+
+class BadRequestError(ApplianceError):
+    """400: the request was malformed."""
+
+
+class AuthenticationError(ApplianceError):
+    """401: no API key, or not a valid one (set APPLIANCE_API_KEY)."""
+
+
+class NotFoundError(ApplianceError):
+    """404: no such sandbox for this key (or no such file)."""
+
+
+class SandboxBusyError(ApplianceError):
+    """409: the sandbox is already running code."""
+
+
+class SandboxLostError(ApplianceError):
+    """410: the sandbox's VM stopped; create a new one."""
+
+
+class PayloadTooLargeError(ApplianceError):
+    """413: the body, code or upload exceeds a service limit."""
+
+
+class InvalidRequestError(ApplianceError):
+    """422: a field is invalid; .field names it."""
+
+
+class RateLimitError(ApplianceError):
+    """429: too many sandboxes; .retry_after says when to try again."""
+
+
+class NotReadyError(ApplianceError):
+    """503: the service is still warming up; .retry_after says when to try again."""
+
+
+class ServerError(ApplianceError):
+    """5xx: the service failed; its log has the details (the message quotes the request id)."""
+
+
+_BY_CODE: dict[str, type[ApplianceError]] = {
+    "bad_request": BadRequestError,
+    "unauthorized": AuthenticationError,
+    "not_found": NotFoundError,
+    "sandbox_busy": SandboxBusyError,
+    "sandbox_lost": SandboxLostError,
+    "too_large": PayloadTooLargeError,
+    "invalid": InvalidRequestError,
+    "limit_reached": RateLimitError,
+    "not_ready": NotReadyError,
+}
+_BY_STATUS: dict[int, type[ApplianceError]] = {
+    400: BadRequestError, 401: AuthenticationError, 404: NotFoundError, 409: SandboxBusyError,
+    410: SandboxLostError, 413: PayloadTooLargeError, 422: InvalidRequestError, 429: RateLimitError,
+    503: NotReadyError,
+}
+
+
+def error_from_response(status: int, body: object, retry_after: str | None) -> ApplianceError:
+    """The exception for an error response (the API's {"error": {...}} body, or whatever a proxy sent)."""
+    code, message, field = f"http_{status}", f"HTTP {status}", None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        error = body["error"]
+        code = str(error.get("code", code))
+        message = str(error.get("message", message))
+        field = error.get("field")
+    elif isinstance(body, str) and body.strip():
+        message = body.strip()[:200]
+    cls = _BY_CODE.get(code) or _BY_STATUS.get(status) or (ServerError if status >= 500 else ApplianceError)
+    try:
+        after = float(retry_after) if retry_after else None
+    except ValueError:
+        after = None
+    return cls(message, code=code, status=status, retry_after=after, field=field)

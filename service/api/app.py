@@ -1,0 +1,58 @@
+"""The execution API's WSGI app: `create_app(config, manager)`; everything it uses is passed in.
+
+Routes (all JSON unless noted; every one but the probes and the API description needs a Bearer key):
+    POST   /v1/sandboxes                               create
+    GET    /v1/sandboxes                               list the caller's
+    GET    /v1/sandboxes/{sandbox_id}                  show
+    DELETE /v1/sandboxes/{sandbox_id}                  close
+    POST   /v1/sandboxes/{sandbox_id}/exec             run code (JSON; NDJSON events if Accept: application/x-ndjson)
+    POST   /v1/sandboxes/{sandbox_id}/interrupt        KeyboardInterrupt in the running code
+    PUT    /v1/sandboxes/{sandbox_id}/files?path=P     upload (streamed body)
+    GET    /v1/sandboxes/{sandbox_id}/files?path=P     download (streamed, with Content-Length)
+    GET    /v1/sandboxes/{sandbox_id}/files/list?path=D  list a directory
+    GET    /v1/healthz   GET /v1/readyz   GET /metrics   GET /v1/openapi.json   GET /v1/docs
+"""
+
+from __future__ import annotations
+
+import falcon
+
+from service.config import ServiceConfig
+
+from . import errors
+from .docs import Docs
+from .exec import Exec, Interrupt
+from .files import FileList, Files
+from .health import Healthz, Readyz
+from .metrics import Metrics, MetricsMiddleware, MetricsResource
+from .middleware import Auth, BodyLimit, RequestContext
+from .openapi import OpenApi
+from .sandboxes import SandboxCollection, SandboxItem
+
+
+def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None) -> falcon.App:
+    """`manager` is a service.sandboxes.SandboxManager (or anything with its methods, in tests)."""
+    metrics = metrics or Metrics(manager.registry.counts_by_state)
+    app = falcon.App(
+        middleware=[
+            RequestContext(), MetricsMiddleware(metrics), Auth(config.key_hashes), BodyLimit(config.max_body_bytes),
+        ],
+    )
+    app.req_options.auto_parse_qs_csv = False
+    app.req_options.strip_url_path_trailing_slash = True
+    app.resp_options.secure_cookies_by_default = False
+    errors.install(app)
+
+    sandbox = "/v1/sandboxes/{sandbox_id}"
+    app.add_route("/v1/sandboxes", SandboxCollection(manager, config.max_body_bytes, metrics))
+    app.add_route(sandbox, SandboxItem(manager))
+    app.add_route(f"{sandbox}/exec", Exec(manager, config.max_body_bytes, config.max_code_bytes, metrics))
+    app.add_route(f"{sandbox}/interrupt", Interrupt(manager))
+    app.add_route(f"{sandbox}/files", Files(manager, config.max_file_bytes))
+    app.add_route(f"{sandbox}/files/list", FileList(manager))
+    app.add_route("/v1/healthz", Healthz())
+    app.add_route("/v1/readyz", Readyz(manager))
+    app.add_route("/metrics", MetricsResource(metrics))
+    app.add_route("/v1/openapi.json", OpenApi())
+    app.add_route("/v1/docs", Docs())
+    return app

@@ -1,0 +1,68 @@
+"""Cross-cutting request handling: request ids and the worker header, API-key auth, body size limits."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+
+import falcon
+
+from service.config import hash_key
+from service.errors import TooLarge, Unauthorized
+
+# Routes anyone may call: probes and the API's own description.
+PUBLIC_PATHS = frozenset({"/v1/healthz", "/v1/readyz", "/v1/openapi.json", "/v1/docs"})
+WORKER_HEADER = "X-Appliance-Worker"
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+class RequestContext:
+    """A request id for logs and error messages, and which worker process served the request."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.request_id = secrets.token_hex(6)
+        req.context.started = time.perf_counter()
+        req.context.error_code = None
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+        resp.set_header(WORKER_HEADER, str(os.getpid()))
+        resp.set_header(REQUEST_ID_HEADER, getattr(req.context, "request_id", "-"))
+        started = getattr(req.context, "started", None)
+        if started is not None:  # time in the app until the response headers (a streamed body comes after)
+            resp.set_header("Server-Timing", f"app;dur={(time.perf_counter() - started) * 1000:.3f}")
+
+
+class Auth:
+    """`Authorization: Bearer <key>`; the key's hash becomes req.context.owner. Keys are compared as hashes."""
+
+    def __init__(self, key_hashes: frozenset[str]) -> None:
+        self._key_hashes = key_hashes
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.owner = None
+        if req.path in PUBLIC_PATHS:
+            return
+        header = req.get_header("Authorization") or ""
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            resp.set_header("WWW-Authenticate", 'Bearer realm="appliance"')
+            raise Unauthorized("send your API key as 'Authorization: Bearer <key>'")
+        owner = hash_key(key.strip())
+        if owner not in self._key_hashes:
+            resp.set_header("WWW-Authenticate", 'Bearer realm="appliance", error="invalid_token"')
+            raise Unauthorized("the API key is not valid for this service")
+        req.context.owner = owner
+
+
+class BodyLimit:
+    """Refuse a declared body past the limit before reading it (readers enforce it again for chunked bodies).
+    A resource with its own limit (file uploads) says so in its `max_body_bytes` attribute."""
+
+    def __init__(self, max_body_bytes: int) -> None:
+        self._max_body = max_body_bytes
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource, params) -> None:
+        limit = getattr(resource, "max_body_bytes", None) or self._max_body
+        if req.content_length is not None and req.content_length > limit:
+            raise TooLarge(f"request body of {req.content_length} bytes exceeds the {limit}-byte limit")

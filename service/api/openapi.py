@@ -1,0 +1,281 @@
+"""The OpenAPI 3.1 description of the API, kept next to the resources it describes.
+
+Request schemas come from the pydantic models that validate the bodies, so the two cannot disagree; a unit test
+walks the app's router and checks that every route and method is described here (and nothing else is).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import falcon
+
+from .validation import CreateSandbox, ExecRequest
+
+API_VERSION = "1.0.0"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(status): {"$ref": f"#/components/responses/E{status}"} for status in statuses}
+
+
+_ERROR_TEXT = {
+    400: "Malformed request: the body is not JSON, or not a JSON object (code bad_request).",
+    401: "No API key, or not a valid one (code unauthorized).",
+    404: "No such sandbox for this key: it never existed, was closed, or belongs to another key (code not_found).",
+    409: "The sandbox is already running code: one exec at a time per sandbox, no queue (code sandbox_busy). "
+    "Retry when it finishes, or POST .../interrupt.",
+    410: "The sandbox's VM stopped (code sandbox_lost): delete it and create a new one.",
+    413: "The body (or the code, or the upload) is larger than the service's limit (code too_large).",
+    422: "A field is invalid (code invalid); error.field names it.",
+    429: "A limit on sandboxes per key or per host is reached (code limit_reached); see Retry-After.",
+    503: "Not ready: no warm template yet (code not_ready); see Retry-After.",
+}
+_WITH_RETRY_AFTER = {429, 503}
+
+_SANDBOX_ID = {
+    "name": "sandbox_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^sb-[0-9a-f]+$"},
+    "description": "The sandbox's id, as returned by POST /v1/sandboxes.",
+}
+
+
+def _file_path(required: bool, description: str) -> dict[str, Any]:
+    return {"name": "path", "in": "query", "required": required, "schema": {"type": "string"},
+            "description": description}
+
+
+_STREAM_EVENT = {
+    "description": "One line of an exec stream (application/x-ndjson). The last line is always type done.",
+    "oneOf": [
+        {"type": "object", "required": ["type", "data"], "properties": {
+            "type": {"enum": ["stdout", "stderr"]}, "data": {"type": "string"}}},
+        {"type": "object", "required": ["type", "data", "is_main_result"], "properties": {
+            "type": {"const": "result"}, "data": _ref("MimeBundle"),
+            "is_main_result": {"type": "boolean", "description": "true for the trailing expression's value"}}},
+        {"allOf": [_ref("ExecResult"), {"type": "object", "required": ["type", "sandbox_lost"], "properties": {
+            "type": {"const": "done"},
+            "sandbox_lost": {"type": "boolean", "description": "the VM stopped during the exec"}}}]},
+    ],
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+            "code": {"type": "string", "description": "stable machine-readable code, e.g. sandbox_busy"},
+            "message": {"type": "string", "description": "what happened and what to do"},
+            "field": {"type": "string", "description": "for code invalid: the request field at fault"},
+        }}},
+    },
+    "Sandbox": {
+        "type": "object",
+        "required": ["id", "state", "timeout_s", "metadata", "created_at", "last_active_at", "expires_at"],
+        "properties": {
+            "id": {"type": "string", "examples": ["sb-3f9c0a1b2c3d4e5f"]},
+            "state": {"enum": ["running", "frozen", "lost"]},
+            "template_id": {"type": ["string", "null"]},
+            "vcpus": {"type": ["integer", "null"]},
+            "memory_mib": {"type": ["integer", "null"]},
+            "timeout_s": {"type": "number", "description": "idle lifetime: closed this long after its last use"},
+            "metadata": {"type": "object"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "last_active_at": {"type": "string", "format": "date-time"},
+            "expires_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "SandboxList": {"type": "object", "required": ["sandboxes"],
+                    "properties": {"sandboxes": {"type": "array", "items": _ref("Sandbox")}}},
+    "CreateSandbox": CreateSandbox.model_json_schema(),
+    "ExecRequest": ExecRequest.model_json_schema(),
+    "MimeBundle": {
+        "type": "object", "additionalProperties": {},
+        "description": "Jupyter display data: text/plain always; text/html (DataFrames), image/png (base64), ...",
+        "examples": [{"text/plain": "6"}],
+    },
+    "ExecError": {"type": "object", "required": ["name", "value", "traceback"], "properties": {
+        "name": {"type": "string", "examples": ["ZeroDivisionError"]},
+        "value": {"type": "string"}, "traceback": {"type": "string"}}},
+    "ExecResult": {
+        "type": "object",
+        "required": ["stdout", "stderr", "results", "text", "error", "exit_code", "truncated_bytes",
+                     "worker_restarted", "duration_s"],
+        "properties": {
+            "stdout": {"type": "string"},
+            "stderr": {"type": "string"},
+            "results": {"type": "array", "items": _ref("MimeBundle"),
+                        "description": "display data in order, then the trailing expression's value (as Jupyter)"},
+            "text": {"type": ["string", "null"], "description": "text/plain of the trailing expression's value"},
+            "error": {"oneOf": [_ref("ExecError"), {"type": "null"}]},
+            "exit_code": {"type": ["integer", "null"], "description": "bash only"},
+            "truncated_bytes": {"type": "integer", "description": "output dropped past the output cap"},
+            "worker_restarted": {"type": "boolean",
+                                 "description": "the code ignored the interrupt and its interpreter was replaced "
+                                                "(the namespace is gone)"},
+            "worker_exit": {"type": ["string", "null"]},
+            "duration_s": {"type": "number"},
+        },
+    },
+    "StreamEvent": _STREAM_EVENT,
+    "FileInfo": {"type": "object", "required": ["path", "size", "sha256"], "properties": {
+        "path": {"type": "string"}, "size": {"type": "integer"}, "sha256": {"type": "string"}}},
+    "DirListing": {"type": "object", "required": ["path", "entries"], "properties": {
+        "path": {"type": "string"},
+        "entries": {"type": "array", "items": {"type": "object", "required": ["name", "type"], "properties": {
+            "name": {"type": "string"}, "type": {"type": "string", "examples": ["file", "dir", "symlink"]},
+            "size": {"type": "integer"}, "mtime": {"type": "number"}}}}}},
+    "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+}
+
+
+def _paths() -> dict[str, Any]:
+    sandbox = [_SANDBOX_ID]
+    return {
+        "/v1/sandboxes": {
+            "post": {
+                "operationId": "createSandbox", "tags": ["sandboxes"], "summary": "Create a sandbox",
+                "description": "A clone of the warm template (handed out from the warm pool when one is ready), "
+                "or a fresh boot when vcpus/memory_mib differ from the spec's. The body may be empty.",
+                "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("CreateSandbox")}}},
+                "responses": {"201": _json(_ref("Sandbox"), "Created; Location names it."),
+                              **_errors(400, 401, 413, 422, 429, 503)},
+            },
+            "get": {
+                "operationId": "listSandboxes", "tags": ["sandboxes"], "summary": "List this key's sandboxes",
+                "responses": {"200": _json(_ref("SandboxList"), "The caller's own sandboxes."), **_errors(401)},
+            },
+        },
+        "/v1/sandboxes/{sandbox_id}": {
+            "parameters": sandbox,
+            "get": {"operationId": "getSandbox", "tags": ["sandboxes"], "summary": "Show a sandbox",
+                    "responses": {"200": _json(_ref("Sandbox"), "The sandbox."), **_errors(401, 404)}},
+            "delete": {"operationId": "deleteSandbox", "tags": ["sandboxes"], "summary": "Close a sandbox",
+                       "description": "Stops its VM and forgets it.",
+                       "responses": {"204": {"description": "Closed."}, **_errors(401, 404)}},
+        },
+        "/v1/sandboxes/{sandbox_id}/exec": {
+            "parameters": sandbox,
+            "post": {
+                "operationId": "exec", "tags": ["code"], "summary": "Run code in the sandbox",
+                "description": "Python runs in the sandbox's persistent interpreter (state is kept between calls); "
+                "bash runs a script. One exec at a time per sandbox: a second one gets 409 sandbox_busy. On "
+                "timeout the code gets KeyboardInterrupt (the namespace is kept); code that ignores it has its "
+                "interpreter replaced (worker_restarted). Send `Accept: application/x-ndjson` to receive events "
+                "as they happen, one JSON object per line, ending with a done event that carries the whole result.",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ExecRequest")}}},
+                "responses": {
+                    "200": {"description": "The result (a code error is a result too: see error).", "content": {
+                        "application/json": {"schema": _ref("ExecResult")},
+                        "application/x-ndjson": {"schema": _ref("StreamEvent")}}},  # one StreamEvent a line
+                    **_errors(400, 401, 404, 409, 410, 413, 422),
+                },
+            },
+        },
+        "/v1/sandboxes/{sandbox_id}/interrupt": {
+            "parameters": sandbox,
+            "post": {"operationId": "interrupt", "tags": ["code"], "summary": "Interrupt the running code",
+                     "description": "KeyboardInterrupt in the running exec, if any; the namespace is kept.",
+                     "responses": {"202": _json({"type": "object", "properties": {
+                         "id": {"type": "string"}, "interrupted": {"type": "boolean"}}}, "Interrupt sent."),
+                         **_errors(401, 404, 410)}},
+        },
+        "/v1/sandboxes/{sandbox_id}/files": {
+            "parameters": sandbox,
+            "put": {
+                "operationId": "writeFile", "tags": ["files"], "summary": "Upload a file (streamed)",
+                "description": "The body is the file's bytes (Content-Length or chunked); parent directories are "
+                "created. Never buffered whole by the service.",
+                "parameters": [_file_path(True, "absolute path in the sandbox, e.g. /data/in.csv")],
+                "requestBody": {"required": True, "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
+                "responses": {"200": _json(_ref("FileInfo"), "Written; sha256 of what arrived."),
+                              **_errors(401, 404, 409, 410, 413, 422)},
+            },
+            "get": {
+                "operationId": "readFile", "tags": ["files"], "summary": "Download a file (streamed)",
+                "parameters": [_file_path(True, "absolute path in the sandbox")],
+                "responses": {"200": {"description": "The file's bytes, with Content-Length.", "content": {
+                    "application/octet-stream": {"schema": {"type": "string",
+                                                            "contentMediaType": "application/octet-stream"}}}},
+                              **_errors(401, 404, 409, 410, 422)},
+            },
+        },
+        "/v1/sandboxes/{sandbox_id}/files/list": {
+            "parameters": sandbox,
+            "get": {"operationId": "listDir", "tags": ["files"], "summary": "List a directory",
+                    "parameters": [_file_path(False, "directory in the sandbox (default /)")],
+                    "responses": {"200": _json(_ref("DirListing"), "The directory's entries."),
+                                  **_errors(401, 404, 409, 410, 422)}},
+        },
+        "/v1/healthz": {"get": {"operationId": "healthz", "tags": ["service"], "security": [],
+                                "summary": "Liveness: the process answers (no key needed)",
+                                "responses": {"200": _json(_ref("Status"), "Alive.")}}},
+        "/v1/readyz": {"get": {"operationId": "readyz", "tags": ["service"], "security": [],
+                               "summary": "Readiness: creates can be served from a warm template (no key needed)",
+                               "responses": {"200": _json(_ref("Status"), "Ready."), **_errors(503)}}},
+        "/metrics": {"get": {"operationId": "metrics", "tags": ["service"],
+                             "summary": "Prometheus metrics (sandboxes by state, exec latency, creates, errors)",
+                             "responses": {"200": {"description": "Prometheus text exposition format.",
+                                                   "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                           **_errors(401)}}},
+        "/v1/openapi.json": {"get": {"operationId": "openapi", "tags": ["service"], "security": [],
+                                     "summary": "This document (no key needed)",
+                                     "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document.")}}},
+        "/v1/docs": {"get": {"operationId": "docs", "tags": ["service"], "security": [],
+                             "summary": "This document as a readable page (no key needed, no external assets)",
+                             "responses": {"200": {"description": "HTML.",
+                                                   "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+    }
+
+
+def _responses() -> dict[str, Any]:
+    responses = {}
+    for status, text in _ERROR_TEXT.items():
+        response: dict[str, Any] = _json(_ref("Error"), text)
+        if status in _WITH_RETRY_AFTER:
+            response["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+        responses[f"E{status}"] = response
+    return responses
+
+
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "appliance execution API",
+            "version": API_VERSION,
+            "description": "Run Python in hardware-isolated microVMs that keep their state between calls. Every "
+            "route but the probes and this description needs `Authorization: Bearer <key>`; each sandbox "
+            "belongs to the key that created it. Errors are JSON: {\"error\": {\"code\", \"message\"}}. "
+            "Each response names the worker process that served it in X-Appliance-Worker, carries "
+            "X-Request-Id (quoted in 500 messages and the service log) and Server-Timing (time in the app until "
+            "the response headers).",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "an API key from APPLIANCE_API_KEYS, the spec, or the "
+                                                          "key file `appliance serve` wrote"}},
+            "schemas": _SCHEMAS,
+            "responses": _responses(),
+        },
+        "paths": _paths(),
+    }
+
+
+class OpenApi:
+    def __init__(self) -> None:
+        self._body = json.dumps(openapi_document(), indent=2).encode()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = self._body
+        resp.content_type = falcon.MEDIA_JSON

@@ -1,0 +1,74 @@
+"""/v1/sandboxes: create, list, show and delete the caller's sandboxes."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import falcon
+
+from service.registry import SandboxRecord
+
+from .errors import InvalidField
+from .metrics import Metrics
+from .validation import CreateSandbox, parse, read_json
+
+DEFAULT_TEMPLATE = "default"
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def sandbox_json(record: SandboxRecord) -> dict[str, Any]:
+    machine = record.machine or {}
+    return {
+        "id": record.id,
+        "state": record.state,
+        "template_id": record.template_id,
+        "vcpus": machine.get("vcpus"),
+        "memory_mib": machine.get("memory_mib"),
+        "timeout_s": record.timeout_s,
+        "metadata": record.metadata,
+        "created_at": _iso(record.created_at),
+        "last_active_at": _iso(record.last_active_at),
+        "expires_at": _iso(record.last_active_at + record.timeout_s),
+    }
+
+
+class SandboxCollection:
+    def __init__(self, manager, max_body_bytes: int, metrics: Metrics) -> None:
+        self._manager = manager
+        self._max_body = max_body_bytes
+        self._metrics = metrics
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = parse(CreateSandbox, read_json(req, self._max_body))
+        if body.template not in (None, DEFAULT_TEMPLATE):
+            raise InvalidField("template", f"unknown template {body.template!r}; use 'default' or leave it out")
+        started = time.perf_counter()
+        record = self._manager.create(
+            req.context.owner, vcpus=body.vcpus, memory_mib=body.memory_mib, timeout_s=body.timeout_s,
+            metadata=body.metadata,
+        )
+        self._metrics.create_seconds.observe(time.perf_counter() - started)
+        self._metrics.creates.inc()
+        resp.status = falcon.HTTP_201
+        resp.location = f"/v1/sandboxes/{record.id}"
+        resp.media = sandbox_json(record)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"sandboxes": [sandbox_json(record) for record in self._manager.list(req.context.owner)]}
+
+
+class SandboxItem:
+    def __init__(self, manager) -> None:
+        self._manager = manager
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, sandbox_id: str) -> None:
+        resp.media = sandbox_json(self._manager.get(req.context.owner, sandbox_id))
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, sandbox_id: str) -> None:
+        self._manager.delete(req.context.owner, sandbox_id)
+        resp.status = falcon.HTTP_204

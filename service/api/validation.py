@@ -1,0 +1,76 @@
+"""Request bodies: read within the size limit, parsed as JSON, validated by pydantic; errors name the field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, TypeVar
+
+import falcon
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.errors import BadRequest, TooLarge
+
+from .bodies import is_chunked
+from .errors import InvalidField
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class CreateSandbox(_Body):
+    template: str | None = Field(
+        None, description="template to clone; null or 'default' (the service's warm template) for now"
+    )
+    vcpus: int | None = Field(None, ge=1, le=64, description="virtual CPUs (default: the spec's guest.vcpus)")
+    memory_mib: int | None = Field(
+        None, ge=256, le=262144, description="guest memory in MiB (default: the spec's guest.memory_mib)"
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, le=7 * 86400, description="idle lifetime in seconds (default: service.sandbox_timeout_s)"
+    )
+    metadata: dict[str, Any] | None = Field(None, description="free-form JSON object kept with the sandbox")
+
+
+class ExecRequest(_Body):
+    code: str = Field(..., description="Python source (or a bash script when language is bash)")
+    language: Literal["python", "bash"] = Field("python", description="python (the persistent REPL) or bash")
+    timeout_s: float | None = Field(
+        None, gt=0, le=86400, description="time limit; on expiry KeyboardInterrupt, then the REPL worker is killed"
+    )
+
+
+def read_json(req: falcon.Request, limit: int) -> Any:
+    """The request body as JSON; 413 past `limit` bytes (also for chunked bodies), 400 if it is not JSON."""
+    if req.content_length is not None:
+        if req.content_length > limit:
+            raise TooLarge(f"request body of {req.content_length} bytes exceeds the {limit}-byte limit")
+        raw = req.bounded_stream.read()
+    else:
+        raw = req.stream.read(limit + 1) if is_chunked(req) else b""
+        if len(raw) > limit:
+            raise TooLarge(f"request body exceeds the {limit}-byte limit")
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def parse(model: type[Model], data: Any) -> Model:
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"]) or "body"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = f"is not a known field (known: {', '.join(model.model_fields)})"
+        elif error["type"] == "missing":
+            message = "is required"
+        raise InvalidField(field, message) from None

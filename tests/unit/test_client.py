@@ -1,0 +1,140 @@
+"""The SDK against the real API app (fake manager underneath), in-process through httpx's WSGI transport."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import httpx
+import pytest
+
+from appliance.client import (
+    AuthenticationError,
+    InvalidRequestError,
+    NotFoundError,
+    NotReadyError,
+    RateLimitError,
+    Sandbox,
+    SandboxBusyError,
+)
+from appliance.client.tools import OPENAI_TOOL, run_tool_call
+from service.api import create_app
+
+from .fakes import BUSY_CODE, CHUNKS_CODE, FakeManager
+from .test_api import KEY_A, KEY_B, make_config
+
+
+@pytest.fixture
+def manager() -> FakeManager:
+    return FakeManager(max_per_key=2)
+
+
+@pytest.fixture
+def connect(tmp_path, manager, monkeypatch):
+    monkeypatch.delenv("APPLIANCE_URL", raising=False)
+    monkeypatch.setenv("APPLIANCE_API_KEY", KEY_A)
+    app = create_app(make_config(tmp_path, max_file_bytes=16 << 20), manager)
+
+    def make(**kwargs) -> Sandbox:
+        http = httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://appliance.test")
+        return Sandbox(http_client=http, **kwargs)
+
+    return make
+
+
+def test_run_code_keeps_state_and_context_manager_deletes(connect, manager):
+    with connect(metadata={"who": "test"}) as sb:
+        assert sb.id in manager.records and sb.info["metadata"] == {"who": "test"}
+        assert sb.run_code("x = 41").text is None
+        result = sb.run_code("print('hello'); x + 1")
+        assert (result.text, result.stdout, result.error, result.ok) == ("42", "hello\n", None, True)
+        failed = sb.run_code("1/0")
+        assert failed.error.name == "ZeroDivisionError" and not failed.ok
+    assert sb.id not in manager.records
+
+
+def test_streaming_yields_events_then_the_execution(connect):
+    with connect() as sb:
+        stream = sb.run_code(CHUNKS_CODE, stream=True)
+        events = list(stream)
+        assert [e["type"] for e in events] == ["stdout", "stdout", "stdout", "result", "result", "done"]
+        assert stream.execution.text == "42" and len(stream.execution.results) == 2
+
+
+def test_files_bytes_file_objects_and_iterables(connect, manager):
+    with connect() as sb:
+        data = bytes(range(256)) * 4096  # 1 MiB
+        assert sb.files.write("/d/a.bin", data)["sha256"] == hashlib.sha256(data).hexdigest()
+        info = sb.files.write("/d/b.bin", io.BytesIO(data))  # Content-Length from the file's size
+        assert info["size"] == len(data)
+        info = sb.files.write("/d/c.bin", iter([b"abc", b"def"]))  # chunked, no length
+        assert info == {"path": "/d/c.bin", "size": 6, "sha256": hashlib.sha256(b"abcdef").hexdigest()}
+        assert sb.files.read("/d/a.bin") == data
+        assert b"".join(sb.files.read_stream("/d/c.bin", chunk_size=2)) == b"abcdef"
+        assert [e["name"] for e in sb.files.list("/d")] == ["a.bin", "b.bin", "c.bin"]
+        with pytest.raises(NotFoundError):
+            sb.files.read("/d/missing")
+
+
+def test_commands_run_uses_bash(connect):
+    with connect() as sb:
+        result = sb.commands.run("ls -la /data")
+        assert result.stdout == "bash: ls -la /data\n" and result.exit_code == 0
+
+
+def test_connect_and_errors_carry_the_api_code(connect, manager, monkeypatch):
+    sb = connect()
+    again = connect(sandbox_id=sb.id)
+    assert again.run_code("1 + 1").text == "2"
+    with pytest.raises(SandboxBusyError) as busy:
+        sb.run_code(BUSY_CODE)
+    assert busy.value.code == "sandbox_busy" and busy.value.status == 409
+    with pytest.raises(InvalidRequestError) as invalid:
+        sb.run_code("1", timeout=-1)
+    assert invalid.value.field == "timeout_s"
+    connect()
+    with pytest.raises(RateLimitError) as limited:
+        connect()
+    assert limited.value.retry_after and limited.value.retry_after > 0
+    monkeypatch.setenv("APPLIANCE_API_KEY", KEY_B)
+    with pytest.raises(NotFoundError):
+        connect(sandbox_id=sb.id)
+    monkeypatch.setenv("APPLIANCE_API_KEY", "wrong")
+    with pytest.raises(AuthenticationError):
+        connect()
+
+
+def test_create_waits_while_the_service_warms_up(connect, manager, monkeypatch):
+    manager.not_ready = "warming"
+    monkeypatch.setattr("appliance.client.sandbox.time.sleep", lambda s: setattr(manager, "not_ready", None))
+    assert connect().id in manager.records
+    manager.not_ready = "warming"
+    with pytest.raises(NotReadyError):
+        connect(ready_timeout=0)
+
+
+def test_tool_call_through_the_sdk(connect):
+    with connect() as sb:
+        call = {
+            "id": "c1",
+            "type": "function",
+            "function": {"name": OPENAI_TOOL["function"]["name"], "arguments": '{"code": "print(6 * 7)"}'},
+        }
+        assert run_tool_call(call, sb) == "[stdout]\n42"
+
+
+def test_a_request_on_a_connection_the_server_just_closed_is_sent_again(monkeypatch):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) == 2:  # the first exec hits a kept-alive connection of a worker that was just recycled
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        if request.method == "POST" and request.url.path == "/v1/sandboxes":
+            return httpx.Response(201, json={"id": "sb-1"})
+        return httpx.Response(200, json={"stdout": "", "stderr": "", "results": [], "text": "2", "error": None})
+
+    http = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://appliance.test")
+    sb = Sandbox(http_client=http, api_key="k")
+    assert sb.run_code("1 + 1").text == "2"
+    assert calls == ["/v1/sandboxes", "/v1/sandboxes/sb-1/exec", "/v1/sandboxes/sb-1/exec"]
