@@ -14,6 +14,7 @@ APT_PACKAGES := python3 python3-venv qemu-system-x86 qemu-utils mmdebstrap e2fsp
 demo: setup guest-image
 	$(APPLIANCE) doctor
 	$(APPLIANCE) run -c 'import pandas, sklearn, platform; print("pandas", pandas.__version__, "sklearn", sklearn.__version__, "on", platform.node())'
+	examples/demo.sh
 
 test: setup guest-image lint
 	$(VENV)/bin/pytest -q
@@ -47,6 +48,7 @@ integration: setup guest-image
 
 bench: setup guest-image
 	$(PY) bench/engine_bench.py
+	$(PY) bench/api_bench.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache

@@ -78,6 +78,9 @@ class PoolKeeper:
             except BootFailed as exc:
                 log.error("could not clone the template: %s", exc)
                 return
+            # A new QEMU starts with an empty translation cache (TCG): the first exec in a clone is several times
+            # slower than the next. Pay for it here, not in the user's first call.
+            sandbox.run_code("pass")
             sandbox.detach()
             self.registry.add(
                 SandboxRecord(

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance_agent import frames
+
 from service.engine import Engine, EngineError, ExecResult, Sandbox, SandboxBusy, SandboxClosed, SandboxLost, snapshot
 from service.engine.channel import AgentChannel
 from service.engine.machine import MachineConfig, machine_from_json, machine_to_json
-from service.engine.template import refresh_identity
 from service.engine.vm import VirtualMachine
 
 from .config import ServiceConfig
@@ -40,6 +42,8 @@ from .registry import FROZEN, LOST, POOLED, RUNNING, Registry, SandboxRecord
 from .templates import TemplateStore
 
 log = logging.getLogger(__name__)
+FILE_CHUNK = 1 << 20
+FILE_CALL_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -90,8 +94,9 @@ class SandboxManager:
         if template is not None and wants_default_size:
             record = self.registry.claim_pooled(owner, template.template_id, timeout, metadata, persistent)
             if record is not None:
+                # No reseed here: the keeper reseeded this clone when it made it, and its clock has run since.
                 try:
-                    refresh_identity(self._attach(record))
+                    self._attach(record)
                     return record
                 except (SandboxLost, SandboxClosed, OSError) as exc:
                     log.warning("pooled sandbox %s was unusable (%s); cloning a fresh one", record.id, exc)
@@ -170,6 +175,63 @@ class SandboxManager:
     def interrupt(self, owner: str, sandbox_id: str) -> None:
         record = self._running(owner, sandbox_id)
         self._attach(record).interrupt()
+
+    # ---- files -----------------------------------------------------------------------------------------------
+
+    def write_file(self, owner: str, sandbox_id: str, path: str, chunks: Iterable[bytes]) -> dict[str, Any]:
+        """Stream `chunks` into a file in the sandbox (relative paths are under /data); nothing is buffered whole."""
+        sandbox = self._attach(self._running(owner, sandbox_id))
+        digest, size, append = hashlib.sha256(), 0, False
+        for piece in _rechunk(chunks, FILE_CHUNK):
+            self._file_call(sandbox, "file_write", path, payload=piece, append=append)
+            digest.update(piece)
+            size += len(piece)
+            append = True
+        if not append:  # an empty upload still makes (or empties) the file
+            self._file_call(sandbox, "file_write", path, append=False)
+        self.registry.touch(sandbox_id)
+        return {"path": path, "size": size, "sha256": digest.hexdigest()}
+
+    def read_file(self, owner: str, sandbox_id: str, path: str) -> tuple[int, Iterator[bytes]]:
+        """(size, chunks) of a file in the sandbox; the first chunk is fetched now, so a missing file fails here."""
+        sandbox = self._attach(self._running(owner, sandbox_id))
+        first = self._file_call(sandbox, "file_read", path, offset=0, max=FILE_CHUNK)
+        size = first["size"]
+
+        def chunks() -> Iterator[bytes]:
+            reply, offset = first, 0
+            while True:
+                data = reply.get(frames.PAYLOAD_KEY, b"")
+                offset += len(data)
+                if data:
+                    yield data
+                if reply.get("eof") or not data or offset >= size:
+                    return
+                reply = self._file_call(sandbox, "file_read", path, offset=offset, max=FILE_CHUNK)
+
+        self.registry.touch(sandbox_id)
+        return size, chunks()
+
+    def list_dir(self, owner: str, sandbox_id: str, path: str) -> list[dict[str, Any]]:
+        sandbox = self._attach(self._running(owner, sandbox_id))
+        return self._file_call(sandbox, "list_dir", path)["entries"]
+
+    def _file_call(self, sandbox: Sandbox, op: str, path: str, payload: bytes = b"", **args: Any) -> dict[str, Any]:
+        try:
+            reply = sandbox.call(op, timeout_s=FILE_CALL_TIMEOUT_S, payload=payload, path=path, **args)
+        except SandboxBusy as exc:
+            raise Busy(str(exc)) from None
+        except SandboxLost as exc:
+            raise SandboxLostError(str(exc)) from None
+        if reply.get("ev") == "error":
+            code = reply.get("code")
+            message = reply.get("message", "file operation failed")
+            if code == "not_found":
+                raise NotFound(message)
+            if code in {"is_a_directory", "not_a_directory", "permission_denied"}:
+                raise Invalid(message)
+            raise ServiceError(message)
+        return reply
 
     # ---- fork, freeze, resume --------------------------------------------------------------------------------
 
@@ -347,6 +409,18 @@ class SandboxManager:
         for sandbox_id in list(self._handles):
             self._forget(sandbox_id)
         self.registry.close()
+
+
+def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """Pieces of exactly `size` bytes (the last one shorter) from chunks of any size."""
+    buffer = bytearray()
+    for chunk in chunks:
+        buffer += chunk
+        while len(buffer) >= size:
+            yield bytes(buffer[:size])
+            del buffer[:size]
+    if buffer:
+        yield bytes(buffer)
 
 
 def _fresh_vm_id(sandbox_id: str) -> str:

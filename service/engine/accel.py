@@ -77,6 +77,12 @@ def _boot_id() -> str:
         return "unknown"
 
 
+def verdict_cache_file(run_dir: Path) -> Path:
+    """Host-wide (one probe per host boot, whatever the run dir): tmpfs, per user; the run dir where there is none."""
+    shm = Path("/dev/shm")
+    return shm / f"appliance-accelerator-{os.getuid()}.json" if shm.is_dir() else run_dir / "accelerator.json"
+
+
 def cached_choice(cache_file: Path, key: str, decide: Callable[[], AcceleratorChoice]) -> AcceleratorChoice:
     """Reuse a verdict made earlier in this host boot for the same key (kernel image); else decide and store."""
     full_key = f"{_boot_id()}:{key}"

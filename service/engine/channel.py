@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance_agent import protocol
+from appliance_agent import frames, protocol
 
 from .errors import AgentTimeout, SandboxLost
 
@@ -29,7 +29,7 @@ class AgentChannel:
         self._readable.register(sock, select.POLLIN)
         self._writable = select.poll()
         self._writable.register(sock, select.POLLOUT)
-        self._reader = protocol.LineReader()
+        self._reader = frames.FrameReader()
         self._pending: deque[dict[str, Any]] = deque()
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -52,9 +52,12 @@ class AgentChannel:
     def close(self) -> None:
         self._sock.close()
 
-    def send(self, op: str, **args: Any) -> int:
+    def send(self, op: str, payload: bytes = b"", **args: Any) -> int:
+        """Send one request (with raw payload bytes after it, for file contents); returns its id."""
         request_id = next(self._ids)
-        data = memoryview(protocol.encode(protocol.request(request_id, op, **args)))
+        message = {"id": request_id, "op": op, **args} if op in frames.FILE_OPS else protocol.request(
+            request_id, op, **args)
+        data = memoryview(frames.encode(message, payload))
         # The socket stays non-blocking: the reader waits with poll() and its own deadline, and a sender must not
         # block forever on a guest that stopped reading (QEMU reads the socket only while the guest port is open).
         deadline = time.monotonic() + _SEND_TIMEOUT_S
@@ -101,9 +104,9 @@ class AgentChannel:
             if message.get("ev") in {"done", "ok", "pong", "error"}:
                 return
 
-    def call(self, op: str, deadline: float | None, **args: Any) -> dict[str, Any]:
-        """A request with a single answer."""
-        request_id = self.send(op, **args)
+    def call(self, op: str, deadline: float | None, payload: bytes = b"", **args: Any) -> dict[str, Any]:
+        """A request with a single answer (its payload, if any, under frames.PAYLOAD_KEY)."""
+        request_id = self.send(op, payload, **args)
         final: dict[str, Any] = {}
         for final in self.events(request_id, deadline):  # noqa: B007 - the last event is the answer
             pass
@@ -124,9 +127,8 @@ class AgentChannel:
                 raise SandboxLost(f"the VM's agent connection broke: {exc}") from None
             if not chunk:
                 raise SandboxLost("the VM closed its agent connection (it stopped or crashed)")
-            for line in self._reader.feed(chunk):
-                try:
-                    self._pending.append(protocol.decode(line))
-                except protocol.ProtocolError:
-                    continue  # boot noise before the agent took the port; nothing a host can act on
+            try:
+                self._pending.extend(self._reader.feed(chunk))
+            except protocol.ProtocolError:
+                self._reader = frames.FrameReader()  # boot noise before the agent took the port: start afresh
         return self._pending.popleft()

@@ -54,7 +54,7 @@ class Engine:
     def accelerator(self) -> accel.AcceleratorChoice:
         """Chosen once per engine (and cached per host boot on disk): the KVM probe costs a boot."""
         if self._accelerator is None:
-            cache = self.config.run_dir / "accelerator.json"
+            cache = accel.verdict_cache_file(self.config.run_dir)
             self._accelerator = accel.cached_choice(
                 cache,
                 key=f"{self.config.accelerator}:{self.image.image_id}",

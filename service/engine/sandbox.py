@@ -178,16 +178,20 @@ class Sandbox:
         if not self._closed:
             self._channel.send("interrupt")
 
-    def call(self, op: str, timeout_s: float = 10.0, **args: Any) -> dict[str, Any]:
-        """A control request with a single answer (ping, reseed, set_clock, restart_worker)."""
+    def call(self, op: str, timeout_s: float = 10.0, payload: bytes = b"", **args: Any) -> dict[str, Any]:
+        """A request with a single answer (ping, reseed, set_clock, restart_worker, file operations)."""
         if self._closed:
             raise SandboxClosed("the sandbox is closed")
-        with self._exec_lock:
-            try:
-                return self._channel.call(op, time.monotonic() + timeout_s, **args)
-            except (AgentTimeout, SandboxLost) as exc:
-                self._lose(str(exc))
-                raise AssertionError("unreachable") from None
+        # One reader per connection: a call waits for a running exec of this process (or gives up busy).
+        if not self._exec_lock.acquire(timeout=timeout_s):
+            raise SandboxBusy("the sandbox is running code; wait for it or interrupt it")
+        try:
+            return self._channel.call(op, time.monotonic() + timeout_s, payload, **args)
+        except (AgentTimeout, SandboxLost) as exc:
+            self._lose(str(exc))
+            raise AssertionError("unreachable") from None
+        finally:
+            self._exec_lock.release()
 
     def close(self) -> None:
         """Stop the VM and remove its files."""
