@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from service.engine import BootFailed, Engine
+from service.engine import BootFailed, Engine, EngineError
 from service.engine.machine import MachineConfig, machine_from_json, machine_to_json
 from service.engine.template import Template, TemplateError
 from service.engine.vm import VirtualMachine
@@ -78,9 +78,14 @@ class PoolKeeper:
             except BootFailed as exc:
                 log.error("could not clone the template: %s", exc)
                 return
-            # A new QEMU starts with an empty translation cache (TCG): the first exec in a clone is several times
-            # slower than the next. Pay for it here, not in the user's first call.
-            sandbox.run_code("pass")
+            try:
+                # A new QEMU starts with an empty translation cache (TCG): the first exec in a clone is several
+                # times slower than the next. Pay for it here, not in the user's first call.
+                sandbox.run_code("pass")
+            except EngineError as exc:
+                log.error("a fresh clone failed its first exec, dropped: %s", exc)
+                sandbox.close()
+                return
             sandbox.detach()
             self.registry.add(
                 SandboxRecord(

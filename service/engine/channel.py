@@ -55,9 +55,7 @@ class AgentChannel:
     def send(self, op: str, payload: bytes = b"", **args: Any) -> int:
         """Send one request (with raw payload bytes after it, for file contents); returns its id."""
         request_id = next(self._ids)
-        message = {"id": request_id, "op": op, **args} if op in frames.FILE_OPS else protocol.request(
-            request_id, op, **args)
-        data = memoryview(frames.encode(message, payload))
+        data = memoryview(frames.encode(protocol.request(request_id, op, **args), payload))
         # The socket stays non-blocking: the reader waits with poll() and its own deadline, and a sender must not
         # block forever on a guest that stopped reading (QEMU reads the socket only while the guest port is open).
         deadline = time.monotonic() + _SEND_TIMEOUT_S

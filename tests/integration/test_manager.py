@@ -133,3 +133,25 @@ def test_frozen_quota_is_enforced(manager, service_config):
         assert tight.exec(OWNER, record.id, "'still running'").text == "'still running'"
     finally:
         tight.close()
+
+
+def test_files_stream_in_and_out_and_code_sees_them(manager):
+    import hashlib
+    import os
+
+    from service.errors import NotFound as Missing
+
+    record = manager.create(OWNER)
+    blob = os.urandom(3 * 1024 * 1024 + 123)  # several frames, not a multiple of the frame size
+    pieces = (blob[i : i + 50_000] for i in range(0, len(blob), 50_000))
+    written = manager.write_file(OWNER, record.id, "in/blob.bin", pieces)
+    assert written == {"path": "in/blob.bin", "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    assert manager.exec(OWNER, record.id, "import os; os.path.getsize('/data/in/blob.bin')").text == str(len(blob))
+    size, chunks = manager.read_file(OWNER, record.id, "/data/in/blob.bin")
+    assert size == len(blob) and b"".join(chunks) == blob
+    names = [(e["name"], e["type"]) for e in manager.list_dir(OWNER, record.id, "/data")]
+    assert ("in", "dir") in names
+    with pytest.raises(Missing):
+        manager.read_file(OWNER, record.id, "/data/nope.txt")
+    manager.write_file(OWNER, record.id, "empty.txt", iter(()))
+    assert manager.read_file(OWNER, record.id, "empty.txt")[0] == 0

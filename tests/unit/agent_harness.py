@@ -72,6 +72,12 @@ class AgentConnection:
         while view:
             view = view[os.write(self.write_fd, view) :]
 
+    def send_raw_request(self, message: dict[str, Any]) -> int:
+        """A request encoded with JSON escapes for every non-ASCII character (even a lone surrogate)."""
+        request_id = next(self._ids)
+        self.send_raw(json.dumps({"id": request_id, **message}).encode("ascii") + b"\n")
+        return request_id
+
     def send(self, op: str, **args: Any) -> int:
         request_id = next(self._ids)
         self.send_raw(protocol.encode({"id": request_id, "op": op, **args}))

@@ -295,6 +295,17 @@ def test_text_without_a_utf8_form_still_makes_a_message(agent: AgentProcess) -> 
     assert result.value == "x\ud800"
 
 
+def test_code_reaches_the_worker_intact(agent: AgentProcess) -> None:
+    code = "text = 'é€\\n'\nexec_ = 3\n# exec 99\n\n(text, exec_, len(text))"
+    assert agent.run(code).value == "('é€\\n', 3, 3)"
+    assert agent.run("a = 1\r\nb = 2\r\na + b").value == "3"
+    # A lone surrogate has no UTF-8 form: JSON escapes it, it crosses the pipe, and compile() refuses it.
+    request_id = agent.send_raw_request({"op": "exec", "code": "'\ud800'"})
+    error = agent.events_for(request_id)[-1]["error"]
+    assert error["name"] == "UnicodeEncodeError" and "surrogates not allowed" in error["value"]
+    assert agent.run("exec_").value == "3"
+
+
 def test_the_worker_sees_an_interpreter_like_environment(agent: AgentProcess) -> None:
     assert agent.run("import sys\nsys.argv").value == "['']"
     assert agent.run("__name__").value == "'__main__'"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 from pathlib import Path
 
-from appliance_agent import display, protocol, sysops
+import pytest
+from appliance_agent import display, pipes, protocol, sysops, worker
 from appliance_agent.output import OutputSink
 
 
@@ -97,3 +99,34 @@ def test_bytes_available_counts_a_pipe() -> None:
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_an_exec_request_to_the_worker_frames_the_code_by_length() -> None:
+    code = "s = 'é\\n'\nt = '\ud800'\r\nexec 3\n"
+    data = pipes.exec_request(code)
+    header, _, body = data.partition(b"\n")
+    assert header == b"exec %d" % len(body)
+    assert body.decode("utf-8", pipes.CODE_ERRORS) == code
+
+
+CELLS = [
+    "x = 1", "x=1\n", "import os", "from os import path", "a.b = 1", "d[1] = 2", "a, b = 1, 2", "x += 1",
+    "x **= 2", "é = 1", "x = await f()", "x = 1 # y = 2", "x <= 1", "x == 1", "x != 1", "x >= 1", "x >>= 1",
+    "y", "5", "x = 1\n5", "x = 1; 5", "x = 1; y", "y;", "'s'", 'b"a=1"', 'f"{x=}"', "f(\na=1)", "lambda x=1: x",
+    "def f(a=1): pass\nf(\na=2)", 'x = """\n"""', '"""\nx = 1"""', "'a\\\nx = 1'", "x = 1\r5", "# c\nx = 1\n# end",
+    "for i in range(3):\n    x = i", "x: int = 1", "(x := 1)", "if x: y = 1", "", "\n\n", "pass",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_the_worker_finds_a_trailing_expression_as_the_syntax_tree_does(cell: str) -> None:
+    tree = ast.parse(cell)
+    wanted = bool(tree.body) and isinstance(tree.body[-1], ast.Expr) and not cell.rstrip().endswith(";")
+    _body, last = worker.Worker._compile(cell, "<cell-1>")
+    assert (last is not None) == wanted
+
+
+def test_the_fast_compile_path_is_taken_for_plain_statements() -> None:
+    assert worker._RETURN_SIZE > 0  # the bytecode check works on this interpreter
+    assert all(worker._surely_no_value(cell) for cell in ("x = 1", "import os", "a.b[0] += 2", "é = 1"))
+    assert not any(worker._surely_no_value(cell) for cell in ("x", "x = 1; 5", "x == 1", 'b"a=1"', "x = 1\n5"))

@@ -70,3 +70,14 @@ def test_truncation_marker_names_the_count() -> None:
 def test_port_names() -> None:
     assert protocol.agent_port_name(0) == protocol.AGENT_PORT_NAME
     assert protocol.agent_port_name(3).startswith(protocol.AGENT_PORT_PREFIX)
+
+
+@pytest.mark.parametrize("duration", [0.0, 0.000123, 1.5, 12345.678901, 1e-06])
+def test_the_quiet_done_line_is_the_encoded_event(duration: float) -> None:
+    expected = protocol.encode(
+        protocol.event(
+            17, "done", value=None, error=None, exit_code=None, truncated_bytes=0,
+            worker_restarted=False, worker_exit=None, duration_s=duration,
+        )
+    )  # fmt: skip
+    assert protocol.encode_quiet_done(17, duration) == expected

@@ -8,17 +8,19 @@ Requests other than exec are answered at once, also while an exec runs.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
 
-from appliance_agent import __version__, children, protocol, sysops
+from appliance_agent import __version__, arguments, children, files, frames, protocol, sysops
+from appliance_agent.arguments import BadRequest, ExecArgs
+from appliance_agent.arguments import error as _error
+from appliance_agent.arguments import seconds as _seconds
 from appliance_agent.channel import HostChannel, Outbox
 from appliance_agent.children import Child, WorkerProcess
 from appliance_agent.loop import Loop
 from appliance_agent.output import OutputSink
-from appliance_agent.pipes import DONE_QUIET
+from appliance_agent.pipes import DONE_QUIET, exec_request
 from appliance_agent.protocol import ErrorCode
 
 # Only for annotations (never evaluated, see the __future__ import): `typing` costs boot time under TCG.
@@ -35,11 +37,6 @@ FLUSH_CHARS = 1 << 16
 MAX_FAILED_STARTS = 3
 # After the worker closes its control pipe, how long to wait for its exit status before declaring it broken.
 CONTROL_LOST_WAIT_S = 0.2
-MAX_SEED_BYTES = 4096
-
-
-class BadRequest(Exception):
-    """A request with missing or ill-typed arguments."""
 
 
 class Exec:
@@ -88,6 +85,7 @@ class Agent:
             "reseed": self._op_reseed,
             "set_clock": self._op_set_clock,
             "restart_worker": self._op_restart_worker,
+            **dict.fromkeys(files.HANDLERS, self._op_file),
         }
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -100,7 +98,7 @@ class Agent:
             read_fd,
             write_fd,
             reconnecting=reconnecting,
-            on_line=lambda line: self._on_line(channel, line),
+            on_line=lambda line, payload: self._on_line(channel, line, payload),
             on_bad_stream=lambda reason: self._error(channel, 0, ErrorCode.BAD_REQUEST, reason),
             on_connect=lambda: self._hello(channel),
             on_closed=lambda gone: self._channel_closed(channel, gone),
@@ -175,12 +173,14 @@ class Agent:
     def _error(channel: HostChannel, request_id: int, code: str, message: str) -> None:
         channel.send(protocol.event(request_id, "error", code=code, message=message))
 
-    def _on_line(self, channel: HostChannel, line: bytes) -> None:
+    def _on_line(self, channel: HostChannel, line: bytes, payload: bytes | None = None) -> None:
         try:
             message = protocol.decode(line)
         except protocol.ProtocolError as exc:
             self._error(channel, 0, ErrorCode.BAD_REQUEST, str(exc))
             return
+        if payload is not None:
+            message[frames.PAYLOAD_KEY] = payload
         request_id = message["id"]
         op = message.get("op")
         handler = self._ops.get(op) if isinstance(op, str) else None
@@ -197,6 +197,15 @@ class Agent:
         except Exception as exc:
             sysops.log(f"internal error serving {op}:\n{sysops.format_exc()}")
             self._error(channel, request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _op_file(self, channel: HostChannel, request_id: int, message: dict[str, Any]) -> None:
+        """File operations run here, between events: they are quick, bounded I/O on the guest's RAM disk."""
+        try:
+            reply, data = files.HANDLERS[message["op"]](message)
+        except files.FileOpError as exc:
+            self._error(channel, request_id, exc.code, exc.message)
+            return
+        channel.send_encoded(frames.encode(protocol.event(request_id, "ok", **reply), data))
 
     def _op_ping(self, channel: HostChannel, request_id: int, _message: dict[str, Any]) -> None:
         channel.send(
@@ -219,22 +228,14 @@ class Agent:
         channel.send(protocol.event(request_id, "ok"))
 
     def _op_reseed(self, channel: HostChannel, request_id: int, message: dict[str, Any]) -> None:
-        seed_hex = message.get("seed_hex")
-        try:
-            seed = bytes.fromhex(seed_hex) if isinstance(seed_hex, str) else b""
-        except ValueError:
-            seed = b""
-        if not seed or len(seed) > MAX_SEED_BYTES:
-            raise BadRequest(f"seed_hex must be 1 to {MAX_SEED_BYTES} bytes as hexadecimal")
+        seed = arguments.seed(message)
         sysops.reseed_kernel(seed)
         # Queued behind a running exec, if any: the worker reseeds before it runs the next one.
         self._to_worker(_worker_request({"op": "reseed", "seed_hex": seed.hex()}))
         channel.send(protocol.event(request_id, "ok"))
 
     def _op_set_clock(self, channel: HostChannel, request_id: int, message: dict[str, Any]) -> None:
-        unix_ns = message.get("unix_ns")
-        if not _is_int(unix_ns) or unix_ns < 0:
-            raise BadRequest("unix_ns must be a non-negative integer")
+        unix_ns = arguments.unix_ns(message)
         try:
             sysops.set_clock(unix_ns)
         except (OSError, OverflowError) as exc:
@@ -255,24 +256,13 @@ class Agent:
         if self._exec is not None:
             self._error(channel, request_id, ErrorCode.BUSY, f"exec {self._exec.request_id} is still running")
             return
-        code = message.get("code")
-        if not isinstance(code, str):
-            raise BadRequest("code must be a string")
-        language = message.get("language") or "python"
-        if language not in protocol.LANGUAGES:
-            raise BadRequest(f"language must be one of {sorted(protocol.LANGUAGES)}")
-        timeout_s = _number(message, "timeout_s", None, allow_zero=False)
-        grace_s = _number(message, "grace_s", protocol.DEFAULT_GRACE_S, allow_zero=True)
-        output_cap = message.get("output_cap")
-        if output_cap is None:
-            output_cap = protocol.DEFAULT_OUTPUT_CAP
-        elif not _is_int(output_cap) or output_cap < 0:
-            raise BadRequest("output_cap must be a non-negative integer")
+        args = ExecArgs(message)
+        language, timeout_s = args.language, args.timeout_s
         started = time.monotonic()
         source: Child
         if language == "bash":
             try:
-                source = children.start_bash(code)
+                source = children.start_bash(args.code)
             except OSError as exc:
                 self._error(channel, request_id, ErrorCode.INTERNAL, f"cannot start bash: {exc}")
                 return
@@ -282,10 +272,12 @@ class Agent:
                 self._start_worker()
             assert self._worker is not None
             source = self._worker
-        self._exec = Exec(channel, request_id, language, source, OutputSink(output_cap), timeout_s, grace_s, started)
+        self._exec = Exec(
+            channel, request_id, language, source, OutputSink(args.output_cap), timeout_s, args.grace_s, started
+        )
         if language == "python":
             self._exec.earlier_loss, self._lost_note = self._lost_note, None
-            self._exec.worker_request = _worker_request({"op": "exec", "code": code})
+            self._exec.worker_request = exec_request(args.code)
             self._to_worker(self._exec.worker_request)
         if timeout_s is not None:
             self._loop.call_later("timeout", timeout_s, self._on_timeout)
@@ -310,6 +302,24 @@ class Agent:
         self._exec = None
         for key in ("timeout", "grace", "flush"):
             self._loop.cancel(key)
+        duration_s = round(time.monotonic() - running.started, 6)
+        if value is None and error is None and exit_code is None and not restarted and not running.sink.dropped:
+            running.channel.send_encoded(protocol.encode_quiet_done(running.request_id, duration_s))
+        else:
+            self._send_done(running, value, error, exit_code, restarted, worker_exit, duration_s)
+        if self._closing:
+            self.stop()
+
+    @staticmethod
+    def _send_done(
+        running: Exec,
+        value: Any,
+        error: dict[str, str] | None,
+        exit_code: int | None,
+        restarted: bool,
+        worker_exit: str | None,
+        duration_s: float,
+    ) -> None:
         running.channel.send(
             protocol.event(
                 running.request_id,
@@ -320,11 +330,9 @@ class Agent:
                 truncated_bytes=running.sink.dropped,
                 worker_restarted=restarted,
                 worker_exit=worker_exit,
-                duration_s=round(time.monotonic() - running.started, 6),
+                duration_s=duration_s,
             )
         )
-        if self._closing:
-            self.stop()
 
     def _to_worker(self, data: bytes) -> None:
         """Send a request to the worker; until it is ready, hold it (see _cancel_unstarted)."""
@@ -501,7 +509,31 @@ class Agent:
             self._loop.set_reader(worker.control, None)
             self._loop.call_later(("control-lost", worker.pid), CONTROL_LOST_WAIT_S, lambda: self._control_lost(worker))
             return
+        if data == DONE_QUIET and self._finish_quietly(worker):
+            return
         self._handle_control(worker, data, polled=True)
+
+    def _finish_quietly(self, worker: WorkerProcess) -> bool:
+        """The usual end of an exec (no output, no value, no error, no timeout) on a short path: under TCG the
+        cost of a wake-up grows with the amount of distinct code it runs. False if the general path is needed."""
+        running = self._exec
+        if (
+            running is None
+            or running.source is not worker
+            or running.timed_out
+            or running.earlier_loss
+            or not running.sink.quiet
+            or not worker.control_reader.empty
+            or not self._loop.only_ready(worker.control)  # output in the same poll must be drained first
+        ):
+            return False
+        self._exec = None
+        self._loop.cancel("timeout")  # "grace" follows a timeout and "flush" output: neither is set
+        duration_s = round(time.monotonic() - running.started, 6)
+        running.channel.send_encoded(protocol.encode_quiet_done(running.request_id, duration_s))
+        if self._closing:
+            self.stop()
+        return True
 
     def _read_control(self, worker: WorkerProcess) -> None:
         """Handle whatever the worker has written to its control pipe and the loop has not seen yet."""
@@ -622,27 +654,3 @@ _DONE_QUIET: dict[str, Any] = json.loads(DONE_QUIET)
 
 def _worker_request(message: dict[str, Any]) -> bytes:
     return _WORKER_ENCODER.encode(message).encode("ascii") + b"\n"
-
-
-def _error(name: str, value: str) -> dict[str, str]:
-    return {"name": name, "value": value, "traceback": ""}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(message: dict[str, Any], name: str, default: float | None, *, allow_zero: bool) -> float | None:
-    value = message.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise BadRequest(f"{name} must be a finite number")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise BadRequest(f"{name} must be {'non-negative' if allow_zero else 'positive'}")
-    return float(value)
-
-
-def _seconds(value: float) -> str:
-    """3.0 -> '3', 0.5 -> '0.5': for messages read by people and language models."""
-    return f"{value:g}"

@@ -17,7 +17,7 @@ import stat
 import time
 from collections.abc import Callable
 
-from appliance_agent import protocol
+from appliance_agent import frames, protocol
 from appliance_agent.loop import Loop
 from appliance_agent.sysops import log
 
@@ -111,7 +111,7 @@ class HostChannel:
         write_fd: int,
         *,
         reconnecting: bool,
-        on_line: Callable[[bytes], None],
+        on_line: Callable[[bytes, bytes | None], None],
         on_bad_stream: Callable[[str], None],
         on_connect: Callable[[], None],
         on_closed: Callable[[bool], None],
@@ -124,7 +124,7 @@ class HostChannel:
         self._on_bad_stream = on_bad_stream
         self._on_connect = on_connect
         self._on_closed = on_closed
-        self._reader = protocol.LineReader()
+        self._reader = frames.FrameReader()
         self._outbox = Outbox(loop, write_fd, self._write_failed)
         self.connected = True
         self.closed = False
@@ -142,6 +142,10 @@ class HostChannel:
             # A lone surrogate (from a user's __repr__ or exception text) has no UTF-8 form; as a JSON
             # escape it is still valid JSON and still one line.
             data = json.dumps(message, separators=(",", ":")).encode("ascii") + b"\n"
+        self._outbox.send(data)
+
+    def send_encoded(self, data: bytes) -> None:
+        """A message already encoded as one protocol line."""
         self._outbox.send(data)
 
     def close(self) -> None:
@@ -171,13 +175,13 @@ class HostChannel:
 
     def _feed(self, data: bytes) -> None:
         try:
-            lines = self._reader.feed(data)
+            lines = self._reader.split(data)
         except protocol.ProtocolError as exc:
-            self._reader = protocol.LineReader()
+            self._reader = frames.FrameReader()
             self._on_bad_stream(str(exc))
             return
-        for line in lines:
-            self._on_line(line)
+        for line, payload in lines:
+            self._on_line(line, payload)
 
     def _end_of_file(self) -> None:
         if not self.reconnecting:
@@ -189,7 +193,7 @@ class HostChannel:
             self._disconnected_at = time.monotonic()
             self._outbox.enabled = False
             self._outbox.discard()
-            self._reader = protocol.LineReader()  # a half line from the old connection means nothing now
+            self._reader = frames.FrameReader()  # a half line from the old connection means nothing now
         # Do not watch the port while nobody is there: poll would report POLLHUP at once, forever.
         self._loop.set_reader(self._read_fd, None)
         self._loop.set_writer(self._write_fd, None)

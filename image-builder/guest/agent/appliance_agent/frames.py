@@ -29,40 +29,58 @@ def encode(message: dict[str, Any], payload: bytes = b"") -> bytes:
 
 
 class FrameReader:
-    """Like protocol.LineReader, but returns decoded messages, each with its payload under PAYLOAD_KEY."""
+    """Like protocol.LineReader, plus payloads: split() gives (line, payload or None) pairs, feed() decoded
+    messages with the payload under PAYLOAD_KEY."""
 
     def __init__(self, max_line: int = 64 << 20) -> None:
         self._buffer = bytearray()
         self._max_line = max_line
-        self._waiting: dict[str, Any] | None = None  # a message whose payload has not fully arrived
+        self._waiting: tuple[bytes, int] | None = None  # a line whose payload has not fully arrived
 
-    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+    def split(self, chunk: bytes) -> list[tuple[bytes, bytes | None]]:
         self._buffer += chunk
-        messages: list[dict[str, Any]] = []
+        frames: list[tuple[bytes, bytes | None]] = []
         while True:
             if self._waiting is not None:
-                need = self._waiting["length"]
+                line, need = self._waiting
                 if len(self._buffer) < need:
-                    return messages
-                self._waiting[PAYLOAD_KEY] = bytes(self._buffer[:need])
+                    return frames
+                frames.append((line, bytes(self._buffer[:need])))
                 del self._buffer[:need]
-                messages.append(self._waiting)
                 self._waiting = None
                 continue
             end = self._buffer.find(b"\n")
             if end < 0:
                 if len(self._buffer) > self._max_line:
                     raise protocol.ProtocolError(f"line longer than {self._max_line} bytes")
-                return messages
+                return frames
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
             if not line:
                 continue
+            length = _payload_length(line)
+            if length is None:
+                frames.append((line, None))
+            else:
+                self._waiting = (line, length)
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        messages = []
+        for line, payload in self.split(chunk):
             message = protocol.decode(line)
-            length = message.get("length")
-            if isinstance(length, int) and not isinstance(length, bool) and length >= 0:
-                if length > MAX_PAYLOAD:
-                    raise protocol.ProtocolError(f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
-                self._waiting = message
-                continue
+            if payload is not None:
+                message[PAYLOAD_KEY] = payload
             messages.append(message)
+        return messages
+
+
+def _payload_length(line: bytes) -> int | None:
+    """The payload length a line announces, or None. Cheap for the usual line, which has none."""
+    if b'"length":' not in line:
+        return None
+    length = protocol.decode(line).get("length")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        return None
+    if length > MAX_PAYLOAD:
+        raise protocol.ProtocolError(f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
+    return length

@@ -73,6 +73,11 @@ class Loop:
                 return bool(events & READ_EVENTS)
         return False
 
+    def only_ready(self, fd: int) -> bool:
+        """Whether fd is the only descriptor the poll whose results are being handled now reported."""
+        batch = self._batch
+        return len(batch) == 1 and batch[0][0] == fd
+
     # -- timers --------------------------------------------------------------------------------------------
 
     def call_later(self, key: Hashable, delay: float, callback: Callback) -> None:

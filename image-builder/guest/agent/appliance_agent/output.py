@@ -23,8 +23,10 @@ class OutputSink:
         self._decoders: dict[str, codecs.IncrementalDecoder] = {}  # made on first output: most execs print nothing
         self._pending: list[list[str]] = []
         self.pending_chars = 0
+        self.quiet = True  # nothing was fed: the exec printed nothing
 
     def feed(self, stream: str, data: bytes) -> None:
+        self.quiet = False
         if self._remaining <= 0:
             self.dropped += len(data)
             return

@@ -56,13 +56,17 @@ AGENT_PORT_NAME = AGENT_PORT_PREFIX + "0"
 def agent_port_name(port: int) -> str:
     return f"{AGENT_PORT_PREFIX}{port}"
 
+
 # Default cap on stdout + stderr bytes kept per exec; the rest is dropped and counted.
 DEFAULT_OUTPUT_CAP = 1 << 20
 # Time between the interrupt at timeout and the kill of the worker, when the code ignores KeyboardInterrupt.
 DEFAULT_GRACE_S = 2.0
 TRUNCATION_MARKER = "\n[output truncated: {omitted} bytes omitted]\n"
 
-OPS = frozenset({"ping", "exec", "interrupt", "reseed", "set_clock", "restart_worker"})
+# file_write, file_read and list_dir carry raw payloads: see frames.py.
+OPS = frozenset(
+    {"ping", "exec", "interrupt", "reseed", "set_clock", "restart_worker", "file_write", "file_read", "list_dir"}
+)
 EVENTS = frozenset({"hello", "pong", "stdout", "stderr", "display", "done", "ok", "error"})
 LANGUAGES = frozenset({"python", "bash"})
 
@@ -125,6 +129,11 @@ class LineReader:
         self._buffer = bytearray()
         self._max_line = max_line
 
+    @property
+    def empty(self) -> bool:
+        """No part of a line is held back."""
+        return not self._buffer
+
     def feed(self, chunk: bytes) -> list[bytes]:
         if not self._buffer and chunk.endswith(b"\n"):  # the usual case: whole lines, nothing held back
             lines = chunk[:-1].split(b"\n")
@@ -137,3 +146,15 @@ class LineReader:
         *lines, rest = bytes(self._buffer).split(b"\n")
         self._buffer = bytearray(rest)
         return [line for line in lines if line]
+
+
+_DONE_QUIET = (
+    b'{"id":%d,"ev":"done","value":null,"error":null,"exit_code":null,"truncated_bytes":0,'
+    b'"worker_restarted":false,"worker_exit":null,"duration_s":%s}\n'
+)
+
+
+def encode_quiet_done(request_id: int, duration_s: float) -> bytes:
+    """encode(event(request_id, "done", ...)) for the most common exec (no value, no error, nothing lost),
+    byte for byte, without the JSON encoder: this is on the per-exec path of the guest agent."""
+    return _DONE_QUIET % (request_id, repr(float(duration_s)).encode("ascii"))

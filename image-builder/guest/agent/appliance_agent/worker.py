@@ -21,7 +21,7 @@ import signal
 import sys
 
 from appliance_agent import display as display_module
-from appliance_agent.pipes import DONE_QUIET
+from appliance_agent.pipes import CODE_ERRORS, DONE_QUIET, EXEC_HEADER
 
 # Only for annotations (never evaluated, see the __future__ import): `typing` costs start-up time under TCG.
 TYPE_CHECKING = False
@@ -111,6 +111,12 @@ class Worker:
             line = self._requests.readline()
             if not line:
                 return None
+            if line.startswith(EXEC_HEADER):  # the per-exec path: no JSON (see pipes.py)
+                size = int(line[len(EXEC_HEADER) :])
+                data = self._requests.read(size)
+                if len(data) < size:
+                    return None
+                return {"op": "exec", "code": data.decode("utf-8", CODE_ERRORS)}
             try:
                 request = _decode(line.decode("utf-8", "replace"))
             except ValueError:
@@ -125,13 +131,14 @@ class Worker:
         """One control message, after what the code printed so far (the agent relies on that order)."""
         if self._forked:
             return
-        for stream in self._streams:
-            with contextlib.suppress(Exception):
+        streams = self._streams
+        if sys.stdout is not streams[0] or sys.stderr is not streams[1]:  # the user replaced them
+            streams = (*streams, sys.stdout, sys.stderr)
+        for stream in streams:
+            try:  # noqa: SIM105 - contextlib.suppress costs an object per flush on the per-exec path
                 stream.flush()
-        if sys.stdout not in self._streams or sys.stderr not in self._streams:  # the user replaced them
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
+            except Exception:
+                pass
         with self._control_lock:
             view = memoryview(data)
             while view:
@@ -173,6 +180,10 @@ class Worker:
     @staticmethod
     def _compile(code: str, filename: str) -> tuple[Any, Any]:
         """(code for all statements but a trailing expression, code for that expression or None)."""
+        if _surely_no_value(code):  # most cells: one compile() from source, no syntax tree in Python objects
+            compiled = compile(code, filename, "exec", _COMPILE_FLAGS)
+            if not _ends_with_expression(compiled.co_code):
+                return compiled, None
         tree = compile(code, filename, "exec", ast.PyCF_ONLY_AST)  # ast.parse, minus a wrapper's cost
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -236,6 +247,60 @@ class Worker:
                 numpy.random.seed([int.from_bytes(digest[i : i + 4], "little") for i in range(0, 32, 4)])
             except Exception as exc:
                 print(f"[could not reseed numpy: {exc}]", file=sys.stderr)
+
+
+def _surely_no_value(code: str) -> bool:
+    """Whether the cell's last statement is certainly not an expression whose value is wanted, judged from
+    its last line alone: an assignment or an import, starting at column 0.
+
+    Only a constant expression statement compiles to no code at all, so after this check the bytecode tells
+    the rest (see _ends_with_expression): a last line like `f(\na=1)` belongs to an expression statement that
+    ends in POP_TOP. Triple quotes, a backslash-newline, a `;` or a carriage return on the last line could
+    hide a constant expression statement: those cells take the general path, as do all others.
+    """
+    if '"""' in code or "'''" in code or "\\\n" in code:
+        return False
+    last = code.rstrip()
+    last = last[last.rfind("\n") + 1 :]
+    if not last[:1].isidentifier() or ";" in last or "\r" in last:
+        return False
+    head, equals, rest = last.partition("=")
+    if not equals:
+        return last.startswith(("import ", "from "))
+    if rest[:1] == "=":
+        return False
+    for operator in _AUGMENTED:
+        if head.endswith(operator):
+            head = head[: -len(operator)]
+            break
+    return all(char.isalnum() or char in _TARGET_CHARS for char in head)
+
+
+_AUGMENTED = ("//", "**", ">>", "<<", "+", "-", "*", "/", "%", "&", "|", "^", "@")
+_TARGET_CHARS = frozenset("_. ,[]\t")
+
+
+def _return_size() -> int:
+    """Bytes of the implicit `return None` that ends module bytecode, where the instruction before it is the
+    POP_TOP of a trailing expression statement; 0 (the fast path off) if this interpreter does not fit."""
+    try:
+        expression = compile("x", "", "exec").co_code
+        size = len(compile("pass", "", "exec").co_code) - 2  # minus RESUME
+        assignment = compile("x = 1", "", "exec").co_code
+    except Exception:
+        return 0
+    if size < 2 or expression[-size - 2] != _POP_TOP or assignment[-size - 2] == _POP_TOP:
+        return 0
+    return size
+
+
+def _ends_with_expression(bytecode: bytes) -> bool:
+    """Whether module bytecode ends with an expression statement's POP_TOP (or the check is off)."""
+    return not _RETURN_SIZE or len(bytecode) < _RETURN_SIZE + 2 or bytecode[-_RETURN_SIZE - 2] == _POP_TOP
+
+
+_POP_TOP = 1  # opcode.opmap["POP_TOP"] in CPython 3.11 and 3.12, confirmed by _return_size()
+_RETURN_SIZE = _return_size()
 
 
 def _ends_with_semicolon(code: str, node: ast.expr | ast.stmt) -> bool:
