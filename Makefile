@@ -7,9 +7,11 @@ PY := $(VENV)/bin/python
 APPLIANCE := $(VENV)/bin/appliance
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # Host packages: QEMU to run sandboxes; the rest to build the guest image.
-APT_PACKAGES := python3 python3-venv qemu-system-x86 qemu-utils mmdebstrap e2fsprogs ca-certificates
+# systemd-container and openssh-client: the throw-away test hosts of the provisioning suite.
+APT_PACKAGES := python3 python3-venv qemu-system-x86 qemu-utils mmdebstrap e2fsprogs ca-certificates \
+	systemd-container openssh-client
 
-.PHONY: demo test setup host-packages guest-image lint unit integration bench clean
+.PHONY: demo test setup host-packages guest-image lint unit integration provisioning bench clean
 
 demo: setup guest-image
 	$(APPLIANCE) doctor
@@ -39,12 +41,16 @@ guest-image: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ansible-lint -q
 
 unit: setup
-	$(VENV)/bin/pytest -q -m 'not integration'
+	$(VENV)/bin/pytest -q -m 'not integration and not provisioning'
 
 integration: setup guest-image
 	$(VENV)/bin/pytest -q -m integration
+
+provisioning: setup guest-image
+	$(VENV)/bin/pytest -q -m provisioning tests/provisioning
 
 bench: setup guest-image
 	$(PY) bench/engine_bench.py

@@ -101,8 +101,10 @@ def test_apt_sources_add_updates_and_security_for_a_debian_mirror() -> None:
 
 def test_apt_sources_guess_no_security_archive_for_another_layout() -> None:
     lines = apt_sources("http://mirror.example/debian-local", "bookworm")
-    assert lines == ["deb http://mirror.example/debian-local bookworm main",
-                     "deb http://mirror.example/debian-local bookworm-updates main"]
+    assert lines == [
+        "deb http://mirror.example/debian-local bookworm main",
+        "deb http://mirror.example/debian-local bookworm-updates main",
+    ]
 
 
 def test_apt_options_confine_apt_to_its_state_dir(tmp_path: Path) -> None:
@@ -159,8 +161,9 @@ def fake_module(modinfo: dict[str, str] | list[tuple[str, str]]) -> bytes:
 
 
 def test_parse_modinfo_reads_key_values() -> None:
-    info = parse_modinfo(fake_module([("name", "virtio_blk"), ("depends", "virtio,virtio_ring"),
-                                      ("alias", "a"), ("alias", "b")]))
+    info = parse_modinfo(
+        fake_module([("name", "virtio_blk"), ("depends", "virtio,virtio_ring"), ("alias", "a"), ("alias", "b")])
+    )
     assert info["name"] == ["virtio_blk"]
     assert info["depends"] == ["virtio,virtio_ring"]
     assert info["alias"] == ["a", "b"]
@@ -249,12 +252,14 @@ def read_newc(archive: bytes) -> list[dict[str, object]]:
 
 
 def test_newc_archive_round_trips_and_adds_parents_first() -> None:
-    archive = newc_archive([
-        regular("lib/modules/6.1/virtio.ko", b"\x7fELF..."),
-        symlink("bin/sh", "busybox"),
-        char_device("dev/console", 5, 1),
-        regular("init", b"#!/bin/sh\n", 0o755),
-    ])
+    archive = newc_archive(
+        [
+            regular("lib/modules/6.1/virtio.ko", b"\x7fELF..."),
+            symlink("bin/sh", "busybox"),
+            char_device("dev/console", 5, 1),
+            regular("init", b"#!/bin/sh\n", 0o755),
+        ]
+    )
     entries = read_newc(archive)
     names = [e["name"] for e in entries]
     for directory in ("bin", "dev", "lib", "lib/modules", "lib/modules/6.1"):
@@ -313,8 +318,16 @@ def test_wheel_target_args_pin_interpreter_and_platforms() -> None:
 
 
 def test_pip_env_ignores_config_and_selection_settings_but_keeps_index_access() -> None:
-    env = pip_env({"PATH": "/bin", "PIP_CONSTRAINT": "/etc/c.txt", "PIP_FIND_LINKS": "/opt/wheels",
-                   "PIP_INDEX_URL": "https://mirror/simple", "PIP_CERT": "/ca.pem", "PIP_NO_DEPS": "1"})
+    env = pip_env(
+        {
+            "PATH": "/bin",
+            "PIP_CONSTRAINT": "/etc/c.txt",
+            "PIP_FIND_LINKS": "/opt/wheels",
+            "PIP_INDEX_URL": "https://mirror/simple",
+            "PIP_CERT": "/ca.pem",
+            "PIP_NO_DEPS": "1",
+        }
+    )
     assert env["PIP_CONFIG_FILE"] == os.devnull
     assert "PIP_CONSTRAINT" not in env and "PIP_FIND_LINKS" not in env and "PIP_NO_DEPS" not in env
     assert env["PIP_INDEX_URL"] == "https://mirror/simple" and env["PIP_CERT"] == "/ca.pem"
@@ -333,9 +346,13 @@ def test_check_pins_reports_wrong_and_missing_versions_with_normalised_names() -
 
 def test_parse_metadata_and_top_level_packages() -> None:
     assert parse_metadata("Metadata-Version: 2.1\nName: scikit-learn\nVersion: 1.9.1\n\nlong text") == (
-        "scikit-learn", "1.9.1")
-    record = ("sklearn/__init__.py,sha256=x,1\nsklearn/base.py,,\nscikit_learn-1.9.1.dist-info/RECORD,,\n"
-              "pylab.py,,\nmpl_toolkits/axes_grid1/__init__.py,,\nscikit_learn.libs/libgomp.so,,\n")
+        "scikit-learn",
+        "1.9.1",
+    )
+    record = (
+        "sklearn/__init__.py,sha256=x,1\nsklearn/base.py,,\nscikit_learn-1.9.1.dist-info/RECORD,,\n"
+        "pylab.py,,\nmpl_toolkits/axes_grid1/__init__.py,,\nscikit_learn.libs/libgomp.so,,\n"
+    )
     assert top_level_packages(record) == ["sklearn"]
 
 
@@ -367,11 +384,30 @@ def test_dependency_closure() -> None:
 
 def test_packages_to_purge_with_the_recipe_keeps_runtime_libraries() -> None:
     patterns = read_list(RECIPE_DIR / "guest" / "trim-packages.txt")
-    installed = ["gcc-12", "gcc-12-base", "cpp-12", "libc6-dev", "perl", "perl-base", "libperl5.36", "python3",
-                 "libgcc-s1", "perl-modules-5.36", "usrmerge", "libfile-find-rule-perl"]
+    installed = [
+        "gcc-12",
+        "gcc-12-base",
+        "cpp-12",
+        "libc6-dev",
+        "perl",
+        "perl-base",
+        "libperl5.36",
+        "python3",
+        "libgcc-s1",
+        "perl-modules-5.36",
+        "usrmerge",
+        "libfile-find-rule-perl",
+    ]
     assert packages_to_purge(installed, patterns, keep=set()) == [
-        "cpp-12", "gcc-12", "libc6-dev", "libfile-find-rule-perl", "libperl5.36", "perl", "perl-modules-5.36",
-        "usrmerge"]
+        "cpp-12",
+        "gcc-12",
+        "libc6-dev",
+        "libfile-find-rule-perl",
+        "libperl5.36",
+        "perl",
+        "perl-modules-5.36",
+        "usrmerge",
+    ]
 
 
 def test_packages_the_spec_asks_for_and_their_dependencies_are_not_purged() -> None:
@@ -382,8 +418,13 @@ def test_packages_the_spec_asks_for_and_their_dependencies_are_not_purged() -> N
 
 
 def test_mmdebstrap_args() -> None:
-    args = mmdebstrap_args("bookworm", ["deb http://m/debian bookworm main"], ["python3", "iproute2"],
-                           ["path-exclude=/usr/share/doc/*"], Path("/tmp/out.tar"))
+    args = mmdebstrap_args(
+        "bookworm",
+        ["deb http://m/debian bookworm main"],
+        ["python3", "iproute2"],
+        ["path-exclude=/usr/share/doc/*"],
+        Path("/tmp/out.tar"),
+    )
     assert args[0] == "mmdebstrap" and "--variant=minbase" in args and "--format=tar" in args
     assert "--include=python3,iproute2" in args and "--dpkgopt=path-exclude=/usr/share/doc/*" in args
     assert args[-3:] == ["bookworm", "/tmp/out.tar", "deb http://m/debian bookworm main"]
@@ -443,15 +484,14 @@ def test_existing_image_is_returned_without_building(spec: ApplianceSpec, monkey
     assert build_guest_image(spec) == built
 
 
-def test_image_from_an_older_recipe_or_agent_is_rebuilt(
-    spec: ApplianceSpec, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_image_from_an_older_recipe_or_agent_is_rebuilt(spec: ApplianceSpec, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(guest_module, "_build_into", fake_build)
     built = build_guest_image(spec)
     monkeypatch.setattr(guest_module, "recipe_hash", lambda: "a-newer-agent")
     rebuilt: list[Path] = []
-    monkeypatch.setattr(guest_module, "_build_into", lambda spec, work, *_: rebuilt.append(work) or fake_build(
-        spec, work, *_))
+    monkeypatch.setattr(
+        guest_module, "_build_into", lambda spec, work, *_: rebuilt.append(work) or fake_build(spec, work, *_)
+    )
     assert build_guest_image(spec) == built
     assert len(rebuilt) == 1
 
@@ -505,8 +545,12 @@ def test_build_manifest_records_versions_digests_and_cmdline() -> None:
         spec_hash="ab" * 32,
         guest={"suite": "bookworm"},
         recipe="cd" * 32,
-        kernel={"package": "linux-image-6.1.0-56-cloud-amd64", "version": "6.1.192-2",
-                "release": "6.1.0-56-cloud-amd64", "modules": ["virtio"]},
+        kernel={
+            "package": "linux-image-6.1.0-56-cloud-amd64",
+            "version": "6.1.192-2",
+            "release": "6.1.0-56-cloud-amd64",
+            "modules": ["virtio"],
+        },
         busybox_version="1:1.35.0-4",
         debian_packages={"python3": "3.11.2-1+b1", "libc6": "2.36-9"},
         purged_packages=["perl"],

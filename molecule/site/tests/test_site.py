@@ -1,0 +1,107 @@
+"""The whole node, end to end, from the control machine: create a sandbox over the network, run code in it, get the
+right answer back; the firewall lets exactly that through; and a sandbox created before an upgrade (side_effect runs
+upgrade.yml with a new release) still has its state after it. Sandboxes run under TCG here (no usable KVM)."""
+
+import json
+import os
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+testinfra_hosts = ["all"]
+
+KEY = "molecule-test-key-0123456789"
+
+
+def _call(address: str, method: str, path: str, body: dict | None = None, timeout: float = 180) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://{address}:8080{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode())
+    request.add_header("Authorization", f"Bearer {KEY}")
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def address(host):
+    return host.ansible.get_variables()["ansible_host"]
+
+
+@pytest.fixture(scope="module")
+def bootable_image():
+    manifest = json.loads((Path(os.environ["APPLIANCE_TEST_BUNDLE_DIR"]) / "manifest.json").read_text())
+    image = Path(os.environ["APPLIANCE_TEST_BUNDLE_DIR"]) / "images" / manifest["image_id"] / "manifest.json"
+    if json.loads(image.read_text()).get("stand_in"):
+        pytest.skip("the test bundle holds a stand-in guest image (run `appliance build guest` first)")
+
+
+def test_every_part_is_running(host):
+    for unit in ("appliance-api.service", "nftables.service", "run-appliance.mount"):
+        assert host.service(unit).is_enabled, unit
+        assert host.run(f"systemctl is-active {unit}").stdout.strip() == "active", unit
+    assert host.file("/var/lib/appliance/images/current").is_symlink
+    assert host.check_output("ip route show default") == ""
+
+
+def _wait_ready(address: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, _ = _call(address, "GET", "/v1/readyz", timeout=10)
+        if status == 200:
+            return
+        time.sleep(2)
+    pytest.fail(f"/v1/readyz did not answer 200 within {timeout_s:.0f}s")
+
+
+@pytest.mark.usefixtures("bootable_image")
+def test_create_a_sandbox_and_run_code_over_the_network(address):
+    _wait_ready(address)
+    status, sandbox = _call(address, "POST", "/v1/sandboxes", {})
+    assert status == 201, sandbox
+    try:
+        status, result = _call(address, "POST", f"/v1/sandboxes/{sandbox['id']}/exec",
+                               {"code": "import sys\nprint(6 * 7)\nsys.version_info[:2]"})
+        assert status == 200, result
+        assert result["stdout"] == "42\n"
+        assert result["error"] is None
+        assert result["text"] == "(3, 11)"
+    finally:
+        _call(address, "DELETE", f"/v1/sandboxes/{sandbox['id']}")
+
+
+def test_api_is_open_to_the_control_machine_and_other_ports_are_not(host, address):
+    with urllib.request.urlopen(f"http://{address}:8080/v1/healthz", timeout=10) as response:
+        assert response.status == 200
+    host.check_output("systemd-run --unit=probe-9999 --collect python3 -m http.server --bind 0.0.0.0 9999")
+    try:
+        deadline = time.monotonic() + 10
+        while "0.0.0.0:9999" not in host.check_output("ss -Htln") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert host.run("python3 -c \"import socket; socket.create_connection(('127.0.0.1', 9999), 2)\"").rc == 0
+        with pytest.raises(OSError):
+            socket.create_connection((address, 9999), timeout=2).close()
+    finally:
+        host.run("systemctl stop probe-9999")
+
+
+@pytest.mark.usefixtures("bootable_image")
+def test_a_sandbox_keeps_its_state_through_the_upgrade(host, address):
+    sandbox_id = (Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "upgrade-sandbox-id").read_text().strip()
+    status, result = _call(address, "POST", f"/v1/sandboxes/{sandbox_id}/exec", {"code": "x + 1"})
+    assert status == 200, result
+    assert result["text"] == "42"
+    _call(address, "DELETE", f"/v1/sandboxes/{sandbox_id}")
+
+
+def test_the_upgrade_switched_releases_and_kept_the_previous_one(host):
+    current = host.file("/opt/appliance/venv").linked_to
+    previous = host.file("/opt/appliance/previous")
+    assert previous.is_symlink and host.file(previous.linked_to + "/venv/bin/appliance").is_file
+    assert not current.startswith(previous.linked_to + "/")
+    assert len(host.check_output("ls /opt/appliance/releases").split()) == 2
