@@ -7,9 +7,9 @@ PY := $(VENV)/bin/python
 APPLIANCE := $(VENV)/bin/appliance
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # Host packages: QEMU to run sandboxes; the rest to build the guest image.
-# systemd-container and openssh-client: the throw-away test hosts of the provisioning suite.
+# systemd-container, openssh-client: the provisioning suite's test hosts; bubblewrap: the jail around each QEMU.
 APT_PACKAGES := python3 python3-venv qemu-system-x86 qemu-utils mmdebstrap e2fsprogs ca-certificates \
-	systemd-container openssh-client
+	systemd-container openssh-client bubblewrap
 
 .PHONY: demo test setup host-packages guest-image lint unit integration provisioning bench clean
 

@@ -113,6 +113,29 @@ class ServiceSpec(_Section):
     compress_snapshots: bool = Field(False, description="zstd-compress frozen sandboxes (smaller, slower)")
 
 
+class IsolationSpec(_Section):
+    """The jail around each sandbox's QEMU process (see docs/security.md)."""
+
+    jail: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="run each QEMU as vm_user with no capabilities, QEMU's seccomp sandbox, its own mount/pid/net "
+        "namespaces (bubblewrap) and a cgroup with CPU/memory/pids limits; needs root, bwrap and setpriv. "
+        "auto: on where possible, else off with a loud warning; on: refuse to run VMs unjailed",
+    )
+    vm_user: str = Field("appliance-vm", description="unprivileged system user QEMU runs as (created if missing)")
+    memory_overhead_mib: int = Field(
+        512, ge=64, le=65536, description="cgroup memory limit = guest memory + this (QEMU and its TCG code cache)"
+    )
+    cpu_overhead: float = Field(
+        0.5, ge=0, le=16, description="cgroup CPU limit = one CPU per vCPU + this, for QEMU's own threads"
+    )
+    pids_max: int = Field(256, ge=16, le=65536, description="cgroup pids limit: threads one QEMU may have")
+    cgroup_name: str = Field(
+        "appliance-vms", pattern=r"^[A-Za-z0-9._-]+$",
+        description="cgroup below the service's own cgroup that holds one cgroup per VM",
+    )
+
+
 class PathsSpec(_Section):
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="downloads and build stages")
     images_dir: Path | None = Field(None, description="built guest images (default: <cache_dir>/images)")
@@ -135,6 +158,7 @@ class ApplianceSpec(BaseSettings):
     guest: GuestSpec = Field(default_factory=GuestSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     service: ServiceSpec = Field(default_factory=ServiceSpec)
+    isolation: IsolationSpec = Field(default_factory=IsolationSpec)
     paths: PathsSpec = Field(default_factory=PathsSpec)
 
     @classmethod

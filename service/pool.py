@@ -58,6 +58,7 @@ class PoolKeeper:
             self.engine.config.limits,
             self.engine.config.boot_timeout_s,
             warm_code=self.config.warm_code,
+            jail=self.engine.jail,
         )
         self.templates.publish(template)
         log.info("template %s warm in %.1fs", template.template_id, time.monotonic() - started)
@@ -73,7 +74,8 @@ class PoolKeeper:
             sandbox_id = new_sandbox_id()
             try:
                 sandbox = template.clone(
-                    self.config.sandboxes_dir, self.engine.config.limits, vm_id=sandbox_id, detach=True
+                    self.config.sandboxes_dir, self.engine.config.limits, vm_id=sandbox_id, detach=True,
+                    jail=self.engine.jail,
                 )
             except BootFailed as exc:
                 log.error("could not clone the template: %s", exc)

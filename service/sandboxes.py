@@ -103,7 +103,8 @@ class SandboxManager:
                     self._destroy(record)
             sandbox_id = new_sandbox_id()
             sandbox = template.clone(
-                self.config.sandboxes_dir, self.engine.config.limits, vm_id=sandbox_id, detach=True
+                self.config.sandboxes_dir, self.engine.config.limits, vm_id=sandbox_id, detach=True,
+                jail=self.engine.jail,
             )
             machine, template_id = template.machine, template.template_id
         elif template is None and wants_default_size:
@@ -113,7 +114,7 @@ class SandboxManager:
             machine = self.engine.machine(vcpus=vcpus, memory_mib=memory_mib, agent_ports=self.config.agent_ports)
             sandbox = Sandbox.boot(
                 machine, self.config.sandboxes_dir, self.engine.config.limits, self.engine.config.boot_timeout_s,
-                detach=True, vm_id=sandbox_id,
+                detach=True, vm_id=sandbox_id, jail=self.engine.jail,
             )
             template_id = None
         record = SandboxRecord(
@@ -275,7 +276,8 @@ class SandboxManager:
             try:
                 frozen = snapshot.Snapshot.load(directory)
                 sandbox = snapshot.resume(frozen, self.config.sandboxes_dir, self.engine.config.limits,
-                                          self.engine.image.image_id, vm_id=_fresh_vm_id(sandbox_id), detach=True)
+                                          self.engine.image.image_id, vm_id=_fresh_vm_id(sandbox_id), detach=True,
+                                          jail=self.engine.jail)
             except snapshot.SnapshotMismatch as exc:
                 raise Invalid(f"sandbox {sandbox_id} cannot be resumed on this host: {exc}") from None
             except (EngineError, OSError) as exc:
@@ -297,7 +299,8 @@ class SandboxManager:
         ids = [new_sandbox_id() for _ in range(n)]
         try:
             template, clones = snapshot.fork(sandbox, n, self.config.templates_dir, self.config.sandboxes_dir,
-                                             self.engine.config.limits, detach=True, vm_ids=ids)
+                                             self.engine.config.limits, detach=True, vm_ids=ids,
+                                             jail=self.engine.jail)
         except SandboxBusy as exc:
             raise Busy(str(exc)) from None
         except (EngineError, OSError) as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 from . import accel
 from .errors import BootFailed
 from .image import GuestImage
+from .jail import Jail, JailPolicy, jail_unavailable, warn_once
 from .machine import MachineConfig
 from .sandbox import ExecLimits, Sandbox
 
@@ -25,6 +26,7 @@ class EngineConfig:
     boot_timeout_s: float = 60.0
     kvm_probe_timeout_s: float = 10.0
     limits: ExecLimits = field(default_factory=ExecLimits)
+    isolation: JailPolicy | None = None  # None: QEMU runs as the service's user, unjailed
 
     @classmethod
     def from_spec(cls, spec, image_dir: Path) -> EngineConfig:  # spec: appliance.spec.ApplianceSpec
@@ -41,7 +43,25 @@ class EngineConfig:
                 grace_s=spec.engine.interrupt_grace_s,
                 output_cap=spec.engine.output_cap_bytes,
             ),
+            isolation=_isolation_from_spec(spec.isolation),
         )
+
+
+def _isolation_from_spec(section) -> JailPolicy | None:  # section: appliance.spec.IsolationSpec
+    if section.jail == "off":
+        return None
+    if section.jail == "auto":
+        why = jail_unavailable()
+        if why is not None:
+            warn_once("jail", f"sandbox VMs run unjailed: {why} (isolation.jail = 'auto')")
+            return None
+    return JailPolicy(
+        user=section.vm_user,
+        memory_overhead_mib=section.memory_overhead_mib,
+        cpu_overhead=section.cpu_overhead,
+        pids_max=section.pids_max,
+        cgroup_name=section.cgroup_name,
+    )
 
 
 class Engine:
@@ -49,6 +69,17 @@ class Engine:
         self.config = config
         self.image = GuestImage.load(config.image_dir)
         self._accelerator: accel.AcceleratorChoice | None = None
+        self._jail: Jail | None = None
+
+    @property
+    def jail(self) -> Jail | None:
+        """The VMM jail every VM of this engine runs in (None when isolation is off). Made once: it may create
+        the VM user and reads the cgroup layout."""
+        if self._jail is None and self.config.isolation is not None:
+            self._jail = Jail(self.config.isolation)
+            log.info("VMs run jailed as %s (uid %d), cgroup v%d", self.config.isolation.user,
+                     self._jail.identity.uid, self._jail.layout.version)
+        return self._jail
 
     @property
     def accelerator(self) -> accel.AcceleratorChoice:
@@ -86,6 +117,7 @@ class Engine:
             self.config.limits,
             self.config.boot_timeout_s,
             die_with_parent=die_with_parent,
+            jail=self.jail,
         )
 
     def _probe_kvm_boot(self) -> str | None:
@@ -96,6 +128,7 @@ class Engine:
                 self.config.limits,
                 self.config.kvm_probe_timeout_s,
                 die_with_parent=True,
+                jail=self.jail,
             )
         except (BootFailed, OSError) as exc:
             return f"a probe guest did not boot under KVM: {str(exc)[:200]}"

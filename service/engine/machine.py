@@ -11,6 +11,9 @@ from appliance_agent.protocol import agent_port_name
 QEMU_BINARY = "qemu-system-x86_64"
 # Debian's kernels are built with HZ=250; lpj must match the TSC rate we announce, or udelay() is wrong.
 GUEST_KERNEL_HZ = 250
+# QEMU's own seccomp filter (jailed VMs): no obsolete syscalls, no set*uid/capset, no fork/exec, no scheduler or
+# affinity changes. spawn=deny is why migrations use descriptors the host opens (fd:), never exec: (template.py).
+SECCOMP_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class RuntimePaths:
     # Detach from the starting process (QEMU forks once its sockets exist and writes a pidfile): the VM then
     # outlives API workers, and init reaps it.
     daemonize: bool = False
+    seccomp: bool = False  # QEMU's -sandbox (a jailed VM: see jail.py)
     extra_args: tuple[str, ...] = field(default=())
 
     def agent_socket(self, port: int = 0) -> Path:
@@ -122,6 +126,8 @@ def build_qemu_command(config: MachineConfig, paths: RuntimePaths) -> list[str]:
         argv += ["-incoming", paths.incoming]
     if paths.daemonize:
         argv += ["-daemonize", "-pidfile", str(paths.pidfile)]
+    if paths.seccomp:
+        argv += ["-sandbox", SECCOMP_OPTION]
     argv += list(paths.extra_args)
     return argv
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from .channel import AgentChannel
 from .errors import AgentTimeout, BootFailed, SandboxBusy, SandboxClosed, SandboxLost
+from .jail import Jail
 from .machine import MachineConfig
 from .vm import VirtualMachine
 
@@ -89,18 +90,24 @@ class Sandbox:
         die_with_parent: bool = False,
         detach: bool = False,
         vm_id: str | None = None,
+        jail: Jail | None = None,
     ) -> Sandbox:
         """Start a VM and wait until its agent answers. On any failure (or Ctrl-C) the VM is gone again."""
         started = time.monotonic()
         deadline = started + boot_timeout_s
-        vm = VirtualMachine.start(config, run_dir, die_with_parent=die_with_parent, detach=detach, vm_id=vm_id)
+        vm = VirtualMachine.start(config, run_dir, die_with_parent=die_with_parent, detach=detach, vm_id=vm_id,
+                                  jail=jail)
         channel: AgentChannel | None = None
         try:
             channel = AgentChannel.connect(vm.paths.agent_socket(0), deadline)
             channel.wait_ready(deadline)
         except (AgentTimeout, SandboxLost) as exc:
-            report = vm.failure_report()
             code = vm.exited()
+            settle = time.monotonic() + 1.0  # a broken connection often means QEMU is exiting right now
+            while code is None and isinstance(exc, SandboxLost) and time.monotonic() < settle:
+                time.sleep(0.01)
+                code = vm.exited()
+            report = vm.failure_report()
             if channel is not None:
                 channel.close()
             vm.stop()

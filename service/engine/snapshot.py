@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -26,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EngineError
+from .jail import Jail
 from .machine import MachineConfig, machine_from_json, machine_to_json
 from .sandbox import ExecLimits, Sandbox
 from .template import STATE_FILE as TEMPLATE_STATE
-from .template import Template, restore, save_device_state, wait_migration
+from .template import Template, pass_fd, restore, save_device_state, wait_migration
 from .vm import VirtualMachine
 
 SNAPSHOT_FORMAT = 1
@@ -132,12 +134,12 @@ def freeze(sandbox: Sandbox, directory: Path, image_id: str, compress: bool = Fa
 
 
 def resume(snapshot: Snapshot, run_dir: Path, limits: ExecLimits, image_id: str, timeout_s: float = 60.0,
-           vm_id: str | None = None, detach: bool = False) -> Sandbox:
+           vm_id: str | None = None, detach: bool = False, jail: Jail | None = None) -> Sandbox:
     """A running sandbox from a snapshot, reseeded and with the clock set. The snapshot stays until deleted."""
     snapshot.check_restorable(image_id)
-    reader = f"zstd -dc {snapshot.directory / STATE}" if snapshot.meta.get("compressed") else None
+    reader = ["zstd", "-dc", str(snapshot.directory / STATE)] if snapshot.meta.get("compressed") else None
     return restore(snapshot.machine, snapshot.directory / STATE, run_dir, limits, timeout_s, vm_id=vm_id,
-                   detach=detach, reader=reader, ignore_shared=False)
+                   detach=detach, reader=reader, ignore_shared=False, jail=jail)
 
 
 def fork(
@@ -149,6 +151,7 @@ def fork(
     timeout_s: float = 60.0,
     detach: bool = False,
     vm_ids: list[str] | None = None,
+    jail: Jail | None = None,
 ) -> tuple[Template, list[Sandbox]]:
     """n running copies of `sandbox`, which keeps running. Returns the new template (the clones map its RAM
     file; remove it when the last clone is gone) and the clones. On failure nothing new is left behind."""
@@ -165,10 +168,10 @@ def fork(
             finally:
                 with contextlib.suppress(Exception):
                     sandbox.vm.qmp().cmd("cont")
-        template = _materialize(sandbox.vm.config, stream, templates_dir, run_dir, timeout_s)
+        template = _materialize(sandbox.vm.config, stream, templates_dir, run_dir, timeout_s, jail)
         ids = vm_ids or [None] * n
         with ThreadPoolExecutor(max_workers=min(n, 4)) as pool:
-            futures = [pool.submit(template.clone, run_dir, limits, timeout_s, ids[i], detach) for i in range(n)]
+            futures = [pool.submit(template.clone, run_dir, limits, timeout_s, ids[i], detach, jail) for i in range(n)]
             errors = []
             for future in futures:
                 try:
@@ -189,18 +192,23 @@ def fork(
 
 
 def _materialize(source: MachineConfig, stream: Path, templates_dir: Path, run_dir: Path,
-                 timeout_s: float) -> Template:
+                 timeout_s: float, jail: Jail | None = None) -> Template:
     """Load a full state stream into a new shared RAM file and save the device state beside it."""
     directory = templates_dir / f"tpl-{secrets.token_hex(6)}"
     directory.mkdir()
     shared = replace(source, memory_file=directory / "memory", memory_shared=True)
-    vm = VirtualMachine.start(shared, run_dir, incoming="defer")
+    vm = VirtualMachine.start(shared, run_dir, incoming="defer", jail=jail)
     try:
         try:
             qmp = vm.qmp()
         except TimeoutError:
             raise SnapshotError(f"the fork's materializer VM did not start: {vm.failure_report()}") from None
-        qmp.cmd("migrate-incoming", uri=f"exec:cat {stream}")
+        fd = os.open(stream, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            uri = pass_fd(qmp, fd, "state-in")
+        finally:
+            os.close(fd)
+        qmp.cmd("migrate-incoming", uri=uri)
         deadline = time.monotonic() + timeout_s
         while qmp.cmd("query-status")["status"] in {"inmigrate", "prelaunch"}:
             if time.monotonic() > deadline or vm.exited() is not None:
@@ -223,6 +231,32 @@ def _stream_full_state(vm: VirtualMachine, target: Path, compress: bool) -> None
     qmp.cmd("stop")
     qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}])
     qmp.cmd("migrate-set-parameters", **{"max-bandwidth": _BANDWIDTH})
-    writer = f"zstd -1 -q -T2 > {target}" if compress else f"cat > {target}"
-    qmp.cmd("migrate", uri=f"exec:{writer}")
-    wait_migration(qmp, "completed", deadline=time.monotonic() + 300)
+    writing: subprocess.Popen[bytes] | None = None
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        if compress:  # QEMU writes into a pipe to zstd, which writes the file
+            writing = subprocess.Popen(["zstd", "-1", "-q", "-T2"], stdin=subprocess.PIPE, stdout=fd)
+            assert writing.stdin is not None
+            uri = pass_fd(qmp, writing.stdin.fileno(), "state-out")
+            writing.stdin.close()
+        else:
+            uri = pass_fd(qmp, fd, "state-out")
+    except BaseException:
+        _end(writing)
+        raise
+    finally:
+        os.close(fd)
+    try:
+        qmp.cmd("migrate", uri=uri)
+        wait_migration(qmp, "completed", deadline=time.monotonic() + 300)
+        if writing is not None and writing.wait(timeout=120) != 0:
+            raise SnapshotError(f"zstd failed writing {target.name} (exit {writing.returncode})")
+    finally:
+        _end(writing)
+
+
+def _end(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None and process.poll() is None:
+        with contextlib.suppress(OSError):
+            process.kill()
+        process.wait()

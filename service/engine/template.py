@@ -8,9 +8,12 @@ file therefore must never change while any clone lives; nothing writes it after 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 
 from .channel import AgentChannel
 from .errors import BootFailed, EngineError
+from .jail import Jail
 from .machine import MachineConfig, machine_from_json, machine_to_json
 from .sandbox import ExecLimits, Sandbox
 from .vm import VirtualMachine
@@ -48,13 +52,14 @@ class Template:
         limits: ExecLimits,
         boot_timeout_s: float,
         warm_code: str = "",
+        jail: Jail | None = None,
     ) -> Template:
         """Boot, run `warm_code` (e.g. imports), save. On failure nothing is left behind."""
         directory = templates_dir / f"tpl-{secrets.token_hex(6)}"
         directory.mkdir(parents=True)
         shared = replace(machine, memory_file=directory / MEMORY_FILE, memory_shared=True)
         try:
-            sandbox = Sandbox.boot(shared, directory, limits, boot_timeout_s)
+            sandbox = Sandbox.boot(shared, directory, limits, boot_timeout_s, jail=jail)
             try:
                 if warm_code:
                     result = sandbox.run_code(warm_code, timeout_s=max(limits.timeout_s, 300.0))
@@ -81,11 +86,12 @@ class Template:
         return cls(directory, machine)
 
     def clone(
-        self, run_dir: Path, limits: ExecLimits, timeout_s: float = 30.0, vm_id: str | None = None, detach: bool = False
+        self, run_dir: Path, limits: ExecLimits, timeout_s: float = 30.0, vm_id: str | None = None,
+        detach: bool = False, jail: Jail | None = None,
     ) -> Sandbox:
         """A running sandbox with the template's state, reseeded and with the clock set."""
         state = self.directory / STATE_FILE
-        return restore(self.machine, state, run_dir, limits, timeout_s, vm_id=vm_id, detach=detach)
+        return restore(self.machine, state, run_dir, limits, timeout_s, vm_id=vm_id, detach=detach, jail=jail)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -98,9 +104,22 @@ def save_device_state(vm: VirtualMachine, state_file: Path) -> None:
     qmp.cmd("stop")
     qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
     qmp.cmd("migrate-set-parameters", **{"max-bandwidth": _MIGRATE_BANDWIDTH})
-    qmp.cmd("migrate", uri=f"exec:cat > {tmp}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        uri = pass_fd(qmp, fd, "state-out")
+    finally:
+        os.close(fd)
+    qmp.cmd("migrate", uri=uri)
     wait_migration(qmp, "completed", deadline=time.monotonic() + 60)
     tmp.replace(state_file)
+
+
+def pass_fd(qmp: Any, fd: int, name: str) -> str:
+    """Hand QEMU a descriptor we opened (SCM_RIGHTS over QMP) and return the migration URI naming it. Migrations
+    go through descriptors, not `exec:`: a jailed QEMU may not spawn processes, nor open our files."""
+    qmp.send_fd_scm(fd)
+    qmp.cmd("getfd", fdname=name)
+    return f"fd:{name}"
 
 
 def restore(
@@ -111,22 +130,37 @@ def restore(
     timeout_s: float,
     vm_id: str | None = None,
     detach: bool = False,
-    reader: str | None = None,
+    reader: list[str] | None = None,
     ignore_shared: bool = True,
+    jail: Jail | None = None,
 ) -> Sandbox:
     """Start a VM from saved state, resume it, reseed it, set its clock.
 
     With `ignore_shared` the state holds only devices and the RAM comes from `machine.memory_file` (a template);
-    without, the state is a full stream. `reader` is a shell command printing the state (e.g. decompressing)."""
+    without, the state is a full stream. `reader` is a command (argv) printing the state, e.g. decompressing."""
     deadline = time.monotonic() + timeout_s
-    vm = VirtualMachine.start(machine, run_dir, incoming="defer", vm_id=vm_id, detach=detach)
+    vm = VirtualMachine.start(machine, run_dir, incoming="defer", vm_id=vm_id, detach=detach, jail=jail)
     channel: AgentChannel | None = None
+    reading: subprocess.Popen[bytes] | None = None
     try:
         qmp = vm.qmp()
         if ignore_shared:
             qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-        qmp.cmd("migrate-incoming", uri=f"exec:{reader or f'cat {state_file}'}")
+        if reader is not None:
+            reading = subprocess.Popen(reader, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+            assert reading.stdout is not None
+            uri = pass_fd(qmp, reading.stdout.fileno(), "state-in")
+            reading.stdout.close()
+        else:
+            fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                uri = pass_fd(qmp, fd, "state-in")
+            finally:
+                os.close(fd)
+        qmp.cmd("migrate-incoming", uri=uri)
         _wait_incoming(qmp, deadline)
+        if reading is not None and reading.wait(timeout=max(1.0, deadline - time.monotonic())) != 0:
+            raise TemplateError(f"{reader[0]} failed reading {state_file.name} (exit {reading.returncode})")
         qmp.cmd("cont")
         channel = AgentChannel.connect(vm.paths.agent_socket(0), deadline)
         channel.wait_ready(deadline)
@@ -136,6 +170,10 @@ def restore(
         report = vm.failure_report()
         if channel is not None:
             channel.close()
+        if reading is not None:
+            with contextlib.suppress(OSError):
+                reading.kill()
+            reading.wait()
         vm.stop()
         if isinstance(exc, Exception):
             raise BootFailed(f"restoring a VM from {state_file.name} failed: {exc}; {report}") from None

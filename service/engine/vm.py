@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -14,6 +16,8 @@ from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from . import jail as jails
+from .errors import BootFailed
 from .machine import MachineConfig, RuntimePaths, build_qemu_command
 
 _PR_SET_PDEATHSIG = 1
@@ -57,15 +61,18 @@ class VirtualMachine:
         die_with_parent: bool = False,
         detach: bool = False,
         vm_id: str | None = None,
+        jail: jails.Jail | None = None,
     ) -> VirtualMachine:
         """Spawn QEMU. `die_with_parent` ties the VM to this process (CLI use); `detach` makes it independent of
-        this process (service use): QEMU daemonizes once its sockets exist."""
+        this process (service use): QEMU daemonizes once its sockets exist. With a `jail`, QEMU runs jailed."""
         if die_with_parent and detach:
             raise ValueError("a VM cannot both die with its parent and be detached from it")
         vm_dir = run_dir / f"vm-{vm_id or secrets.token_hex(6)}"
         if len(str(vm_dir / "agent-00.sock")) >= _UNIX_PATH_MAX:
             raise OSError(f"run directory {run_dir} is too deep: socket paths must stay under {_UNIX_PATH_MAX} bytes")
         vm_dir.mkdir(parents=True, exist_ok=False)
+        if jail is not None:
+            return cls._start_jailed(config, vm_dir, incoming, die_with_parent, detach, jail)
         paths = RuntimePaths(vm_dir, incoming=incoming, daemonize=detach)
         argv = build_qemu_command(config, paths)
         log = open(vm_dir / "qemu.log", "wb")  # noqa: SIM115 - handed to the child
@@ -100,6 +107,56 @@ class VirtualMachine:
             vm.stop()
             raise OSError(f"QEMU did not start: {report}")
         return cls(config, vm_dir, pid, None, incoming)
+
+    @classmethod
+    def _start_jailed(
+        cls, config: MachineConfig, vm_dir: Path, incoming: str | None, die_with_parent: bool, detach: bool,
+        jail: jails.Jail,
+    ) -> VirtualMachine:
+        """QEMU inside the jail, in the foreground as PID 1 of its own PID namespace (so no -daemonize: its parent
+        would be the namespace's init). bwrap reports QEMU's host PID on an info pipe; that PID is the pidfile.
+        Detached, the launcher forks off (setsid -f) so init, not this process, is the jail's parent."""
+        paths = RuntimePaths(vm_dir, incoming=incoming, seccomp=True)
+        info_read, info_write = os.pipe()
+        process: subprocess.Popen[bytes] | None = None
+        pid: int | None = None
+        try:
+            procs = jail.prepare(config, vm_dir)
+            argv = jails.jail_argv(build_qemu_command(config, paths), config, vm_dir, jail.identity, jail.policy,
+                                   info_write, procs, die_with_parent=die_with_parent, detach=detach)
+            with open(vm_dir / "qemu.log", "wb") as log:
+                process = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=_die_with_parent if die_with_parent else None, close_fds=True, pass_fds=(info_write,),
+                    umask=0o007,  # sockets and logs group-accessible: service processes in the VM group connect
+                )
+            os.close(info_write)
+            info_write = -1
+            pid = _read_child_pid(info_read, deadline=time.monotonic() + 30)
+            if pid is not None:
+                paths.pidfile.write_text(str(pid))
+                vm = cls(config, vm_dir, pid, None if detach else process, incoming)
+                if _wait_for_sockets(vm, paths, deadline=time.monotonic() + 60):
+                    if detach:
+                        process.wait()  # setsid -f returns at once; the jail lives on under init
+                    return vm
+            report = cls(config, vm_dir, pid or process.pid, process, incoming).failure_report()
+        except OSError as exc:
+            report = f"cannot start the jailed {config.qemu_binary}: {exc}"
+        finally:
+            os.close(info_read)
+            if info_write >= 0:
+                os.close(info_write)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait()
+        jails.remove_vm_cgroups(vm_dir)
+        shutil.rmtree(vm_dir, ignore_errors=True)
+        raise BootFailed(f"QEMU did not start in its jail: {report}")
 
     @property
     def pid(self) -> int:
@@ -154,6 +211,10 @@ class VirtualMachine:
         """Kill QEMU (it holds nothing we need to flush: the root disk is read-only) and remove its files."""
         self.close_monitor()
         if self.process is not None:
+            # Jailed: our child is the launcher; while it lives, QEMU's PID is its child and cannot be reused.
+            if self.process.pid != self._pid and self.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._pid, signal.SIGKILL)
             if self.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.process.pid, signal.SIGKILL)
@@ -164,5 +225,38 @@ class VirtualMachine:
             deadline = time.monotonic() + 5
             while self._is_ours_and_alive() and time.monotonic() < deadline:
                 time.sleep(0.005)
+        jails.remove_vm_cgroups(self.dir)
         if not keep_files:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _read_child_pid(fd: int, deadline: float) -> int | None:
+    """QEMU's host PID from bwrap's --info-fd JSON; None if the launcher failed before reporting it."""
+    data = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+        with contextlib.suppress(ValueError):
+            return int(json.loads(data)["child-pid"])
+    return None
+
+
+def _wait_for_sockets(vm: VirtualMachine, paths: RuntimePaths, deadline: float) -> bool:
+    """What -daemonize gave us for free: return only once QEMU's sockets exist (other processes connect to them)."""
+    wanted = [paths.qmp_socket] + [paths.agent_socket(port) for port in range(vm.config.agent_ports)]
+    while not all(path.exists() for path in wanted):
+        # Liveness by state, not command line: the PID execs twice (bwrap -> setpriv -> QEMU), and its cmdline
+        # reads empty for a moment during each exec.
+        try:
+            state = Path(f"/proc/{vm.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if time.monotonic() > deadline or state == "Z":
+            return False
+        time.sleep(0.002)
+    return True

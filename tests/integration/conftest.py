@@ -57,3 +57,16 @@ def sandbox(engine):
     """One booted sandbox shared by a module's tests (boots are slow under TCG)."""
     with engine.boot() as sb:
         yield sb
+
+
+@pytest.fixture(scope="session")
+def jailed_engine(spec, image_dir, run_root) -> Engine:
+    """An engine whose VMs run in the VMM jail whatever the spec says (isolation tests need it on)."""
+    import os
+
+    from service.engine.jail import JailPolicy
+
+    if os.geteuid() != 0 or shutil.which("bwrap") is None:
+        pytest.skip("the VMM jail needs root and bubblewrap (apt-get install bubblewrap)")
+    config = EngineConfig.from_spec(spec, image_dir)
+    return Engine(replace(config, run_dir=run_root / "jailed", isolation=config.isolation or JailPolicy()))

@@ -28,14 +28,16 @@ def template(engine, run_root):
         engine.config.limits,
         engine.config.boot_timeout_s,
         warm_code="import random, numpy as np\nwarm = 41\nrandom.seed(0); np.random.seed(0)",
+        jail=engine.jail,
     )
     yield tpl
     tpl.remove()
 
 
-def test_clones_start_from_the_template_state_and_diverge(template, run_root):
+def test_clones_start_from_the_template_state_and_diverge(engine, template, run_root):
     memory_before = file_digest(template.directory / "memory")
-    with template.clone(run_root / "clones", _limits()) as a, template.clone(run_root / "clones", _limits()) as b:
+    where, jail = run_root / "clones", engine.jail
+    with template.clone(where, _limits(), jail=jail) as a, template.clone(where, _limits(), jail=jail) as b:
         assert a.run_code("warm").text == "41" and b.run_code("warm").text == "41"
         a.run_code("warm += 1")
         assert a.run_code("warm").text == "42"
@@ -50,10 +52,10 @@ def test_clones_start_from_the_template_state_and_diverge(template, run_root):
     assert file_digest(template.directory / "memory") == memory_before  # clones never write the template
 
 
-def test_template_survives_reload_from_disk(template, run_root):
+def test_template_survives_reload_from_disk(engine, template, run_root):
     reloaded = Template.load(template.directory)
     assert reloaded.machine == template.machine
-    with reloaded.clone(run_root / "clones", _limits()) as sb:
+    with reloaded.clone(run_root / "clones", _limits(), jail=engine.jail) as sb:
         assert sb.run_code("warm * 2").text == "82"
 
 

@@ -1,0 +1,352 @@
+"""The jail around each QEMU process: an unprivileged user, no capabilities, QEMU's seccomp sandbox, a mount view
+holding only the VM's own files, private pid/net/ipc/uts namespaces, and a cgroup sized from the VM.
+
+Tools: bubblewrap builds the namespaces and the mount view (declarative argv, no code of ours runs between fork
+and exec), util-linux `setpriv` drops to the VM user with an empty capability set and no_new_privs, and a
+two-line `sh` puts the process into its cgroup before anything else runs. The pure part (argv, limits, cgroup
+file values, cgroup layout from /proc) is separate from the I/O (user, directories, cgroups) below it.
+See docs/security.md for the threat model and why each piece is there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .machine import MachineConfig
+
+log = logging.getLogger(__name__)
+
+CGROUP_FILE = "cgroups"  # in the VM dir, written by the host: the cgroup directories to remove at stop
+_CPU_PERIOD_US = 100_000
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_V1_CONTROLLERS = ("cpu", "memory", "pids")
+# What QEMU needs from the host's root: its binary, libraries and firmware (all under /usr on merged-/usr Debian).
+_SYSTEM_RO = ("/usr", "/etc/ld.so.cache")
+_MERGED_USR_LINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64"))
+
+
+class JailError(OSError):
+    pass
+
+
+@dataclass(frozen=True)
+class JailPolicy:
+    """The operator's choices (spec section [isolation])."""
+
+    user: str = "appliance-vm"
+    memory_overhead_mib: int = 512  # QEMU itself + the TCG translation cache on top of the guest's RAM
+    cpu_overhead: float = 0.5  # CPUs for QEMU's own threads (I/O, RCU) on top of one per vCPU
+    pids_max: int = 256  # threads of one QEMU (vCPUs, I/O thread pool of up to 64, RCU, main loop)
+    cgroup_name: str = "appliance-vms"  # parent cgroup below the service's own cgroup
+    bwrap: str = "bwrap"
+    setpriv: str = "setpriv"
+
+
+@dataclass(frozen=True)
+class Identity:
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups (e.g. the group of /dev/kvm)
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_bytes: int
+    cpu_quota_us: int
+    cpu_period_us: int
+    pids_max: int
+
+
+def limits_for(machine: MachineConfig, policy: JailPolicy) -> Limits:
+    """A VM's cgroup limits: its RAM plus QEMU's overhead; its vCPUs plus a share for QEMU's own threads."""
+    return Limits(
+        memory_bytes=(machine.memory_mib + policy.memory_overhead_mib) << 20,
+        cpu_quota_us=int((machine.vcpus + policy.cpu_overhead) * _CPU_PERIOD_US),
+        cpu_period_us=_CPU_PERIOD_US,
+        pids_max=policy.pids_max,
+    )
+
+
+def cgroup_settings(version: int, limits: Limits) -> dict[str, dict[str, str]]:
+    """File values per controller (v1) or for the one unified directory (v2, key "")."""
+    if version == 2:
+        return {"": {
+            "memory.max": str(limits.memory_bytes),
+            "memory.swap.max": "0",
+            "cpu.max": f"{limits.cpu_quota_us} {limits.cpu_period_us}",
+            "pids.max": str(limits.pids_max),
+        }}
+    return {
+        "cpu": {"cpu.cfs_period_us": str(limits.cpu_period_us), "cpu.cfs_quota_us": str(limits.cpu_quota_us)},
+        "memory": {"memory.limit_in_bytes": str(limits.memory_bytes)},
+        "pids": {"pids.max": str(limits.pids_max)},
+    }
+
+
+@dataclass(frozen=True)
+class CgroupLayout:
+    """Where this process's own cgroup is, per controller (v1) or once (v2, key ""); VMs go below it."""
+
+    version: int  # 1, 2, or 0 when no usable cgroup filesystem was found
+    own: dict[str, Path] = field(default_factory=dict)
+
+
+def cgroup_layout(mountinfo: str, self_cgroup: str) -> CgroupLayout:
+    """From /proc/self/mountinfo and /proc/self/cgroup. A pure v2 host mounts cgroup2 at /sys/fs/cgroup; a v1 (or
+    hybrid) host has one cgroup mount per controller; a hybrid's cgroup2 mount carries no controllers we can use."""
+    mounts: list[tuple[Path, str, set[str]]] = []
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        parts, rparts = left.split(), right.split()
+        if len(parts) < 5 or len(rparts) < 3:
+            continue
+        mounts.append((Path(parts[4]), rparts[0], set(rparts[2].split(","))))
+    paths: dict[str, str] = {}
+    for line in self_cgroup.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            paths[""] = path
+        for controller in filter(None, controllers.split(",")):
+            paths[controller] = path
+    for mountpoint, fstype, _ in mounts:
+        if fstype == "cgroup2" and mountpoint == _CGROUP_ROOT and "" in paths:
+            return CgroupLayout(2, {"": mountpoint / paths[""].lstrip("/")})
+    own: dict[str, Path] = {}
+    for controller in _V1_CONTROLLERS:
+        for mountpoint, fstype, options in mounts:
+            if fstype == "cgroup" and controller in options and controller in paths:
+                own[controller] = mountpoint / paths[controller].lstrip("/")
+                break
+    return CgroupLayout(1 if own else 0, own)
+
+
+def bind_ancestors(paths: list[Path]) -> list[Path]:
+    """Directories bwrap must create (traversable) above each bind target, parents first, without duplicates."""
+    seen: list[Path] = []
+    for path in paths:
+        for ancestor in reversed(path.parents):
+            if ancestor != Path("/") and ancestor not in seen and ancestor not in paths:
+                seen.append(ancestor)
+    return seen
+
+
+def jail_argv(
+    qemu_argv: list[str],
+    machine: MachineConfig,
+    vm_dir: Path,
+    identity: Identity,
+    policy: JailPolicy,
+    info_fd: int,
+    cgroup_procs: list[Path],
+    die_with_parent: bool = False,
+    detach: bool = False,
+) -> list[str]:
+    """The full argv: [setsid -f] sh (join cgroup) -> bwrap (namespaces, mount view) -> setpriv (drop) -> QEMU."""
+    ro = [machine.kernel, machine.initrd, machine.rootfs]
+    rw = [vm_dir] + ([machine.memory_file] if machine.memory_file is not None else [])
+    argv: list[str] = ["setsid", "--fork"] if detach else []
+    # Join the cgroups by writing our own PID, then exec: everything after (bwrap, QEMU) starts inside them.
+    script = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"'
+    argv += ["sh", "-c", script, "appliance-jail", str(len(cgroup_procs)), *map(str, cgroup_procs)]
+    argv += [
+        policy.bwrap,
+        "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+        "--as-pid-1",  # QEMU itself is PID 1 of its namespace: it sees no other process, and none sees it
+        "--new-session",
+        "--dev", "/dev", "--proc", "/proc",
+    ]
+    if die_with_parent:
+        argv.append("--die-with-parent")
+    for path in _SYSTEM_RO:
+        argv += ["--ro-bind", path, path]
+    for target, link in _MERGED_USR_LINKS:
+        argv += ["--symlink", target, link]
+    for ancestor in bind_ancestors(ro + rw):
+        argv += ["--perms", "0755", "--dir", str(ancestor)]
+    for path in ro:
+        argv += ["--ro-bind", str(path), str(path)]
+    for path in rw:
+        argv += ["--bind", str(path), str(path)]
+    if machine.accelerator == "kvm":
+        argv += ["--dev-bind", "/dev/kvm", "/dev/kvm"]
+    argv += ["--chdir", "/", "--info-fd", str(info_fd), "--"]
+    groups = ",".join(str(g) for g in (identity.gid, *identity.groups))
+    argv += [
+        policy.setpriv,
+        f"--reuid={identity.uid}", f"--regid={identity.gid}", f"--groups={groups}",
+        "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
+    ]
+    return argv + qemu_argv
+
+
+# ---- I/O ----------------------------------------------------------------------------------------------------
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Loud, but once per process: an unenforceable limit is a property of the host, not of each VM."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("ISOLATION NOT ENFORCED: %s", message)
+
+
+def jail_unavailable(policy: JailPolicy | None = None) -> str | None:
+    """Why this process cannot jail VMs, or None if it can."""
+    policy = policy or JailPolicy()
+    if os.geteuid() != 0:
+        return "the service does not run as root (needed to switch to the VM user and create cgroups)"
+    for tool, package in ((policy.bwrap, "bubblewrap"), (policy.setpriv, "util-linux")):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing (apt-get install {package})"
+    return None
+
+
+def ensure_user(name: str) -> tuple[int, int]:
+    """The VM user's uid and gid; created (a system user with its own group, no home, no shell) if missing."""
+    try:
+        entry = pwd.getpwnam(name)
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        pass
+    if os.geteuid() != 0:
+        raise JailError(f"the VM user {name!r} does not exist and only root can create it")
+    subprocess.run(
+        ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+         "--shell", "/usr/sbin/nologin", "--comment", "appliance sandbox VMM", name],
+        check=True, capture_output=True,
+    )
+    entry = pwd.getpwnam(name)
+    return entry.pw_uid, entry.pw_gid
+
+
+class Jail:
+    """One per engine: the resolved VM identity and cgroup layout, and the per-VM setup and teardown."""
+
+    def __init__(self, policy: JailPolicy, layout: CgroupLayout | None = None) -> None:
+        why = jail_unavailable(policy)
+        if why is not None:
+            raise JailError(f"cannot jail sandbox VMs: {why}")
+        self.policy = policy
+        uid, gid = ensure_user(policy.user)
+        groups: tuple[int, ...] = ()
+        with contextlib.suppress(OSError):
+            kvm_gid = os.stat("/dev/kvm").st_gid
+            if kvm_gid != 0:
+                groups = (kvm_gid,)
+        self.identity = Identity(uid, gid, groups)
+        if layout is None:
+            layout = cgroup_layout(Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text())
+        self.layout = layout
+        if layout.version == 0:
+            warn_once("cgroup", "no cgroup filesystem with cpu/memory/pids controllers: VMs run without limits")
+        for controller in _V1_CONTROLLERS:
+            if layout.version == 1 and controller not in layout.own:
+                warn_once(f"cgroup-{controller}", f"cgroup v1 controller {controller!r} is not mounted: no limit")
+
+    def prepare(self, machine: MachineConfig, vm_dir: Path) -> list[Path]:
+        """Make the VM dir and memory file usable by the VM user, create its cgroups; returns the cgroup.procs
+        files the launcher joins. The VM dir is root-owned, group VM user, setgid + sticky: QEMU creates its
+        sockets and logs there but cannot replace the pidfile or anything else the host wrote."""
+        if machine.accelerator == "kvm" and not self.identity.groups:
+            warn_once("kvm", "/dev/kvm belongs to group root: the jailed VM user cannot open it")
+        os.chown(vm_dir, 0, self.identity.gid)
+        os.chmod(vm_dir, 0o3770)
+        if machine.memory_file is not None and not machine.memory_file.exists():
+            # bwrap binds existing files only; QEMU sizes it. Owned by the VM user: a clone opens it read-write
+            # (QEMU 7.2 maps share=off files only from O_RDWR descriptors).
+            fd = os.open(machine.memory_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.fchown(fd, self.identity.uid, self.identity.gid)
+            os.close(fd)
+        return self._create_cgroups(machine, vm_dir)
+
+    def _create_cgroups(self, machine: MachineConfig, vm_dir: Path) -> list[Path]:
+        settings = cgroup_settings(self.layout.version, limits_for(machine, self.policy))
+        created: list[Path] = []
+        try:
+            for controller, files in settings.items():
+                own = self.layout.own.get(controller)
+                if own is None:
+                    continue
+                parent = own / self.policy.cgroup_name
+                if self.layout.version == 2:
+                    self._enable_v2_controllers(own, parent)
+                directory = parent / vm_dir.name
+                directory.mkdir(parents=True, exist_ok=True)
+                sweep_stale_cgroups(parent)
+                created.append(directory)
+                for name, value in files.items():
+                    try:
+                        (directory / name).write_text(value)
+                    except OSError as exc:
+                        warn_once(f"{controller}:{name}", f"cannot set {name}={value} in {directory}: {exc.strerror}")
+        except OSError as exc:
+            warn_once("cgroup-create", f"cannot create the VM's cgroup ({exc}): VMs run without limits")
+            remove_cgroups(created)
+            return []
+        (vm_dir / CGROUP_FILE).write_text("".join(f"{d}\n" for d in created))
+        return [d / "cgroup.procs" for d in created]
+
+    def _enable_v2_controllers(self, own: Path, parent: Path) -> None:
+        for directory in (own, parent):
+            if directory == parent:
+                parent.mkdir(exist_ok=True)
+            try:
+                (directory / "cgroup.subtree_control").write_text("+cpu +memory +pids")
+            except OSError as exc:
+                warn_once("cgroup-v2-delegate", f"cannot enable cpu/memory/pids below {directory}: {exc.strerror} "
+                          "(on systemd: run the service with Delegate=yes, its processes in a leaf cgroup)")
+                return
+
+
+def remove_cgroups(directories: list[Path]) -> None:
+    """rmdir each (a cgroup empties a moment after its last process is reaped); then their parent if empty."""
+    for directory in directories:
+        if not str(directory).startswith(f"{_CGROUP_ROOT}/"):
+            continue  # the list comes from a file in the VM dir: never rmdir anything else
+        deadline = time.monotonic() + 10  # a big QEMU can take seconds to release its memory under load
+        while True:
+            try:
+                directory.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    log.warning("cgroup %s is still busy; left behind", directory)
+                    break
+                time.sleep(0.01)
+        with contextlib.suppress(OSError):
+            directory.parent.rmdir()  # only succeeds when no other VM's cgroup is left in it
+
+
+def sweep_stale_cgroups(parent: Path, min_age_s: float = 120.0) -> None:
+    """Remove VM cgroups left empty by VMs whose stop() never ran (killed from outside, dir wiped, slow exit).
+    Only old ones: a new cgroup is empty for the moment between its creation and its launcher joining it."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for child in parent.iterdir():
+            if not child.is_dir() or not child.name.startswith("vm-"):
+                continue
+            with contextlib.suppress(OSError):
+                if now - child.stat().st_mtime > min_age_s and not (child / "cgroup.procs").read_text().strip():
+                    child.rmdir()
+
+
+def remove_vm_cgroups(vm_dir: Path) -> None:
+    """The VM's cgroups, as recorded at start (any process can stop a VM: it only needs its directory)."""
+    try:
+        lines = (vm_dir / CGROUP_FILE).read_text().split()
+    except OSError:
+        return
+    remove_cgroups([Path(line) for line in lines])
+
