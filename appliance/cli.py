@@ -12,6 +12,7 @@ from .commands.deploy import deploy_command
 from .commands.doctor import doctor_command
 from .commands.init import init_command
 from .commands.run import run_command
+from .commands.sandboxes import sandboxes_group
 from .commands.serve import serve_command
 from .commands.shell import shell_command
 
@@ -51,3 +52,4 @@ main.add_command(doctor_command)
 main.add_command(serve_command)
 main.add_command(bundle_command)
 main.add_command(deploy_command)
+main.add_command(sandboxes_group)

@@ -104,13 +104,16 @@ class Registry:
         self._db.execute("COMMIT")
 
     def add(self, record: SandboxRecord) -> None:
+        """Store a new record; unset timestamps become now, in the record too (callers return it to clients)."""
         now = time.time()
+        record.created_at = record.created_at or now
+        record.last_active_at = record.last_active_at or now
         self._db.execute(
             "INSERT INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 record.id, record.owner, record.state, record.vm_dir, record.template_id,
                 json.dumps(record.machine), record.timeout_s, json.dumps(record.metadata),
-                record.created_at or now, record.last_active_at or now, int(record.persistent),
+                record.created_at, record.last_active_at, int(record.persistent),
             ),
         )
 

@@ -144,19 +144,26 @@ class SandboxManager:
     ) -> Iterator[dict[str, Any]]:
         """The exec's events as they come; raises Busy / NotFound / SandboxLostError before the first one."""
         record = self._running(owner, sandbox_id)
-        sandbox = self._attach(record)
-        self.registry.touch(sandbox_id)
+        lock_fd = _code_lock(record)
         try:
+            sandbox = self._attach(record)
+            self.registry.touch(sandbox_id)
             events = sandbox.exec_events(code, timeout_s=timeout_s, language=language)
             first = next(events)
         except SandboxBusy as exc:
+            os.close(lock_fd)
             raise Busy(str(exc)) from None
         except (SandboxLost, SandboxClosed) as exc:
+            os.close(lock_fd)
             self._mark_lost(record)
             raise SandboxLostError(str(exc)) from None
-        return self._rest_of(record, first, events)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return self._rest_of(record, first, events, lock_fd)
 
-    def _rest_of(self, record: SandboxRecord, first: dict, events: Iterator[dict]) -> Iterator[dict[str, Any]]:
+    def _rest_of(self, record: SandboxRecord, first: dict, events: Iterator[dict],
+                 lock_fd: int) -> Iterator[dict[str, Any]]:
         try:
             yield first
             yield from events
@@ -164,6 +171,7 @@ class SandboxManager:
             self._mark_lost(record)
             yield {"ev": "done", "error": {"name": "SandboxLost", "value": str(exc), "traceback": ""}, "lost": True}
         finally:
+            os.close(lock_fd)
             self.registry.touch(record.id)
 
     def exec(self, owner: str, sandbox_id: str, code: str, language: str = "python",
@@ -249,6 +257,7 @@ class SandboxManager:
     def freeze_record(self, record: SandboxRecord) -> SandboxRecord:
         self._check_frozen_quota(record)
         sandbox = self._attach(record)
+        lock_fd = _code_lock(record)
         try:
             snapshot.freeze(sandbox, self.snapshot_dir(record.id), self.engine.image.image_id,
                             compress=self.config.compress_snapshots)
@@ -256,6 +265,8 @@ class SandboxManager:
             raise Busy(str(exc)) from None
         except (EngineError, OSError) as exc:
             raise ServiceError(f"freezing {record.id} failed; it keeps running: {exc}") from None
+        finally:
+            os.close(lock_fd)
         self._forget(record.id)
         self.registry.set_state(record.id, FROZEN, template_id=None)  # a snapshot holds all of its RAM
         self.templates.release(record.template_id, self.registry)
@@ -297,6 +308,7 @@ class SandboxManager:
         self._check_memory(record, n)
         sandbox = self._attach(record)
         ids = [new_sandbox_id() for _ in range(n)]
+        lock_fd = _code_lock(record)
         try:
             template, clones = snapshot.fork(sandbox, n, self.config.templates_dir, self.config.sandboxes_dir,
                                              self.engine.config.limits, detach=True, vm_ids=ids,
@@ -305,6 +317,8 @@ class SandboxManager:
             raise Busy(str(exc)) from None
         except (EngineError, OSError) as exc:
             raise ServiceError(f"fork of {sandbox_id} failed; it keeps running unchanged: {exc}") from None
+        finally:
+            os.close(lock_fd)
         records = []
         for clone_id, clone in zip(ids, clones, strict=True):
             clone.detach()
@@ -366,8 +380,12 @@ class SandboxManager:
         """This process's connection to the sandbox, made once on a free agent port and then reused."""
         with self._handles_lock:
             handle = self._handles.get(record.id)
-            if handle is not None and not handle.sandbox.closed:
+            if handle is not None and not handle.sandbox.closed and handle.sandbox.vm.dir == Path(record.vm_dir):
                 return handle.sandbox
+            if handle is not None:  # frozen and resumed by another process since: a new VM in a new directory
+                del self._handles[record.id]
+                handle.sandbox.detach()
+                os.close(handle.lock_fd)
             machine = machine_from_json(record.machine)
             vm_dir = Path(record.vm_dir)
             try:
@@ -424,6 +442,18 @@ def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
             del buffer[:size]
     if buffer:
         yield bytes(buffer)
+
+
+def _code_lock(record: SandboxRecord) -> int:
+    """Held while code runs in the sandbox, and by a fork or freeze of it, across every process (API workers, the
+    keeper): flock on a file in its VM directory. Busy if someone holds it. Release with os.close()."""
+    fd = os.open(Path(record.vm_dir) / "code.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Busy("the sandbox is running code; wait for it or interrupt it first") from None
+    return fd
 
 
 def _fresh_vm_id(sandbox_id: str) -> str:

@@ -56,6 +56,10 @@ class NotReadyError(ApplianceError):
     """503: the service is still warming up; .retry_after says when to try again."""
 
 
+class InsufficientStorageError(ApplianceError):
+    """507: no room for it: host memory for a fork's copies, or the disk quota for frozen sandboxes."""
+
+
 class ServerError(ApplianceError):
     """5xx: the service failed; its log has the details (the message quotes the request id)."""
 
@@ -70,11 +74,12 @@ _BY_CODE: dict[str, type[ApplianceError]] = {
     "invalid": InvalidRequestError,
     "limit_reached": RateLimitError,
     "not_ready": NotReadyError,
+    "insufficient_storage": InsufficientStorageError,
 }
 _BY_STATUS: dict[int, type[ApplianceError]] = {
     400: BadRequestError, 401: AuthenticationError, 404: NotFoundError, 409: SandboxBusyError,
     410: SandboxLostError, 413: PayloadTooLargeError, 422: InvalidRequestError, 429: RateLimitError,
-    503: NotReadyError,
+    503: NotReadyError, 507: InsufficientStorageError,
 }
 
 

@@ -4,6 +4,10 @@
     with Sandbox() as sb:
         sb.run_code("x = 41")
         print(sb.run_code("x + 1").text)          # '42'
+        kids = sb.fork(4)                         # 4 more sandboxes, each with x == 41; sb is unchanged
+
+    sb = Sandbox(persistent=True, idle_freeze_s=300)   # frozen to disk after 5 idle minutes, not closed
+    sb.freeze(); sb.detach()                           # or freeze it now; Sandbox.connect(sb.id) resumes it
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ UPLOAD_CHUNK = 1 << 20
 # How much longer than the exec's own time limit we wait for its answer (interrupt grace, transport).
 _EXEC_SLACK_S = 30.0
 _DEFAULT_EXEC_WAIT_S = 600.0
+# Fork, freeze and resume move a VM's whole memory: seconds per GiB under emulation.
+_LIFECYCLE_WAIT_S = 600.0
 
 
 @dataclass
@@ -102,9 +108,16 @@ class _Api:
         key = api_key or os.environ.get(KEY_ENV)
         if not key:
             raise ApplianceError(f"no API key: pass api_key= or set {KEY_ENV}", code="unauthorized")
+        self._key = key
+        self._request_timeout = request_timeout
         self._owns_http = http is None
         self.http = http or httpx.Client(base_url=self.url, timeout=request_timeout)
         self.headers = {"Authorization": f"Bearer {key}"}
+
+    def sibling(self) -> _Api:
+        """A handle for another sandbox on the same service: it shares a client the caller passed in, else opens
+        its own (so closing one sandbox never cuts another's connection)."""
+        return _Api(self.url, self._key, None if self._owns_http else self.http, self._request_timeout)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {**self.headers, **kwargs.pop("headers", {})}
@@ -201,8 +214,11 @@ class Commands:
 class Sandbox:
     """A sandbox on an appliance service. Creates one unless `sandbox_id` (or Sandbox.connect) names one.
 
-    `timeout_s` is the sandbox's idle lifetime; `ready_timeout` is how long creation waits while the service
-    is still warming up (503 not_ready)."""
+    `timeout_s` is the sandbox's idle lifetime: it is closed after that long unused. A `persistent` sandbox is
+    frozen to disk instead (after `idle_freeze_s`, which is the same setting under its persistent name) and the next
+    call resumes it with its whole process state. `ready_timeout` is how long creation waits while the service is
+    still warming up (503 not_ready). Leaving a `with` block deletes the sandbox, persistent or not; `detach()`
+    keeps it."""
 
     def __init__(
         self,
@@ -214,22 +230,48 @@ class Sandbox:
         vcpus: int | None = None,
         memory_mib: int | None = None,
         metadata: dict[str, Any] | None = None,
+        persistent: bool = False,
+        idle_freeze_s: float | None = None,
         request_timeout: float = 60.0,
         ready_timeout: float = 60.0,
         http_client: httpx.Client | None = None,
     ) -> None:
-        self._api = _Api(url, api_key, http_client, request_timeout)
+        if idle_freeze_s is not None:
+            if not persistent:
+                raise ValueError("idle_freeze_s is for persistent sandboxes: pass persistent=True too")
+            if timeout_s is not None and timeout_s != idle_freeze_s:
+                raise ValueError("give idle_freeze_s or timeout_s, not both: for a persistent sandbox they are one "
+                                 "setting")
+            timeout_s = idle_freeze_s
+        api = _Api(url, api_key, http_client, request_timeout)
+        if sandbox_id is not None:
+            try:
+                info: dict[str, Any] = api.request("GET", f"/v1/sandboxes/{sandbox_id}").json()
+            except BaseException:
+                api.close()
+                raise
+        else:
+            body = {k: v for k, v in {"timeout_s": timeout_s, "vcpus": vcpus, "memory_mib": memory_mib,
+                                      "metadata": metadata, "persistent": persistent or None}.items()
+                    if v is not None}
+            info = self._create(api, body, ready_timeout)
+        self._setup(api, info, request_timeout)
+
+    def _setup(self, api: _Api, info: dict[str, Any], request_timeout: float) -> None:
+        self._api = api
         self._request_timeout = request_timeout
         self.files = Files(self)
         self.commands = Commands(self)
-        if sandbox_id is not None:
-            self.info: dict[str, Any] = self._api.request("GET", f"/v1/sandboxes/{sandbox_id}").json()
-        else:
-            body = {k: v for k, v in {"timeout_s": timeout_s, "vcpus": vcpus, "memory_mib": memory_mib,
-                                      "metadata": metadata}.items() if v is not None}
-            self.info = self._create(body, ready_timeout)
-        self.id: str = self.info["id"]
+        self.info = info
+        self.id: str = info["id"]
         self._closed = False
+
+    @classmethod
+    def _from_info(cls, api: _Api, info: dict[str, Any], request_timeout: float) -> Sandbox:
+        """A handle on a sandbox the service just described (e.g. a fork's copy), without asking again."""
+        sandbox = cls.__new__(cls)
+        sandbox._setup(api, info, request_timeout)
+        return sandbox
 
     @classmethod
     def connect(cls, sandbox_id: str, **kwargs: Any) -> Sandbox:
@@ -237,27 +279,37 @@ class Sandbox:
         return cls(sandbox_id=sandbox_id, **kwargs)
 
     @staticmethod
-    def list(url: str | None = None, api_key: str | None = None) -> list[dict[str, Any]]:
-        api = _Api(url, api_key, None, 30.0)
+    def list(url: str | None = None, api_key: str | None = None, state: str | None = None,
+             http_client: httpx.Client | None = None) -> list[dict[str, Any]]:
+        """This key's sandboxes (dicts as the API describes them), oldest first; `state` filters: running, frozen
+        or lost."""
+        api = _Api(url, api_key, http_client, 30.0)
         try:
-            return api.request("GET", "/v1/sandboxes").json()["sandboxes"]
+            params = {"state": state} if state is not None else None
+            return api.request("GET", "/v1/sandboxes", params=params).json()["sandboxes"]
         finally:
             api.close()
 
-    def _create(self, body: dict[str, Any], ready_timeout: float) -> dict[str, Any]:
+    @staticmethod
+    def _create(api: _Api, body: dict[str, Any], ready_timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + ready_timeout
         while True:
             try:
-                return self._api.request("POST", "/v1/sandboxes", json=body).json()
+                return api.request("POST", "/v1/sandboxes", json=body).json()
             except NotReadyError as exc:
                 wait = exc.retry_after or 1.0
                 if time.monotonic() + wait > deadline:
-                    self._api.close()
+                    api.close()
                     raise
                 time.sleep(wait)
             except BaseException:
-                self._api.close()
+                api.close()
                 raise
+
+    @property
+    def state(self) -> str:
+        """running, frozen or lost, as of the last answer about this sandbox (refresh() asks again)."""
+        return self.info["state"]
 
     def _path(self, suffix: str = "") -> str:
         return f"/v1/sandboxes/{self.id}{suffix}"
@@ -289,6 +341,31 @@ class Sandbox:
 
     def refresh(self) -> dict[str, Any]:
         self.info = self._api.request("GET", self._path()).json()
+        return self.info
+
+    def _lifecycle(self, action: str, **kwargs: Any) -> httpx.Response:
+        wait = httpx.Timeout(self._request_timeout, read=max(self._request_timeout, _LIFECYCLE_WAIT_S))
+        return self._api.request("POST", self._path(f"/{action}"), timeout=wait, **kwargs)
+
+    def fork(self, n: int = 1) -> list[Sandbox]:
+        """n new sandboxes, each starting from this one's state now: its variables, fitted models, imported
+        modules and files. This one keeps running unchanged; the copies are independent of it and of each other
+        (and get fresh random seeds). Each copy is a sandbox of its own: close it, or use it in a `with` block.
+        Raises RateLimitError (429) or InsufficientStorageError (507) when the copies would not fit."""
+        response = self._lifecycle("fork", json={"n": n})
+        return [type(self)._from_info(self._api.sibling(), info, self._request_timeout)
+                for info in response.json()["sandboxes"]]
+
+    def freeze(self) -> dict[str, Any]:
+        """Write the sandbox's whole state to the service's disk and stop its VM (it then uses no memory). The next
+        call on it (from this object, or Sandbox.connect(id) in another process, even after the service
+        restarted) resumes it. Returns the sandbox's description (state frozen)."""
+        self.info = self._lifecycle("freeze").json()
+        return self.info
+
+    def resume(self) -> dict[str, Any]:
+        """Restore a frozen sandbox now (any call does it anyway; this just pays the wait up front)."""
+        self.info = self._lifecycle("resume").json()
         return self.info
 
     def close(self) -> None:

@@ -2,11 +2,14 @@
 
 Routes (all JSON unless noted; every one but the probes and the API description needs a Bearer key):
     POST   /v1/sandboxes                               create
-    GET    /v1/sandboxes                               list the caller's
+    GET    /v1/sandboxes[?state=S]                     list the caller's (S: running, frozen, lost)
     GET    /v1/sandboxes/{sandbox_id}                  show
     DELETE /v1/sandboxes/{sandbox_id}                  close
     POST   /v1/sandboxes/{sandbox_id}/exec             run code (JSON; NDJSON events if Accept: application/x-ndjson)
     POST   /v1/sandboxes/{sandbox_id}/interrupt        KeyboardInterrupt in the running code
+    POST   /v1/sandboxes/{sandbox_id}/fork             n copies of its live state ({n}; 201 {sandboxes})
+    POST   /v1/sandboxes/{sandbox_id}/freeze           write its state to disk and stop its VM
+    POST   /v1/sandboxes/{sandbox_id}/resume           restore a frozen one (an exec does this by itself)
     PUT    /v1/sandboxes/{sandbox_id}/files?path=P     upload (streamed body)
     GET    /v1/sandboxes/{sandbox_id}/files?path=P     download (streamed, with Content-Length)
     GET    /v1/sandboxes/{sandbox_id}/files/list?path=D  list a directory
@@ -24,6 +27,7 @@ from .docs import Docs
 from .exec import Exec, Interrupt
 from .files import FileList, Files
 from .health import Healthz, Readyz
+from .lifecycle import Fork, Freeze, Resume
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .middleware import Auth, BodyLimit, RequestContext
 from .openapi import OpenApi
@@ -48,6 +52,9 @@ def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None) -
     app.add_route(sandbox, SandboxItem(manager))
     app.add_route(f"{sandbox}/exec", Exec(manager, config.max_body_bytes, config.max_code_bytes, metrics))
     app.add_route(f"{sandbox}/interrupt", Interrupt(manager))
+    app.add_route(f"{sandbox}/fork", Fork(manager, config.max_body_bytes, config.max_fork, metrics))
+    app.add_route(f"{sandbox}/freeze", Freeze(manager, metrics))
+    app.add_route(f"{sandbox}/resume", Resume(manager, metrics))
     app.add_route(f"{sandbox}/files", Files(manager, config.max_file_bytes))
     app.add_route(f"{sandbox}/files/list", FileList(manager))
     app.add_route("/v1/healthz", Healthz())

@@ -40,6 +40,10 @@ class Metrics:
         self.create_seconds = Histogram(
             "appliance_create_seconds", "Sandbox create latency", buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        self.lifecycle_seconds = Histogram(
+            "appliance_lifecycle_seconds", "Fork, freeze and resume latency as the API serves them", ["op"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
         self.creates = Counter("appliance_creates", "Sandboxes created", registry=self.registry)
         self.errors = Counter(
             "appliance_errors", "Error responses by error code", ["code"], registry=self.registry

@@ -11,7 +11,7 @@ from typing import Any
 
 import falcon
 
-from .validation import CreateSandbox, ExecRequest
+from .validation import VISIBLE_STATES, CreateSandbox, ExecRequest, ForkRequest
 
 API_VERSION = "1.0.0"
 
@@ -32,13 +32,19 @@ _ERROR_TEXT = {
     400: "Malformed request: the body is not JSON, or not a JSON object (code bad_request).",
     401: "No API key, or not a valid one (code unauthorized).",
     404: "No such sandbox for this key: it never existed, was closed, or belongs to another key (code not_found).",
-    409: "The sandbox is already running code: one exec at a time per sandbox, no queue (code sandbox_busy). "
-    "Retry when it finishes, or POST .../interrupt.",
+    409: "The sandbox is already running code: one exec at a time per sandbox, no queue, and no fork or freeze "
+    "while code runs (code sandbox_busy). Retry when it finishes, or POST .../interrupt.",
     410: "The sandbox's VM stopped (code sandbox_lost): delete it and create a new one.",
     413: "The body (or the code, or the upload) is larger than the service's limit (code too_large).",
-    422: "A field is invalid (code invalid); error.field names it.",
-    429: "A limit on sandboxes per key or per host is reached (code limit_reached); see Retry-After.",
+    422: "A field is invalid (code invalid); error.field names it. Also: a frozen sandbox this host cannot "
+    "restore (made by another QEMU version or guest image); it stays frozen.",
+    429: "A limit on sandboxes per key or per host is reached (code limit_reached); see Retry-After. A fork "
+    "counts each copy; frozen sandboxes do not count.",
+    500: "The service failed (code internal). A failed fork, freeze or resume leaves the sandbox as it was "
+    "(running, or frozen); the message says what failed or quotes a request id the service log explains.",
     503: "Not ready: no warm template yet (code not_ready); see Retry-After.",
+    507: "Not enough room (code insufficient_storage): host memory for a fork's copies, or the disk quota for "
+    "frozen sandboxes (service.frozen_quota_bytes); the message says what is short and by how much.",
 }
 _WITH_RETRY_AFTER = {429, 503}
 
@@ -78,24 +84,33 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Sandbox": {
         "type": "object",
-        "required": ["id", "state", "timeout_s", "metadata", "created_at", "last_active_at", "expires_at"],
+        "required": ["id", "state", "timeout_s", "persistent", "metadata", "created_at", "last_active_at",
+                     "expires_at"],
         "properties": {
             "id": {"type": "string", "examples": ["sb-3f9c0a1b2c3d4e5f"]},
-            "state": {"enum": ["running", "frozen", "lost"]},
+            "state": {"enum": list(VISIBLE_STATES),
+                      "description": "running; frozen (on disk, no VM: the next exec resumes it); lost (its VM "
+                                     "stopped unexpectedly)"},
             "template_id": {"type": ["string", "null"]},
             "vcpus": {"type": ["integer", "null"]},
             "memory_mib": {"type": ["integer", "null"]},
-            "timeout_s": {"type": "number", "description": "idle lifetime: closed this long after its last use"},
-            "metadata": {"type": "object"},
+            "timeout_s": {"type": "number",
+                          "description": "idle period: closed (or frozen, if persistent) this long after its last "
+                                         "use"},
+            "persistent": {"type": "boolean", "description": "frozen instead of closed when idle"},
+            "metadata": {"type": "object",
+                         "description": "as given at create; a fork's copies add forked_from (the source's id)"},
             "created_at": {"type": "string", "format": "date-time"},
             "last_active_at": {"type": "string", "format": "date-time"},
-            "expires_at": {"type": "string", "format": "date-time"},
+            "expires_at": {"type": ["string", "null"], "format": "date-time",
+                           "description": "when an idle running sandbox is closed or frozen; null unless running"},
         },
     },
     "SandboxList": {"type": "object", "required": ["sandboxes"],
                     "properties": {"sandboxes": {"type": "array", "items": _ref("Sandbox")}}},
     "CreateSandbox": CreateSandbox.model_json_schema(),
     "ExecRequest": ExecRequest.model_json_schema(),
+    "ForkRequest": ForkRequest.model_json_schema(),
     "MimeBundle": {
         "type": "object", "additionalProperties": {},
         "description": "Jupyter display data: text/plain always; text/html (DataFrames), image/png (base64), ...",
@@ -143,14 +158,19 @@ def _paths() -> dict[str, Any]:
             "post": {
                 "operationId": "createSandbox", "tags": ["sandboxes"], "summary": "Create a sandbox",
                 "description": "A clone of the warm template (handed out from the warm pool when one is ready), "
-                "or a fresh boot when vcpus/memory_mib differ from the spec's. The body may be empty.",
+                "or a fresh boot when vcpus/memory_mib differ from the spec's. The body may be empty. A persistent "
+                "sandbox is frozen to disk after timeout_s idle, instead of closed.",
                 "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("CreateSandbox")}}},
                 "responses": {"201": _json(_ref("Sandbox"), "Created; Location names it."),
                               **_errors(400, 401, 413, 422, 429, 503)},
             },
             "get": {
                 "operationId": "listSandboxes", "tags": ["sandboxes"], "summary": "List this key's sandboxes",
-                "responses": {"200": _json(_ref("SandboxList"), "The caller's own sandboxes."), **_errors(401)},
+                "parameters": [{"name": "state", "in": "query", "required": False,
+                                "schema": {"enum": list(VISIBLE_STATES)},
+                                "description": "only sandboxes in this state, e.g. frozen"}],
+                "responses": {"200": _json(_ref("SandboxList"), "The caller's own sandboxes, oldest first."),
+                              **_errors(401, 422)},
             },
         },
         "/v1/sandboxes/{sandbox_id}": {
@@ -158,7 +178,7 @@ def _paths() -> dict[str, Any]:
             "get": {"operationId": "getSandbox", "tags": ["sandboxes"], "summary": "Show a sandbox",
                     "responses": {"200": _json(_ref("Sandbox"), "The sandbox."), **_errors(401, 404)}},
             "delete": {"operationId": "deleteSandbox", "tags": ["sandboxes"], "summary": "Close a sandbox",
-                       "description": "Stops its VM and forgets it.",
+                       "description": "Stops its VM (or deletes its snapshot, if frozen) and forgets it.",
                        "responses": {"204": {"description": "Closed."}, **_errors(401, 404)}},
         },
         "/v1/sandboxes/{sandbox_id}/exec": {
@@ -169,13 +189,14 @@ def _paths() -> dict[str, Any]:
                 "bash runs a script. One exec at a time per sandbox: a second one gets 409 sandbox_busy. On "
                 "timeout the code gets KeyboardInterrupt (the namespace is kept); code that ignores it has its "
                 "interpreter replaced (worker_restarted). Send `Accept: application/x-ndjson` to receive events "
-                "as they happen, one JSON object per line, ending with a done event that carries the whole result.",
+                "as they happen, one JSON object per line, ending with a done event that carries the whole result. "
+                "A frozen sandbox is resumed first.",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ExecRequest")}}},
                 "responses": {
                     "200": {"description": "The result (a code error is a result too: see error).", "content": {
                         "application/json": {"schema": _ref("ExecResult")},
                         "application/x-ndjson": {"schema": _ref("StreamEvent")}}},  # one StreamEvent a line
-                    **_errors(400, 401, 404, 409, 410, 413, 422),
+                    **_errors(400, 401, 404, 409, 410, 413, 422, 429),
                 },
             },
         },
@@ -187,6 +208,7 @@ def _paths() -> dict[str, Any]:
                          "id": {"type": "string"}, "interrupted": {"type": "boolean"}}}, "Interrupt sent."),
                          **_errors(401, 404, 410)}},
         },
+        **_lifecycle_paths(sandbox),
         "/v1/sandboxes/{sandbox_id}/files": {
             "parameters": sandbox,
             "put": {
@@ -197,7 +219,7 @@ def _paths() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/octet-stream": {
                     "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
                 "responses": {"200": _json(_ref("FileInfo"), "Written; sha256 of what arrived."),
-                              **_errors(401, 404, 409, 410, 413, 422)},
+                              **_errors(401, 404, 409, 410, 413, 422, 429)},
             },
             "get": {
                 "operationId": "readFile", "tags": ["files"], "summary": "Download a file (streamed)",
@@ -205,7 +227,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": {"description": "The file's bytes, with Content-Length.", "content": {
                     "application/octet-stream": {"schema": {"type": "string",
                                                             "contentMediaType": "application/octet-stream"}}}},
-                              **_errors(401, 404, 409, 410, 422)},
+                              **_errors(401, 404, 409, 410, 422, 429)},
             },
         },
         "/v1/sandboxes/{sandbox_id}/files/list": {
@@ -213,7 +235,7 @@ def _paths() -> dict[str, Any]:
             "get": {"operationId": "listDir", "tags": ["files"], "summary": "List a directory",
                     "parameters": [_file_path(False, "directory in the sandbox (default /)")],
                     "responses": {"200": _json(_ref("DirListing"), "The directory's entries."),
-                                  **_errors(401, 404, 409, 410, 422)}},
+                                  **_errors(401, 404, 409, 410, 422, 429)}},
         },
         "/v1/healthz": {"get": {"operationId": "healthz", "tags": ["service"], "security": [],
                                 "summary": "Liveness: the process answers (no key needed)",
@@ -233,6 +255,50 @@ def _paths() -> dict[str, Any]:
                              "summary": "This document as a readable page (no key needed, no external assets)",
                              "responses": {"200": {"description": "HTML.",
                                                    "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+    }
+
+
+def _lifecycle_paths(sandbox: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "/v1/sandboxes/{sandbox_id}/fork": {
+            "parameters": sandbox,
+            "post": {
+                "operationId": "forkSandbox", "tags": ["sandboxes"], "summary": "Fork a sandbox into n copies",
+                "description": "n new running sandboxes, each starting from this one's state at this moment: its "
+                "Python objects, imported modules and files. The source keeps running, unchanged. Copies share "
+                "memory copy-on-write, are isolated from each other and from the source, and are reseeded (kernel "
+                "RNG, random, numpy) with the clock set. A copy can be forked again. A frozen source is resumed "
+                "first. Refused up front (429, 507) when the copies would not fit; a fork that fails leaves no "
+                "copies behind. The body may be empty (n = 1).",
+                "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("ForkRequest")}}},
+                "responses": {"201": _json(_ref("SandboxList"), "The n new sandboxes (metadata.forked_from names "
+                                                                "the source)."),
+                              **_errors(400, 401, 404, 409, 410, 413, 422, 429, 500, 507)},
+            },
+        },
+        "/v1/sandboxes/{sandbox_id}/freeze": {
+            "parameters": sandbox,
+            "post": {
+                "operationId": "freezeSandbox", "tags": ["sandboxes"], "summary": "Freeze a sandbox to disk",
+                "description": "Writes the sandbox's whole state (memory, devices, files) under the service's "
+                "state directory and stops its VM, releasing its memory. It survives service restarts and host "
+                "reboots; an exec, a file call or POST .../resume restores it. Freezing a frozen sandbox is a "
+                "no-op. A failed freeze leaves it running.",
+                "responses": {"200": _json(_ref("Sandbox"), "Frozen (state frozen)."),
+                              **_errors(401, 404, 409, 410, 500, 507)},
+            },
+        },
+        "/v1/sandboxes/{sandbox_id}/resume": {
+            "parameters": sandbox,
+            "post": {
+                "operationId": "resumeSandbox", "tags": ["sandboxes"], "summary": "Resume a frozen sandbox",
+                "description": "Restores the process state exactly as frozen, with fresh entropy and the current "
+                "time. Resuming a running sandbox is a no-op. Refused (422) when the snapshot was made by another "
+                "QEMU version or guest image; a failed resume leaves it frozen.",
+                "responses": {"200": _json(_ref("Sandbox"), "Running (state running)."),
+                              **_errors(401, 404, 410, 422, 429, 500)},
+            },
+        },
     }
 
 

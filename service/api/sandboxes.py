@@ -1,4 +1,4 @@
-"""/v1/sandboxes: create, list, show and delete the caller's sandboxes."""
+"""/v1/sandboxes: create, list (optionally by state), show and delete the caller's sandboxes."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import falcon
 
-from service.registry import SandboxRecord
+from service.registry import RUNNING, SandboxRecord
 
 from .errors import InvalidField
 from .metrics import Metrics
-from .validation import CreateSandbox, parse, read_json
+from .validation import VISIBLE_STATES, CreateSandbox, parse, read_json
 
 DEFAULT_TEMPLATE = "default"
 
@@ -23,6 +23,8 @@ def _iso(timestamp: float) -> str:
 
 def sandbox_json(record: SandboxRecord) -> dict[str, Any]:
     machine = record.machine or {}
+    # Only a running sandbox has an idle deadline; a frozen or lost one is kept until it is deleted.
+    expires = _iso(record.last_active_at + record.timeout_s) if record.state == RUNNING else None
     return {
         "id": record.id,
         "state": record.state,
@@ -30,10 +32,11 @@ def sandbox_json(record: SandboxRecord) -> dict[str, Any]:
         "vcpus": machine.get("vcpus"),
         "memory_mib": machine.get("memory_mib"),
         "timeout_s": record.timeout_s,
+        "persistent": record.persistent,
         "metadata": record.metadata,
         "created_at": _iso(record.created_at),
         "last_active_at": _iso(record.last_active_at),
-        "expires_at": _iso(record.last_active_at + record.timeout_s),
+        "expires_at": expires,
     }
 
 
@@ -50,7 +53,7 @@ class SandboxCollection:
         started = time.perf_counter()
         record = self._manager.create(
             req.context.owner, vcpus=body.vcpus, memory_mib=body.memory_mib, timeout_s=body.timeout_s,
-            metadata=body.metadata,
+            metadata=body.metadata, persistent=body.persistent,
         )
         self._metrics.create_seconds.observe(time.perf_counter() - started)
         self._metrics.creates.inc()
@@ -59,7 +62,11 @@ class SandboxCollection:
         resp.media = sandbox_json(record)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {"sandboxes": [sandbox_json(record) for record in self._manager.list(req.context.owner)]}
+        state = req.get_param("state")
+        if state is not None and state not in VISIBLE_STATES:
+            raise InvalidField("state", f"must be one of {', '.join(VISIBLE_STATES)} (got {state!r})")
+        records = self._manager.list(req.context.owner, state=state)
+        resp.media = {"sandboxes": [sandbox_json(record) for record in records]}
 
 
 class SandboxItem:

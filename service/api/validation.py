@@ -29,9 +29,27 @@ class CreateSandbox(_Body):
         None, ge=256, le=262144, description="guest memory in MiB (default: the spec's guest.memory_mib)"
     )
     timeout_s: float | None = Field(
-        None, gt=0, le=7 * 86400, description="idle lifetime in seconds (default: service.sandbox_timeout_s)"
+        None, gt=0, le=7 * 86400,
+        description="idle period in seconds: then the sandbox is closed, or frozen if persistent "
+        "(default: service.sandbox_timeout_s)",
     )
     metadata: dict[str, Any] | None = Field(None, description="free-form JSON object kept with the sandbox")
+    persistent: bool = Field(
+        False, strict=True,
+        description="after timeout_s idle, freeze the sandbox to disk (its whole process state) instead of "
+        "closing it; the next exec resumes it",
+    )
+
+
+class ForkRequest(_Body):
+    n: int = Field(
+        1, ge=1, strict=True,
+        description="how many copies to make (at most service.max_fork); each starts from the source's state now",
+    )
+
+
+# States a caller can see (pooled sandboxes belong to nobody yet) and filter the list by.
+VISIBLE_STATES = ("running", "frozen", "lost")
 
 
 class ExecRequest(_Body):

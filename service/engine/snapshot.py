@@ -234,13 +234,14 @@ def _stream_full_state(vm: VirtualMachine, target: Path, compress: bool) -> None
     writing: subprocess.Popen[bytes] | None = None
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        if compress:  # QEMU writes into a pipe to zstd, which writes the file
-            writing = subprocess.Popen(["zstd", "-1", "-q", "-T2"], stdin=subprocess.PIPE, stdout=fd)
-            assert writing.stdin is not None
-            uri = pass_fd(qmp, writing.stdin.fileno(), "state-out")
-            writing.stdin.close()
-        else:
-            uri = pass_fd(qmp, fd, "state-out")
+        # QEMU writes into a pipe; a process of ours writes the file. Not QEMU itself: tmpfs pages are charged to
+        # the writer's memory cgroup, and a jailed QEMU's limit has no room for a copy of its whole RAM (it
+        # would be OOM-killed mid-fork, losing the source).
+        writer = ["zstd", "-1", "-q", "-T2"] if compress else ["cat"]
+        writing = subprocess.Popen(writer, stdin=subprocess.PIPE, stdout=fd)
+        assert writing.stdin is not None
+        uri = pass_fd(qmp, writing.stdin.fileno(), "state-out")
+        writing.stdin.close()
     except BaseException:
         _end(writing)
         raise
@@ -250,7 +251,7 @@ def _stream_full_state(vm: VirtualMachine, target: Path, compress: bool) -> None
         qmp.cmd("migrate", uri=uri)
         wait_migration(qmp, "completed", deadline=time.monotonic() + 300)
         if writing is not None and writing.wait(timeout=120) != 0:
-            raise SnapshotError(f"zstd failed writing {target.name} (exit {writing.returncode})")
+            raise SnapshotError(f"{writer[0]} failed writing {target.name} (exit {writing.returncode})")
     finally:
         _end(writing)
 

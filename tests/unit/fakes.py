@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import hashlib
 import io
 import itertools
@@ -16,8 +17,17 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from service.errors import Busy, LimitReached, NotFound, NotReady, SandboxLostError
-from service.registry import LOST, RUNNING, SandboxRecord
+from service.errors import (
+    Busy,
+    InsufficientStorage,
+    Invalid,
+    LimitReached,
+    NotFound,
+    NotReady,
+    SandboxLostError,
+    ServiceError,
+)
+from service.registry import FROZEN, LOST, RUNNING, SandboxRecord
 
 BUSY_CODE = "# busy"  # the sandbox reports it is already running code
 LOST_CODE = "# lose the vm"  # the VM dies after printing a line
@@ -37,12 +47,18 @@ class FakeRegistry:
 
 
 class FakeManager:
-    def __init__(self, max_per_key: int = 3) -> None:
+    def __init__(self, max_per_key: int = 3, max_fork: int = 64, max_frozen: int = 2) -> None:
         self.records: dict[str, SandboxRecord] = {}
         self.namespaces: dict[str, dict[str, Any]] = {}
         self.files: dict[tuple[str, str], bytes] = {}
         self.not_ready: str | None = None
-        self.max_per_key = max_per_key
+        self.max_per_key = max_per_key  # running sandboxes per key, as service.max_sandboxes_per_key
+        self.max_fork = max_fork
+        self.max_frozen = max_frozen  # the frozen quota, counted in sandboxes instead of bytes
+        self.busy: set[str] = set()  # sandboxes that report they are running code (fork/freeze refused)
+        self.fork_memory_short = False  # the host lacks memory for the copies: 507
+        self.fail_next_fork = False  # the fork fails half way (after the checks): 500, nothing left behind
+        self.unrestorable: set[str] = set()  # frozen sandboxes whose snapshot this host refuses: 422
         self.interrupts: list[str] = []
         self.create_calls: list[dict[str, Any]] = []
         self.upload_chunk_sizes: list[int] = []
@@ -54,12 +70,15 @@ class FakeManager:
     def readiness(self) -> str | None:
         return self.not_ready
 
-    def create(self, owner, vcpus=None, memory_mib=None, timeout_s=None, metadata=None) -> SandboxRecord:
-        self.create_calls.append({"vcpus": vcpus, "memory_mib": memory_mib, "timeout_s": timeout_s})
+    def create(
+        self, owner, vcpus=None, memory_mib=None, timeout_s=None, metadata=None, persistent=False
+    ) -> SandboxRecord:
+        self.create_calls.append(
+            {"vcpus": vcpus, "memory_mib": memory_mib, "timeout_s": timeout_s, "persistent": persistent}
+        )
         if self.not_ready:
             raise NotReady(self.not_ready, retry_after=2)
-        if sum(1 for r in self.records.values() if r.owner == owner) >= self.max_per_key:
-            raise LimitReached("this key holds too many sandboxes", retry_after=5)
+        self._check_limits(owner)
         now = time.time()
         record = SandboxRecord(
             id=f"sb-{next(self._ids):016x}",
@@ -72,10 +91,19 @@ class FakeManager:
             metadata=metadata or {},
             created_at=now,
             last_active_at=now,
+            persistent=persistent,
         )
         self.records[record.id] = record
         self.namespaces[record.id] = {}
         return record
+
+    def _check_limits(self, owner: str, adding: int = 1) -> None:
+        running = sum(1 for r in self.records.values() if r.owner == owner and r.state == RUNNING)
+        if running + adding > self.max_per_key:
+            raise LimitReached(
+                f"this key already holds {running} of {self.max_per_key} sandboxes (service.max_sandboxes_per_key)",
+                retry_after=5,
+            )
 
     def get(self, owner: str, sandbox_id: str) -> SandboxRecord:
         record = self.records.get(sandbox_id)
@@ -89,11 +117,61 @@ class FakeManager:
     def delete(self, owner: str, sandbox_id: str) -> None:
         self.get(owner, sandbox_id)
         del self.records[sandbox_id]
+        self.namespaces.pop(sandbox_id, None)
 
     def _running(self, owner: str, sandbox_id: str) -> SandboxRecord:
         record = self.get(owner, sandbox_id)
+        if record.state == FROZEN:
+            record = self.resume(owner, sandbox_id)
         if record.state == LOST:
             raise SandboxLostError(f"sandbox {sandbox_id} was lost")
+        return record
+
+    # ---- fork, freeze, resume ----
+    def fork(self, owner: str, sandbox_id: str, n: int) -> list[SandboxRecord]:
+        if not 1 <= n <= self.max_fork:
+            raise Invalid(f"n must be between 1 and {self.max_fork} (service.max_fork)")
+        source = self._running(owner, sandbox_id)
+        self._check_limits(owner, adding=n)
+        if self.fork_memory_short:
+            raise InsufficientStorage(f"fork of {n} needs about {n * 256} MiB of host memory; 100 MiB is available")
+        if sandbox_id in self.busy:
+            raise Busy("the sandbox is running code; wait for it or interrupt it first")
+        if self.fail_next_fork:
+            self.fail_next_fork = False
+            raise ServiceError(f"fork of {sandbox_id} failed; it keeps running unchanged: injected")
+        clones = []
+        for _ in range(n):
+            now = time.time()
+            clone = copy.copy(source)
+            clone.id, clone.created_at, clone.last_active_at = f"sb-{next(self._ids):016x}", now, now
+            clone.template_id = f"tpl-fork-{sandbox_id}"
+            clone.metadata = {**source.metadata, "forked_from": sandbox_id}
+            self.records[clone.id] = clone
+            self.namespaces[clone.id] = _copy_namespace(self.namespaces[sandbox_id])
+            clones.append(clone)
+        return clones
+
+    def freeze(self, owner: str, sandbox_id: str) -> SandboxRecord:
+        record = self.get(owner, sandbox_id)
+        if record.state == FROZEN:
+            return record
+        record = self._running(owner, sandbox_id)
+        if sandbox_id in self.busy:
+            raise Busy("the sandbox is running code; wait for it or interrupt it first")
+        if sum(1 for r in self.records.values() if r.state == FROZEN) >= self.max_frozen:
+            raise InsufficientStorage("frozen sandboxes use the whole quota (service.frozen_quota_bytes)")
+        record.state, record.template_id = FROZEN, None
+        return record
+
+    def resume(self, owner: str, sandbox_id: str) -> SandboxRecord:
+        record = self.get(owner, sandbox_id)
+        if record.state != FROZEN:
+            return record
+        self._check_limits(owner)
+        if sandbox_id in self.unrestorable:
+            raise Invalid(f"sandbox {sandbox_id} cannot be resumed on this host: snapshot made by another QEMU")
+        record.state, record.last_active_at = RUNNING, time.time()
         return record
 
     # ---- code ----
@@ -206,3 +284,14 @@ class FakeManager:
             for (sid, name), data in sorted(self.files.items())
             if sid == sandbox_id and name.startswith(prefix) and "/" not in name[len(prefix) :]
         ]
+
+
+def _copy_namespace(namespace: dict[str, Any]) -> dict[str, Any]:
+    """What a fork does to a process: every object copied (modules, which cannot be, are shared)."""
+    copied = {}
+    for name, value in namespace.items():
+        try:
+            copied[name] = copy.deepcopy(value)
+        except TypeError:
+            copied[name] = value
+    return copied

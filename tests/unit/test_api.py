@@ -86,12 +86,12 @@ def test_create_show_list_delete(client, manager):
 
 def test_create_with_empty_body_uses_defaults(client, manager):
     assert client.simulate_post("/v1/sandboxes", headers=A).status_code == 201
-    assert manager.create_calls == [{"vcpus": None, "memory_mib": None, "timeout_s": None}]
+    assert manager.create_calls == [{"vcpus": None, "memory_mib": None, "timeout_s": None, "persistent": False}]
 
 
 def test_create_passes_size(client, manager):
     client.simulate_post("/v1/sandboxes", json={"vcpus": 2, "memory_mib": 2048}, headers=A)
-    assert manager.create_calls[-1] == {"vcpus": 2, "memory_mib": 2048, "timeout_s": None}
+    assert manager.create_calls[-1] == {"vcpus": 2, "memory_mib": 2048, "timeout_s": None, "persistent": False}
 
 
 def test_other_keys_sandbox_is_not_found_everywhere(client, sandbox_id):
@@ -359,6 +359,183 @@ def test_interrupt(client, manager, sandbox_id):
     assert manager.interrupts == [sandbox_id]
 
 
+# ---- fork, freeze, resume -----------------------------------------------------------------------------------------
+
+
+def fork(client, sandbox_id: str, body=None, headers=A):
+    return client.simulate_post(f"/v1/sandboxes/{sandbox_id}/fork", json=body, headers=headers)
+
+
+def test_fork_returns_the_new_sandboxes_with_the_sources_state(client, manager, sandbox_id):
+    client.simulate_post(f"/v1/sandboxes/{sandbox_id}/exec", json={"code": "x = [41]"}, headers=A)
+    result = fork(client, sandbox_id, {"n": 2})
+    assert result.status_code == 201
+    kids = result.json["sandboxes"]
+    assert len(kids) == 2 and len({k["id"] for k in kids} | {sandbox_id}) == 3
+    assert all(k["state"] == "running" and k["metadata"] == {"forked_from": sandbox_id} for k in kids)
+    for i, kid in enumerate(kids):
+        client.simulate_post(f"/v1/sandboxes/{kid['id']}/exec", json={"code": f"x.append({i})"}, headers=A)
+    texts = [client.simulate_post(f"/v1/sandboxes/{sid}/exec", json={"code": "x"}, headers=A).json["text"]
+             for sid in (sandbox_id, kids[0]["id"], kids[1]["id"])]
+    assert texts == ["[41]", "[41, 0]", "[41, 1]"]
+    listed = {s["id"] for s in client.simulate_get("/v1/sandboxes", headers=A).json["sandboxes"]}
+    assert listed == {sandbox_id, *(k["id"] for k in kids)}
+
+
+def test_fork_body_may_be_empty_for_one_copy(client, sandbox_id):
+    result = client.simulate_post(f"/v1/sandboxes/{sandbox_id}/fork", headers=A)
+    assert result.status_code == 201 and len(result.json["sandboxes"]) == 1
+
+
+@pytest.mark.parametrize("n", [0, -1, "2", 2.5, True, None])
+def test_fork_n_must_be_a_positive_integer(client, sandbox_id, n):
+    error = assert_error(fork(client, sandbox_id, {"n": n}), 422, "invalid")
+    assert error["field"] == "n"
+
+
+def test_fork_n_over_max_fork_is_422_naming_the_setting(tmp_path, manager):
+    client = falcon.testing.TestClient(create_app(make_config(tmp_path, max_fork=4), manager))
+    sandbox_id = client.simulate_post("/v1/sandboxes", headers=A).json["id"]
+    error = assert_error(fork(client, sandbox_id, {"n": 5}), 422, "invalid")
+    assert error["field"] == "n" and "max_fork" in error["message"]
+    assert len(manager.records) == 1
+
+
+def test_fork_unknown_field_is_422(client, sandbox_id):
+    assert assert_error(fork(client, sandbox_id, {"count": 2}), 422, "invalid")["field"] == "count"
+
+
+def test_fork_over_the_sandbox_limit_is_429_with_retry_after(client, manager, sandbox_id):
+    result = fork(client, sandbox_id, {"n": 3})  # 1 + 3 > 3 per key
+    assert "max_sandboxes_per_key" in assert_error(result, 429, "limit_reached")["message"]
+    assert int(result.headers["retry-after"]) > 0
+    assert list(manager.records) == [sandbox_id]
+    assert fork(client, sandbox_id, {"n": 2}).status_code == 201  # exactly up to the limit is fine
+
+
+def test_fork_without_host_memory_is_507(client, manager, sandbox_id):
+    manager.fork_memory_short = True
+    assert "host memory" in assert_error(fork(client, sandbox_id, {"n": 2}), 507, "insufficient_storage")["message"]
+    assert list(manager.records) == [sandbox_id]
+
+
+def test_fork_or_freeze_while_code_runs_is_409(client, manager, sandbox_id):
+    manager.busy.add(sandbox_id)
+    assert_error(fork(client, sandbox_id), 409, "sandbox_busy")
+    assert_error(client.simulate_post(f"/v1/sandboxes/{sandbox_id}/freeze", headers=A), 409, "sandbox_busy")
+    assert manager.records[sandbox_id].state == "running"
+
+
+def test_failed_fork_is_500_and_leaves_the_source_as_it_was(client, manager, sandbox_id):
+    client.simulate_post(f"/v1/sandboxes/{sandbox_id}/exec", json={"code": "x = 1"}, headers=A)
+    manager.fail_next_fork = True
+    error = assert_error(fork(client, sandbox_id, {"n": 2}), 500, "internal")
+    assert "keeps running unchanged" in error["message"]
+    assert list(manager.records) == [sandbox_id]
+    assert client.simulate_post(f"/v1/sandboxes/{sandbox_id}/exec", json={"code": "x"}, headers=A).json["text"] == "1"
+
+
+def test_freeze_resume_and_exec_resumes_a_frozen_sandbox(client, manager, sandbox_id):
+    path = f"/v1/sandboxes/{sandbox_id}"
+    client.simulate_post(f"{path}/exec", json={"code": "x = 41"}, headers=A)
+    frozen = client.simulate_post(f"{path}/freeze", headers=A)
+    assert frozen.status_code == 200 and frozen.json["state"] == "frozen" and frozen.json["expires_at"] is None
+    assert client.simulate_post(f"{path}/freeze", headers=A).json["state"] == "frozen"  # again: a no-op
+    assert client.simulate_get(path, headers=A).json["state"] == "frozen"
+    resumed = client.simulate_post(f"{path}/resume", headers=A)
+    assert resumed.status_code == 200 and resumed.json["state"] == "running" and resumed.json["expires_at"]
+    assert client.simulate_post(f"{path}/resume", headers=A).json["state"] == "running"  # again: a no-op
+    client.simulate_post(f"{path}/freeze", headers=A)
+    assert client.simulate_post(f"{path}/exec", json={"code": "x + 1"}, headers=A).json["text"] == "42"
+    assert client.simulate_get(path, headers=A).json["state"] == "running"
+
+
+def test_fork_of_a_frozen_sandbox_resumes_it_first(client, manager, sandbox_id):
+    client.simulate_post(f"/v1/sandboxes/{sandbox_id}/freeze", headers=A)
+    assert fork(client, sandbox_id).status_code == 201
+    assert manager.records[sandbox_id].state == "running"
+
+
+def test_frozen_quota_exceeded_is_507_and_the_sandbox_keeps_running(client, manager):
+    ids = [client.simulate_post("/v1/sandboxes", headers=A).json["id"] for _ in range(3)]
+    for sandbox_id in ids[:2]:
+        assert client.simulate_post(f"/v1/sandboxes/{sandbox_id}/freeze", headers=A).status_code == 200
+    result = client.simulate_post(f"/v1/sandboxes/{ids[2]}/freeze", headers=A)
+    assert "quota" in assert_error(result, 507, "insufficient_storage")["message"]
+    assert manager.records[ids[2]].state == "running"
+
+
+def test_resume_over_the_limit_is_429_and_unrestorable_is_422(client, manager):
+    ids = [client.simulate_post("/v1/sandboxes", headers=A).json["id"] for _ in range(3)]
+    client.simulate_post(f"/v1/sandboxes/{ids[0]}/freeze", headers=A)
+    client.simulate_post("/v1/sandboxes", headers=A)  # takes the freed place: 3 running again
+    assert_error(client.simulate_post(f"/v1/sandboxes/{ids[0]}/resume", headers=A), 429, "limit_reached")
+    assert_error(client.simulate_post(f"/v1/sandboxes/{ids[0]}/exec", json={"code": "1"}, headers=A), 429,
+                 "limit_reached")
+    client.simulate_delete(f"/v1/sandboxes/{ids[1]}", headers=A)
+    manager.unrestorable.add(ids[0])
+    error = assert_error(client.simulate_post(f"/v1/sandboxes/{ids[0]}/resume", headers=A), 422, "invalid")
+    assert "cannot be resumed" in error["message"] and "field" not in error
+    assert manager.records[ids[0]].state == "frozen"
+
+
+def test_freeze_of_a_lost_sandbox_is_410(client, sandbox_id):
+    client.simulate_post(f"/v1/sandboxes/{sandbox_id}/exec", json={"code": LOST_CODE}, headers=A)
+    assert_error(client.simulate_post(f"/v1/sandboxes/{sandbox_id}/freeze", headers=A), 410, "sandbox_lost")
+    assert_error(fork(client, sandbox_id), 410, "sandbox_lost")
+
+
+def test_list_filters_by_state(client, manager):
+    ids = [client.simulate_post("/v1/sandboxes", headers=A).json["id"] for _ in range(3)]
+    client.simulate_post(f"/v1/sandboxes/{ids[1]}/freeze", headers=A)
+
+    def listed(state):
+        result = client.simulate_get("/v1/sandboxes", params={"state": state}, headers=A)
+        assert result.status_code == 200
+        return [s["id"] for s in result.json["sandboxes"]]
+
+    assert listed("frozen") == [ids[1]]
+    assert listed("running") == [ids[0], ids[2]]
+    assert listed("lost") == []
+    assert client.simulate_get("/v1/sandboxes", params={"state": "frozen"}, headers=B).json == {"sandboxes": []}
+
+
+@pytest.mark.parametrize("state", ["pooled", "FROZEN", "asleep"])
+def test_list_with_an_unknown_state_is_422(client, state):
+    result = client.simulate_get("/v1/sandboxes", params={"state": state}, headers=A)
+    error = assert_error(result, 422, "invalid")
+    assert error["field"] == "state" and "running, frozen, lost" in error["message"]
+
+
+def test_create_persistent(client, manager):
+    created = client.simulate_post("/v1/sandboxes", json={"persistent": True, "timeout_s": 300}, headers=A)
+    assert created.status_code == 201 and created.json["persistent"] is True and created.json["timeout_s"] == 300
+    assert manager.create_calls[-1]["persistent"] is True
+    plain = client.simulate_post("/v1/sandboxes", json={}, headers=A)
+    assert plain.json["persistent"] is False
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_create_persistent_must_be_a_boolean(client, value):
+    error = assert_error(client.simulate_post("/v1/sandboxes", json={"persistent": value}, headers=A), 422, "invalid")
+    assert error["field"] == "persistent"
+
+
+def test_other_keys_cannot_fork_freeze_or_resume(client, manager, sandbox_id):
+    for action in ("fork", "freeze", "resume"):
+        assert_error(client.simulate_post(f"/v1/sandboxes/{sandbox_id}/{action}", headers=B), 404, "not_found")
+    assert len(manager.records) == 1 and manager.records[sandbox_id].state == "running"
+
+
+def test_lifecycle_latency_is_measured(client, sandbox_id):
+    fork(client, sandbox_id)
+    client.simulate_post(f"/v1/sandboxes/{sandbox_id}/freeze", headers=A)
+    client.simulate_post(f"/v1/sandboxes/{sandbox_id}/resume", headers=A)
+    text = client.simulate_get("/metrics", headers=A).text
+    for op in ("fork", "freeze", "resume"):
+        assert f'appliance_lifecycle_seconds_count{{op="{op}"}} 1.0' in text
+
+
 # ---- files -----------------------------------------------------------------------------------------------------
 
 
@@ -436,7 +613,7 @@ def test_openapi_describes_exactly_the_routes_the_app_has(app, client):
         if method in {"get", "post", "put", "delete", "patch"}
     }
     routes = _router_operations(app)
-    assert len(routes) == 14
+    assert len(routes) == 17
     assert documented == routes
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from appliance.client import (
     AuthenticationError,
+    InsufficientStorageError,
     InvalidRequestError,
     NotFoundError,
     NotReadyError,
@@ -121,6 +122,87 @@ def test_tool_call_through_the_sdk(connect):
             "function": {"name": OPENAI_TOOL["function"]["name"], "arguments": '{"code": "print(6 * 7)"}'},
         }
         assert run_tool_call(call, sb) == "[stdout]\n42"
+
+
+def test_fork_returns_independent_sandboxes_and_the_source_is_unchanged(connect, manager):
+    manager.max_per_key = 4
+    with connect() as sb:
+        sb.run_code("x = [41]")
+        kids = sb.fork(2)
+        assert [type(k) for k in kids] == [Sandbox, Sandbox] and len({sb.id, *(k.id for k in kids)}) == 3
+        assert all(k.info["metadata"]["forked_from"] == sb.id and k.state == "running" for k in kids)
+        for i, kid in enumerate(kids):
+            kid.run_code(f"x.append({i})")
+        assert [k.run_code("x").text for k in kids] == ["[41, 0]", "[41, 1]"]
+        assert sb.run_code("x").text == "[41]"
+        grandkid = kids[0].fork()[0]
+        assert grandkid.run_code("x").text == "[41, 0]"
+        for kid in (*kids, grandkid):
+            kid.close()
+    assert manager.records == {}
+
+
+def test_fork_errors_are_typed(connect, manager):
+    with connect() as sb:
+        with pytest.raises(RateLimitError) as limited:
+            sb.fork(2)  # 1 + 2 > 2 per key
+        assert limited.value.retry_after > 0
+        with pytest.raises(InvalidRequestError) as invalid:
+            sb.fork(0)
+        assert invalid.value.field == "n"
+        manager.fork_memory_short = True
+        with pytest.raises(InsufficientStorageError) as short:
+            sb.fork(1)
+        assert short.value.status == 507 and short.value.code == "insufficient_storage"
+        assert list(manager.records) == [sb.id]
+
+
+def test_copies_keep_working_after_the_source_is_closed(tmp_path, manager, monkeypatch):
+    # Without a client passed in, each sandbox (a copy too) owns its connection: closing one closes only its own.
+    monkeypatch.setenv("APPLIANCE_API_KEY", KEY_A)
+    app = create_app(make_config(tmp_path), manager)
+    real_client = httpx.Client
+    made: list[httpx.Client] = []
+
+    def client(**kwargs) -> httpx.Client:
+        made.append(real_client(transport=httpx.WSGITransport(app=app), **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(httpx, "Client", client)
+    sb = Sandbox(url="http://appliance.test")
+    sb.run_code("x = 1")
+    (kid,) = sb.fork(1)
+    sb.close()
+    assert kid.run_code("x + 1").text == "2"
+    assert len(made) == 2 and made[0].is_closed and not made[1].is_closed
+    kid.close()
+    assert made[1].is_closed
+
+
+def test_persistent_sandbox_freeze_connect_and_transparent_resume(connect, manager):
+    sb = connect(persistent=True, idle_freeze_s=300)
+    assert manager.create_calls[-1]["persistent"] is True and manager.create_calls[-1]["timeout_s"] == 300
+    assert sb.info["persistent"] is True
+    sb.run_code("x = 41")
+    assert sb.freeze()["state"] == "frozen" and sb.state == "frozen"
+    assert [s["id"] for s in Sandbox.list(state="frozen", http_client=sb._api.http)] == [sb.id]
+    again = connect(sandbox_id=sb.id)
+    assert again.state == "frozen"
+    assert again.run_code("x + 1").text == "42"  # the call resumes it
+    assert again.refresh()["state"] == "running"
+    again.freeze()
+    assert again.resume()["state"] == "running" and again.state == "running"
+    assert Sandbox.list(state="frozen", http_client=sb._api.http) == []
+    with pytest.raises(InvalidRequestError) as invalid:
+        Sandbox.list(state="asleep", http_client=sb._api.http)
+    assert invalid.value.field == "state"
+
+
+def test_idle_freeze_needs_persistent():
+    with pytest.raises(ValueError, match="persistent=True"):
+        Sandbox(api_key="k", idle_freeze_s=60)
+    with pytest.raises(ValueError, match="not both"):
+        Sandbox(api_key="k", persistent=True, idle_freeze_s=60, timeout_s=30)
 
 
 def test_a_request_on_a_connection_the_server_just_closed_is_sent_again(monkeypatch):

@@ -1,0 +1,159 @@
+"""`appliance sandboxes ...` through the SDK and the real API app (fake manager underneath), in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from appliance.commands import sandboxes
+from service.api import create_app
+from service.config import hash_key
+
+from .fakes import FakeManager
+from .test_api import KEY_A, KEY_B, make_config
+
+OWNER_A = hash_key(KEY_A)
+
+
+@pytest.fixture
+def manager() -> FakeManager:
+    return FakeManager(max_per_key=4)
+
+
+@pytest.fixture
+def cli(tmp_path, manager, monkeypatch):
+    """Runs the group with a clean environment; HTTP goes to the app in this process."""
+    for name in list(os.environ):
+        if name.startswith("APPLIANCE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    app = create_app(make_config(tmp_path), manager)
+    seen: list[sandboxes.Target] = []
+
+    def client(target: sandboxes.Target) -> httpx.Client:
+        seen.append(target)
+        return httpx.Client(transport=httpx.WSGITransport(app=app), base_url=target.url)
+
+    monkeypatch.setattr(sandboxes, "http_client", client)
+
+    def run(*args: str, key: str | None = KEY_A):
+        argv = [*args, "--url", "http://appliance.test"] + (["--key", key] if key else [])
+        return CliRunner().invoke(sandboxes.sandboxes_group, argv)
+
+    run.targets = seen
+    return run
+
+
+def test_list_shows_a_table_and_filters_by_state(cli, manager):
+    running = manager.create(OWNER_A, timeout_s=600)
+    frozen = manager.create(OWNER_A, persistent=True, timeout_s=300)
+    manager.freeze(OWNER_A, frozen.id)
+    persistent = manager.create(OWNER_A, persistent=True, timeout_s=7200)
+    (kid,) = manager.fork(OWNER_A, running.id, 1)
+    manager.create(hash_key(KEY_B))  # another key's: never shown
+    result = cli("list")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["ID", "STATE", "VCPUS", "MEMORY", "LAST", "USED", "WHEN", "IDLE", "FORKED", "FROM"]
+    assert len(lines) == 5
+    assert running.id in lines[1] and "running" in lines[1] and "close after 10m" in lines[1]
+    assert lines[2].split()[:2] == [frozen.id, "frozen"] and "after" not in lines[2]
+    assert persistent.id in lines[3] and "freeze after 2h" in lines[3]
+    assert kid.id in lines[4] and lines[4].rstrip().endswith(running.id)
+    only_frozen = cli("list", "--state", "frozen")
+    assert [line.split()[0] for line in only_frozen.output.splitlines()[1:]] == [frozen.id]
+
+
+def test_list_json_and_empty(cli, manager):
+    record = manager.create(OWNER_A)
+    result = cli("list", "--json")
+    assert [s["id"] for s in json.loads(result.output)] == [record.id]
+    empty = cli("list", "--state", "lost")
+    assert empty.exit_code == 0 and "no lost sandboxes" in empty.output
+
+
+def test_unknown_state_is_refused_by_the_cli(cli):
+    result = cli("list", "--state", "asleep")
+    assert result.exit_code == 2 and "running" in result.output
+
+
+def test_freeze_resume_rm(cli, manager):
+    a, b = manager.create(OWNER_A), manager.create(OWNER_A)
+    result = cli("freeze", a.id, b.id)
+    assert result.exit_code == 0 and result.output.splitlines() == [f"{a.id} frozen", f"{b.id} frozen"]
+    assert manager.records[a.id].state == manager.records[b.id].state == "frozen"
+    result = cli("resume", a.id)
+    assert result.exit_code == 0 and result.output == f"{a.id} running\n"
+    result = cli("rm", a.id, b.id)
+    assert result.exit_code == 0 and result.output.splitlines() == [f"{a.id} deleted", f"{b.id} deleted"]
+    assert manager.records == {}
+
+
+def test_errors_are_one_line_without_traceback(cli, manager):
+    record = manager.create(OWNER_A)
+    missing = cli("freeze", "sb-0000000000000999")
+    assert missing.exit_code == 1
+    assert missing.output.startswith("Error: sb-0000000000000999: no sandbox") and missing.output.count("\n") == 1
+    manager.busy.add(record.id)
+    busy = cli("freeze", record.id)
+    assert busy.exit_code == 1 and "running code" in busy.output and "Traceback" not in busy.output
+    wrong_key = cli("list", key="nope")
+    assert wrong_key.exit_code == 1 and "not valid" in wrong_key.output and wrong_key.output.count("\n") == 1
+
+
+def test_several_ids_report_each_failure_and_exit_1(cli, manager):
+    record = manager.create(OWNER_A)
+    result = cli("rm", "sb-0000000000000999", record.id)
+    assert result.exit_code == 1
+    assert f"{record.id} deleted" in result.output
+    assert "Error: sb-0000000000000999: no sandbox" in result.output and "1 of 2 sandboxes failed" in result.output
+    assert manager.records == {}
+
+
+def test_unreachable_service_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(sandboxes.sandboxes_group, ["list", "--url", "http://127.0.0.1:9", "--key", "k"])
+    assert result.exit_code == 1
+    assert "cannot reach the API at http://127.0.0.1:9" in result.output and result.output.count("\n") == 1
+
+
+def test_default_url_and_key_come_from_the_spec_and_the_key_file(cli, tmp_path, monkeypatch, manager):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "api-key").write_text(KEY_A + "\n")
+    monkeypatch.setenv("APPLIANCE_PATHS__STATE_DIR", str(state))
+    monkeypatch.setenv("APPLIANCE_SERVICE__HOST", "0.0.0.0")
+    monkeypatch.setenv("APPLIANCE_SERVICE__PORT", "9321")
+    manager.create(OWNER_A)
+    result = CliRunner().invoke(sandboxes.sandboxes_group, ["list"])
+    assert result.exit_code == 0, result.output
+    assert cli.targets[-1] == sandboxes.Target("http://127.0.0.1:9321", KEY_A)
+    monkeypatch.setenv("APPLIANCE_API_KEYS", f"{KEY_B},other")  # the service's own environment wins over the file
+    CliRunner().invoke(sandboxes.sandboxes_group, ["list"])
+    assert cli.targets[-1].key == KEY_B
+    monkeypatch.setenv("APPLIANCE_URL", "http://from-env:1")
+    monkeypatch.setenv("APPLIANCE_API_KEY", KEY_A)
+    CliRunner().invoke(sandboxes.sandboxes_group, ["list"])
+    assert cli.targets[-1] == sandboxes.Target("http://from-env:1", KEY_A)
+
+
+def test_missing_key_file_says_where_it_looked(tmp_path, monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("APPLIANCE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("APPLIANCE_PATHS__STATE_DIR", str(tmp_path / "nowhere"))
+    result = CliRunner().invoke(sandboxes.sandboxes_group, ["list"])
+    assert result.exit_code == 1
+    assert str(tmp_path / "nowhere" / "api-key") in result.output and "--key" in result.output
+
+
+def test_registered_in_the_appliance_group_or_ready_to_be():
+    from appliance.cli import main
+
+    command = main.commands.get("sandboxes", sandboxes.sandboxes_group)
+    assert set(command.commands) == {"list", "freeze", "resume", "rm"}
