@@ -24,6 +24,7 @@ from appliance_agent import frames
 
 from service.engine import Engine, EngineError, ExecResult, Sandbox, SandboxBusy, SandboxClosed, SandboxLost, snapshot
 from service.engine.channel import AgentChannel
+from service.engine.errors import BUSY_MESSAGE
 from service.engine.machine import MachineConfig, machine_from_json, machine_to_json
 from service.engine.vm import VirtualMachine
 
@@ -452,7 +453,7 @@ def _code_lock(record: SandboxRecord) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise Busy("the sandbox is running code; wait for it or interrupt it first") from None
+        raise Busy(BUSY_MESSAGE) from None
     return fd
 
 

@@ -23,8 +23,12 @@ class SandboxLost(EngineError):
     """The VM is gone (crashed, killed, or its agent stopped answering); its state cannot be recovered."""
 
 
+BUSY_MESSAGE = "the sandbox is already running code; wait for it or interrupt it"
+
+
 class SandboxBusy(EngineError):
-    pass
+    def __init__(self, message: str = BUSY_MESSAGE) -> None:
+        super().__init__(message)
 
 
 class SandboxClosed(EngineError):

@@ -148,7 +148,7 @@ class Sandbox:
         if self._closed:
             raise SandboxClosed("the sandbox is closed")
         if not self._exec_lock.acquire(blocking=False):
-            raise SandboxBusy("the sandbox is already running code; wait for it or interrupt it")
+            raise SandboxBusy()
         try:
             timeout = self.limits.timeout_s if timeout_s is None else timeout_s
             request_id = self._channel.send(
@@ -163,7 +163,7 @@ class Sandbox:
             try:
                 for event in self._channel.events(request_id, deadline):
                     if event.get("ev") == "error" and event.get("code") == "busy":
-                        raise SandboxBusy("the sandbox is already running code; wait for it or interrupt it")
+                        raise SandboxBusy()
                     yield event
             except (AgentTimeout, SandboxLost) as exc:
                 self._lose(str(exc))
@@ -174,7 +174,7 @@ class Sandbox:
     def exclusive(self) -> Iterator[None]:
         """Hold the sandbox idle (no exec from this process can start) for a freeze or a fork."""
         if not self._exec_lock.acquire(blocking=False):
-            raise SandboxBusy("the sandbox is running code; wait for it or interrupt it first")
+            raise SandboxBusy()
         try:
             yield
         finally:
@@ -191,7 +191,7 @@ class Sandbox:
             raise SandboxClosed("the sandbox is closed")
         # One reader per connection: a call waits for a running exec of this process (or gives up busy).
         if not self._exec_lock.acquire(timeout=timeout_s):
-            raise SandboxBusy("the sandbox is running code; wait for it or interrupt it")
+            raise SandboxBusy()
         try:
             return self._channel.call(op, time.monotonic() + timeout_s, payload, **args)
         except (AgentTimeout, SandboxLost) as exc:
