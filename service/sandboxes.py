@@ -258,16 +258,9 @@ class SandboxManager:
     def freeze_record(self, record: SandboxRecord) -> SandboxRecord:
         self._check_frozen_quota(record)
         sandbox = self._attach(record)
-        lock_fd = _code_lock(record)
-        try:
+        with _idle_for(record, f"freezing {record.id} failed; it keeps running"):
             snapshot.freeze(sandbox, self.snapshot_dir(record.id), self.engine.image.image_id,
                             compress=self.config.compress_snapshots)
-        except SandboxBusy as exc:
-            raise Busy(str(exc)) from None
-        except (EngineError, OSError) as exc:
-            raise ServiceError(f"freezing {record.id} failed; it keeps running: {exc}") from None
-        finally:
-            os.close(lock_fd)
         self._forget(record.id)
         self.registry.set_state(record.id, FROZEN, template_id=None)  # a snapshot holds all of its RAM
         self.templates.release(record.template_id, self.registry)
@@ -309,17 +302,10 @@ class SandboxManager:
         self._check_memory(record, n)
         sandbox = self._attach(record)
         ids = [new_sandbox_id() for _ in range(n)]
-        lock_fd = _code_lock(record)
-        try:
+        with _idle_for(record, f"fork of {sandbox_id} failed; it keeps running unchanged"):
             template, clones = snapshot.fork(sandbox, n, self.config.templates_dir, self.config.sandboxes_dir,
                                              self.engine.config.limits, detach=True, vm_ids=ids,
                                              jail=self.engine.jail)
-        except SandboxBusy as exc:
-            raise Busy(str(exc)) from None
-        except (EngineError, OSError) as exc:
-            raise ServiceError(f"fork of {sandbox_id} failed; it keeps running unchanged: {exc}") from None
-        finally:
-            os.close(lock_fd)
         records = []
         for clone_id, clone in zip(ids, clones, strict=True):
             clone.detach()
@@ -455,6 +441,20 @@ def _code_lock(record: SandboxRecord) -> int:
         os.close(fd)
         raise Busy(BUSY_MESSAGE) from None
     return fd
+
+
+@contextlib.contextmanager
+def _idle_for(record: SandboxRecord, failure: str) -> Iterator[None]:
+    """Hold the code lock for a fork or freeze; engine failures become service errors that start with `failure`."""
+    lock_fd = _code_lock(record)
+    try:
+        yield
+    except SandboxBusy as exc:
+        raise Busy(str(exc)) from None
+    except (EngineError, OSError) as exc:
+        raise ServiceError(f"{failure}: {exc}") from None
+    finally:
+        os.close(lock_fd)
 
 
 def _fresh_vm_id(sandbox_id: str) -> str:

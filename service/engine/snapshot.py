@@ -31,7 +31,7 @@ from .jail import Jail
 from .machine import MachineConfig, machine_from_json, machine_to_json
 from .sandbox import ExecLimits, Sandbox
 from .template import STATE_FILE as TEMPLATE_STATE
-from .template import Template, pass_fd, restore, save_device_state, wait_migration
+from .template import Template, pass_fd, pass_file, restore, save_device_state, wait_migration
 from .vm import VirtualMachine
 
 SNAPSHOT_FORMAT = 1
@@ -203,12 +203,7 @@ def _materialize(source: MachineConfig, stream: Path, templates_dir: Path, run_d
             qmp = vm.qmp()
         except TimeoutError:
             raise SnapshotError(f"the fork's materializer VM did not start: {vm.failure_report()}") from None
-        fd = os.open(stream, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            uri = pass_fd(qmp, fd, "state-in")
-        finally:
-            os.close(fd)
-        qmp.cmd("migrate-incoming", uri=uri)
+        qmp.cmd("migrate-incoming", uri=pass_file(qmp, stream, "state-in"))
         deadline = time.monotonic() + timeout_s
         while qmp.cmd("query-status")["status"] in {"inmigrate", "prelaunch"}:
             if time.monotonic() > deadline or vm.exited() is not None:

@@ -104,12 +104,7 @@ def save_device_state(vm: VirtualMachine, state_file: Path) -> None:
     qmp.cmd("stop")
     qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
     qmp.cmd("migrate-set-parameters", **{"max-bandwidth": _MIGRATE_BANDWIDTH})
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        uri = pass_fd(qmp, fd, "state-out")
-    finally:
-        os.close(fd)
-    qmp.cmd("migrate", uri=uri)
+    qmp.cmd("migrate", uri=pass_file(qmp, tmp, "state-out"))
     wait_migration(qmp, "completed", deadline=time.monotonic() + 60)
     tmp.replace(state_file)
 
@@ -120,6 +115,16 @@ def pass_fd(qmp: Any, fd: int, name: str) -> str:
     qmp.send_fd_scm(fd)
     qmp.cmd("getfd", fdname=name)
     return f"fd:{name}"
+
+
+def pass_file(qmp: Any, path: Path, name: str) -> str:
+    """pass_fd for a state file: "state-in" opens it to read, anything else creates it to write."""
+    flags = os.O_RDONLY if name == "state-in" else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    try:
+        return pass_fd(qmp, fd, name)
+    finally:
+        os.close(fd)
 
 
 def restore(
@@ -152,11 +157,7 @@ def restore(
             uri = pass_fd(qmp, reading.stdout.fileno(), "state-in")
             reading.stdout.close()
         else:
-            fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                uri = pass_fd(qmp, fd, "state-in")
-            finally:
-                os.close(fd)
+            uri = pass_file(qmp, state_file, "state-in")
         qmp.cmd("migrate-incoming", uri=uri)
         _wait_incoming(qmp, deadline)
         if reading is not None and reading.wait(timeout=max(1.0, deadline - time.monotonic())) != 0:
