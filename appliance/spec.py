@@ -134,6 +134,11 @@ class IsolationSpec(_Section):
         "appliance-vms", pattern=r"^[A-Za-z0-9._-]+$",
         description="cgroup below the service's own cgroup that holds one cgroup per VM",
     )
+    network_range: str = Field(
+        "100.96.0.0/16", pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$",
+        description="IPv4 range for sandboxes created with a network policy: 8 addresses each (host link and "
+        "guest link); must not overlap the networks sandboxes may reach",
+    )
 
 
 class PathsSpec(_Section):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.engine import EngineConfig
+from service.engine.network import NetworkSettings
 
 API_KEYS_ENV = "APPLIANCE_API_KEYS"
 KEY_FILE_NAME = "api-key"
@@ -36,6 +37,7 @@ class ServiceConfig:
     max_fork: int = 64
     frozen_quota_bytes: int = 64 << 30
     compress_snapshots: bool = False
+    network: NetworkSettings = field(default_factory=NetworkSettings)
 
     @property
     def run_dir(self) -> Path:
@@ -71,6 +73,7 @@ class ServiceConfig:
             max_fork=service.max_fork,
             frozen_quota_bytes=service.frozen_quota_bytes,
             compress_snapshots=service.compress_snapshots,
+            network=NetworkSettings(sandbox_range=spec.isolation.network_range),
             # one port per gunicorn worker, one for the pool keeper, one spare for a worker being replaced
             agent_ports=min(service.workers + 2, 30),
         )

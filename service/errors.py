@@ -38,6 +38,12 @@ class Invalid(ServiceError):
     code, status = "invalid", 422
 
 
+class NetworkUnavailable(ServiceError):
+    """A network policy this host cannot provide (not root, no /dev/net/tun, address range full)."""
+
+    code, status = "network_unavailable", 422
+
+
 class LimitReached(ServiceError):
     code, status = "limit_reached", 429
 

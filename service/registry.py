@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     metadata TEXT NOT NULL DEFAULT '{}',
     created_at REAL NOT NULL,
     last_active_at REAL NOT NULL,
-    persistent INTEGER NOT NULL DEFAULT 0  -- idle past timeout_s: freeze (1) instead of close (0)
+    persistent INTEGER NOT NULL DEFAULT 0,  -- idle past timeout_s: freeze (1) instead of close (0)
+    network TEXT               -- JSON: the network policy and the current identity (mac, address); NULL: none
 );
 CREATE INDEX IF NOT EXISTS sandboxes_owner ON sandboxes(owner, state);
 CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes(state);
@@ -52,6 +53,9 @@ class SandboxRecord:
     created_at: float = 0.0
     last_active_at: float = 0.0
     persistent: bool = False
+    # {"egress": ..., "mac": ..., "address": ...}: the policy as the user gave it, plus the network identity of the
+    # VM now running (new on every fork and resume). None: the sandbox has no network at all.
+    network: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> SandboxRecord:
@@ -59,6 +63,7 @@ class SandboxRecord:
         data["machine"] = json.loads(data["machine"])
         data["metadata"] = json.loads(data["metadata"])
         data["persistent"] = bool(data["persistent"])
+        data["network"] = None if data.get("network") is None else json.loads(data["network"])
         return cls(**data)
 
 
@@ -72,6 +77,9 @@ class Registry:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._db.executescript(_SCHEMA)
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(sandboxes)")}
+        if "network" not in columns:  # a registry from before sandbox networks
+            self._db.execute("ALTER TABLE sandboxes ADD COLUMN network TEXT")
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -109,11 +117,13 @@ class Registry:
         record.created_at = record.created_at or now
         record.last_active_at = record.last_active_at or now
         self._db.execute(
-            "INSERT INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO sandboxes (id, owner, state, vm_dir, template_id, machine, timeout_s, metadata, "
+            "created_at, last_active_at, persistent, network) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 record.id, record.owner, record.state, record.vm_dir, record.template_id,
                 json.dumps(record.machine), record.timeout_s, json.dumps(record.metadata),
                 record.created_at, record.last_active_at, int(record.persistent),
+                None if record.network is None else json.dumps(record.network),
             ),
         )
 
@@ -173,7 +183,8 @@ class Registry:
     def set_state(self, sandbox_id: str, state: str, **columns: Any) -> None:
         """Change state (and other columns, e.g. vm_dir or machine after a resume)."""
         sets = ", ".join(["state=?", *[f"{name}=?" for name in columns]])
-        values = [json.dumps(v) if name in {"machine", "metadata"} else v for name, v in columns.items()]
+        values = [json.dumps(v) if name in {"machine", "metadata", "network"} and v is not None else v
+                  for name, v in columns.items()]
         self._db.execute(f"UPDATE sandboxes SET {sets} WHERE id=?", (state, *values, sandbox_id))
 
     def remove(self, sandbox_id: str) -> bool:

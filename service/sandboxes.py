@@ -22,7 +22,18 @@ from typing import Any
 
 from appliance_agent import frames
 
-from service.engine import Engine, EngineError, ExecResult, Sandbox, SandboxBusy, SandboxClosed, SandboxLost, snapshot
+from service.engine import (
+    Engine,
+    EngineError,
+    ExecResult,
+    Sandbox,
+    SandboxBusy,
+    SandboxClosed,
+    SandboxLost,
+    netpolicy,
+    network,
+    snapshot,
+)
 from service.engine.channel import AgentChannel
 from service.engine.errors import BUSY_MESSAGE
 from service.engine.machine import MachineConfig, machine_from_json, machine_to_json
@@ -34,6 +45,7 @@ from .errors import (
     InsufficientStorage,
     Invalid,
     LimitReached,
+    NetworkUnavailable,
     NotFound,
     NotReady,
     SandboxLostError,
@@ -82,9 +94,12 @@ class SandboxManager:
         timeout_s: float | None = None,
         metadata: dict[str, Any] | None = None,
         persistent: bool = False,
+        network_policy: dict[str, Any] | None = None,
     ) -> SandboxRecord:
         """A running sandbox for `owner`: a pooled clone if one is ready, else a clone of the warm template, else
-        (a non-default size) a cold boot. `persistent` sandboxes are frozen, not closed, when idle too long."""
+        (a non-default size) a cold boot. `persistent` sandboxes are frozen, not closed, when idle too long.
+        `network_policy` ({"egress": ...}, see netpolicy.py) gives it a filtered network; None: no network."""
+        wanted = self._network_request(network_policy)  # a bad policy or unresolvable name fails before anything
         self._check_limits(owner)
         timeout = timeout_s or self.config.sandbox_timeout_s
         metadata = metadata or {}
@@ -97,11 +112,19 @@ class SandboxManager:
             if record is not None:
                 # No reseed here: the keeper reseeded this clone when it made it, and its clock has run since.
                 try:
-                    self._attach(record)
-                    return record
+                    pooled = self._attach(record)
                 except (SandboxLost, SandboxClosed, OSError) as exc:
                     log.warning("pooled sandbox %s was unusable (%s); cloning a fresh one", record.id, exc)
                     self._destroy(record)
+                else:
+                    if wanted is not None:
+                        try:
+                            record.network = self._give_network(pooled, wanted)
+                        except BaseException:
+                            self._destroy(record)
+                            raise
+                        self.registry.set_state(record.id, RUNNING, network=record.network)
+                    return record
             sandbox_id = new_sandbox_id()
             sandbox = template.clone(
                 self.config.sandboxes_dir, self.engine.config.limits, vm_id=sandbox_id, detach=True,
@@ -118,9 +141,15 @@ class SandboxManager:
                 detach=True, vm_id=sandbox_id, jail=self.engine.jail,
             )
             template_id = None
+        try:
+            given = None if wanted is None else self._give_network(sandbox, wanted)
+        except BaseException:
+            sandbox.close()
+            raise
         record = SandboxRecord(
             id=sandbox_id, owner=owner, state=RUNNING, vm_dir=str(sandbox.vm.dir), template_id=template_id,
             machine=machine_to_json(machine), timeout_s=timeout, metadata=metadata, persistent=persistent,
+            network=given,
         )
         sandbox.detach()  # the creating connection used port 0; workers attach on their own ports
         self.registry.add(record)
@@ -287,9 +316,19 @@ class SandboxManager:
                 raise Invalid(f"sandbox {sandbox_id} cannot be resumed on this host: {exc}") from None
             except (EngineError, OSError) as exc:
                 raise ServiceError(f"resuming {sandbox_id} failed; it stays frozen: {exc}") from None
+            try:
+                given = None if record.network is None else self._give_network(
+                    sandbox, self._network_request(record.network))
+            except ServiceError as exc:
+                sandbox.close()
+                raise type(exc)(f"resuming {sandbox_id} failed; it stays frozen: {exc.message}") from None
+            except BaseException:
+                sandbox.close()
+                raise
             sandbox.detach()
             self.registry.set_state(sandbox_id, RUNNING, vm_dir=str(sandbox.vm.dir),
-                                    machine=machine_to_json(sandbox.vm.config), last_active_at=time.time())
+                                    machine=machine_to_json(sandbox.vm.config), last_active_at=time.time(),
+                                    network=given)
             shutil.rmtree(directory, ignore_errors=True)
         return self.get(owner, sandbox_id)
 
@@ -300,19 +339,31 @@ class SandboxManager:
         record = self._running(owner, sandbox_id)
         self._check_limits(owner, adding=n)
         self._check_memory(record, n)
+        wanted = None if record.network is None else self._network_request(record.network)
         sandbox = self._attach(record)
         ids = [new_sandbox_id() for _ in range(n)]
-        with _idle_for(record, f"fork of {sandbox_id} failed; it keeps running unchanged"):
+        failure = f"fork of {sandbox_id} failed; it keeps running unchanged"
+        with _idle_for(record, failure):
             template, clones = snapshot.fork(sandbox, n, self.config.templates_dir, self.config.sandboxes_dir,
                                              self.engine.config.limits, detach=True, vm_ids=ids,
                                              jail=self.engine.jail)
+        try:  # each clone: the parent's policy, its own namespace, MAC and address
+            networks = [None if wanted is None else self._give_network(clone, wanted) for clone in clones]
+        except BaseException as exc:
+            for clone in clones:
+                clone.close()
+            template.remove()
+            if isinstance(exc, ServiceError):
+                raise type(exc)(f"{failure}: {exc.message}") from None
+            raise
         records = []
-        for clone_id, clone in zip(ids, clones, strict=True):
+        for clone_id, clone, given in zip(ids, clones, networks, strict=True):
             clone.detach()
             child = SandboxRecord(
                 id=clone_id, owner=owner, state=RUNNING, vm_dir=str(clone.vm.dir), template_id=template.template_id,
                 machine=machine_to_json(clone.vm.config), timeout_s=record.timeout_s,
                 metadata={**record.metadata, "forked_from": sandbox_id}, persistent=record.persistent,
+                network=given,
             )
             self.registry.add(child)
             records.append(child)
@@ -337,6 +388,34 @@ class SandboxManager:
             raise InsufficientStorage(
                 f"fork of {n} needs about {needed >> 20} MiB of host memory; {available >> 20} MiB is available"
             )
+
+    # ---- network ---------------------------------------------------------------------------------------------
+
+    def _network_request(
+        self, requested: dict[str, Any] | None
+    ) -> tuple[netpolicy.NetworkPolicy, netpolicy.ResolvedPolicy] | None:
+        """The policy checked and its names resolved (now: at creation, and again at each resume)."""
+        try:
+            policy = netpolicy.parse_policy(None if requested is None else {"egress": requested.get("egress")})
+            if policy is None:
+                return None
+            why = network.unavailable()
+            if why is not None:
+                raise NetworkUnavailable(f"this host cannot give sandboxes a network: {why}")
+            return policy, netpolicy.resolve(policy)
+        except netpolicy.PolicyError as exc:
+            raise Invalid(str(exc)) from None
+
+    def _give_network(
+        self, sandbox: Sandbox, wanted: tuple[netpolicy.NetworkPolicy, netpolicy.ResolvedPolicy]
+    ) -> dict[str, Any]:
+        """Attach the network; returns the record's `network` column (policy plus the new identity)."""
+        policy, resolved = wanted
+        try:
+            attachment = network.attach(sandbox.vm, sandbox.call, policy, self.config.network, resolved)
+        except network.NetworkError as exc:
+            raise ServiceError(str(exc)) from None
+        return {**policy.to_json(), **attachment.describe()}
 
     # ---- internals -------------------------------------------------------------------------------------------
 

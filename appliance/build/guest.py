@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from appliance_agent.netconfig import MODULES_DIR as NETWORK_MODULES_DIR
+
 from appliance.build import kernel as kernel_stage
 from appliance.build import rootfs
 from appliance.build.common import RECIPE_DIR, BuildError, exclusive, read_list, run, sha256_file, tree_hash
@@ -136,6 +138,9 @@ def _build_into(spec: ApplianceSpec, work: Path, progress: Progress, refresh: bo
         rootfs.unpack_base(base, root)
         pip_versions = rootfs.install_wheels(root, wheels, guest.suite, guest.pip_packages)
         rootfs.install_appliance(root, recipe)
+        network_modules = [path for path in kernel_stage.resolve_modules(
+            tree, read_list(RECIPE_DIR / "kernel" / "modules-network.txt")) if path not in modules]
+        rootfs.install_modules(root, network_modules, NETWORK_MODULES_DIR)
     with progress.phase("rootfs: trim"):
         purged = rootfs.trim(root, recipe, guest.apt_packages)
     with progress.phase("rootfs: python", "byte-compile, font cache, import check"):
@@ -152,7 +157,8 @@ def _build_into(spec: ApplianceSpec, work: Path, progress: Progress, refresh: bo
             guest=guest.model_dump(mode="json", exclude=VM_SIZE_FIELDS),
             recipe=recipe_hash(),
             kernel={"package": debs.kernel_package, "version": debs.kernel_version, "release": tree.release,
-                    "modules": [m.removesuffix(".ko") for m in loaded]},
+                    "modules": [m.removesuffix(".ko") for m in loaded],
+                    "network_modules": [path.name.removesuffix(".ko") for path in network_modules]},
             busybox_version=debs.busybox_version,
             debian_packages=debian,
             purged_packages=purged,

@@ -305,6 +305,15 @@ def install_appliance(root: Path, recipe: Recipe) -> None:
         (root / directory).mkdir(parents=True, exist_ok=True)
 
 
+def install_modules(root: Path, modules: list[Path], directory: str) -> None:
+    """Kernel modules the agent loads on request, in load order: the .ko files plus `order` listing them."""
+    target = root / directory
+    target.mkdir(parents=True, exist_ok=True)
+    for path in modules:
+        shutil.copyfile(path, target / path.name)
+    (target / "order").write_text("".join(f"{path.name}\n" for path in modules))
+
+
 def trim(root: Path, recipe: Recipe, requested: list[str]) -> list[str]:
     """Purge build-only packages that came in as dependencies, then delete the listed paths.
 

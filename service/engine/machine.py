@@ -13,6 +13,7 @@ QEMU_BINARY = "qemu-system-x86_64"
 GUEST_KERNEL_HZ = 250
 # QEMU's own seccomp filter (jailed VMs): no obsolete syscalls, no set*uid/capset, no fork/exec, no scheduler or
 # affinity changes. spawn=deny is why migrations use descriptors the host opens (fd:), never exec: (template.py).
+NIC_ID, NIC_HUB_PORT = "nic0", "nichub0"  # the guest NIC and its port on hub 0 (network.py adds the backend's)
 SECCOMP_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -38,6 +39,10 @@ class MachineConfig:
     # Agent ports: each is its own host socket, so several host processes (API workers) can each hold one
     # connection to the same guest at once. Part of the machine: saved state only restores onto the same ports.
     agent_ports: int = 1
+    # A virtio NIC whose peer is a QEMU hub with no other port: the NIC exists on every VM (so every sandbox can
+    # come from one warm template) but carries nothing until the host attaches a backend (network.py). The guest
+    # binds no driver to it unless the sandbox is given a network.
+    nic: bool = True
     qemu_binary: str = QEMU_BINARY
 
     def __post_init__(self) -> None:
@@ -121,6 +126,11 @@ def build_qemu_command(config: MachineConfig, paths: RuntimePaths) -> list[str]:
             "-chardev", f"socket,id=agent{port},path={paths.agent_socket(port)},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent{port},name={agent_port_name(port)},nr={port + 1}",
         ]
+    if config.nic:
+        argv += [
+            "-netdev", f"hubport,id={NIC_HUB_PORT},hubid=0",
+            "-device", f"virtio-net-device,netdev={NIC_HUB_PORT},id={NIC_ID}",
+        ]
     argv += ["-qmp", f"unix:{paths.qmp_socket},server=on,wait=off"]
     if paths.incoming is not None:
         argv += ["-incoming", paths.incoming]
@@ -146,4 +156,5 @@ def machine_from_json(stored: dict[str, Any]) -> MachineConfig:
     for key in ("kernel", "initrd", "rootfs", "memory_file"):
         data[key] = None if data[key] is None else Path(data[key])
     data["extra_kernel_args"] = tuple(data["extra_kernel_args"])
+    data.setdefault("nic", False)  # machines stored before VMs had a NIC (their saved state has none)
     return MachineConfig(**data)

@@ -61,10 +61,11 @@ class Template:
         try:
             sandbox = Sandbox.boot(shared, directory, limits, boot_timeout_s, jail=jail)
             try:
-                if warm_code:
-                    result = sandbox.run_code(warm_code, timeout_s=max(limits.timeout_s, 300.0))
-                    if result.error is not None:
-                        raise TemplateError(f"warm-up code failed in the template: {result.error.get('value')}")
+                # Always one exec, even without warm-up code: it waits until the worker is up, so the saved state
+                # never holds a worker still starting (its clones would report their first exec as busy).
+                result = sandbox.run_code(warm_code or "pass", timeout_s=max(limits.timeout_s, 300.0))
+                if result.error is not None:
+                    raise TemplateError(f"warm-up code failed in the template: {result.error.get('value')}")
                 save_device_state(sandbox.vm, directory / STATE_FILE)
             finally:
                 sandbox.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from . import jail as jails
+from . import network
 from .errors import BootFailed
 from .machine import MachineConfig, RuntimePaths, build_qemu_command
 
@@ -226,6 +227,7 @@ class VirtualMachine:
             while self._is_ours_and_alive() and time.monotonic() < deadline:
                 time.sleep(0.005)
         jails.remove_vm_cgroups(self.dir)
+        network.detach(self.dir)
         if not keep_files:
             shutil.rmtree(self.dir, ignore_errors=True)
 

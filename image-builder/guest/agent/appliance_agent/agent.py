@@ -85,6 +85,7 @@ class Agent:
             "reseed": self._op_reseed,
             "set_clock": self._op_set_clock,
             "restart_worker": self._op_restart_worker,
+            "net_config": self._op_net_config,
             **dict.fromkeys(files.HANDLERS, self._op_file),
         }
 
@@ -242,6 +243,17 @@ class Agent:
             self._error(channel, request_id, ErrorCode.INTERNAL, f"cannot set the clock: {exc}")
             return
         channel.send(protocol.event(request_id, "ok"))
+
+    def _op_net_config(self, channel: HostChannel, request_id: int, message: dict[str, Any]) -> None:
+        from appliance_agent import netconfig  # first use only: its imports cost boot time under TCG
+
+        config = netconfig.NetConfig(message)
+        try:
+            result = netconfig.configure(config)
+        except (netconfig.NetConfigError, OSError) as exc:
+            self._error(channel, request_id, ErrorCode.INTERNAL, f"cannot configure the network: {exc}")
+            return
+        channel.send(protocol.event(request_id, "ok", **result))
 
     def _op_restart_worker(self, channel: HostChannel, request_id: int, _message: dict[str, Any]) -> None:
         if self._worker is not None:

@@ -13,6 +13,9 @@ Requests go host -> agent and carry an integer "id" chosen by the host and an "o
     reseed {seed_hex}                         -> ok (kernel CRNG, Python `random`, numpy in the worker)
     set_clock {unix_ns}                       -> ok (CLOCK_REALTIME)
     restart_worker                            -> ok (a fresh namespace)
+    net_config {mac, address, gateway, hosts} -> ok {interface, mac, address, loaded} (netconfig.py: loads the
+                                                 NIC driver, sets MAC, address/prefix and default route,
+                                                 writes {name: ip} hosts to /etc/hosts; again on a clone)
 Events go agent -> host and carry the "id" of the request they answer and an "ev". The agent sends one
 unsolicited event with id 0 when it starts: hello {protocol, agent_version}.
 
@@ -65,7 +68,8 @@ TRUNCATION_MARKER = "\n[output truncated: {omitted} bytes omitted]\n"
 
 # file_write, file_read and list_dir carry raw payloads: see frames.py.
 OPS = frozenset(
-    {"ping", "exec", "interrupt", "reseed", "set_clock", "restart_worker", "file_write", "file_read", "list_dir"}
+    {"ping", "exec", "interrupt", "reseed", "set_clock", "restart_worker", "file_write", "file_read", "list_dir",
+     "net_config"}
 )
 EVENTS = frozenset({"hello", "pong", "stdout", "stderr", "display", "done", "ok", "error"})
 LANGUAGES = frozenset({"python", "bash"})

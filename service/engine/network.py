@@ -1,0 +1,251 @@
+"""A sandbox's network on the host: its own network namespace holding the filter (netpolicy.py), linked to the
+host namespace by a veth pair and to the guest by a tap device whose descriptor QEMU gets over QMP.
+
+    guest eth0 ── virtio NIC ── QEMU hub ── tap0 │ sandbox netns (nftables) │ uplink ══ aplsb<N>h │ host ── world
+                                                 └── created here, filters every packet; QEMU is not in it ──┘
+
+QEMU stays in its own empty namespace (jail.py): it holds the tap's descriptor, not a socket, so even a QEMU
+escape sends only guest-shaped packets into the filter. The namespace's name doubles as the slot's claim: `ip
+netns add` is atomic, so two API workers never get the same addresses. Needs root (CAP_NET_ADMIN).
+Teardown is deleting the namespace: that removes the veth pair, the tap and the rules with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import EngineError
+from .machine import NIC_ID
+from .netpolicy import (
+    NS_TAP,
+    NS_VETH,
+    NetworkPolicy,
+    ResolvedPolicy,
+    Slot,
+    check_range,
+    host_ruleset,
+    namespace_ruleset,
+    random_mac,
+    resolve,
+    slot_count,
+)
+
+log = logging.getLogger(__name__)
+
+NETWORK_FILE = "network.json"  # in the VM dir: which slot it holds, so any process can tear it down
+_NETNS_DIR = Path("/run/netns")
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
+_TAP_FD_NAME, _TAP_NETDEV, _TAP_HUB_PORT = "tap", "tap0", "taphub0"
+
+
+class NetworkError(EngineError):
+    pass
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    sandbox_range: str = "100.96.0.0/16"  # isolation.network_range: 8 addresses per networked sandbox
+    nft: str = "nft"
+    ip: str = "ip"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    slot: Slot
+    mac: str
+    hosts: dict[str, str]
+
+    def describe(self) -> dict[str, Any]:
+        """What the API shows about a sandbox's network identity."""
+        return {"mac": self.mac, "address": str(self.slot.guest_ip), "host_address": str(self.slot.ns_ip)}
+
+
+def unavailable() -> str | None:
+    """Why this process cannot give sandboxes a network, or None."""
+    if os.geteuid() != 0:
+        return "sandbox networks need the service to run as root (network namespaces, nftables)"
+    if not os.path.exists("/dev/net/tun"):
+        return "sandbox networks need /dev/net/tun"
+    return None
+
+
+def attach(vm: Any, call: Any, policy: NetworkPolicy, settings: NetworkSettings,
+           resolved: ResolvedPolicy | None = None) -> Attachment:
+    """Give a running VM a network under `policy`. `vm` is its VirtualMachine, `call` sends an agent request
+    (Sandbox.call). On failure nothing is left on the host and the guest has no usable route."""
+    why = unavailable()
+    if why is not None:
+        raise NetworkError(why)
+    sandbox_range = check_range(settings.sandbox_range)
+    resolved = resolved if resolved is not None else resolve(policy)
+    _ensure_host_rules(settings, sandbox_range)
+    slot = _claim_slot(settings, sandbox_range)
+    try:
+        tap_fd = _build_namespace(settings, slot, resolved, sandbox_range)
+        try:
+            qmp = vm.qmp()
+            qmp.send_fd_scm(tap_fd)
+            qmp.cmd("getfd", fdname=_TAP_FD_NAME)
+        finally:
+            os.close(tap_fd)
+        qmp.cmd("netdev_add", type="tap", id=_TAP_NETDEV, fd=_TAP_FD_NAME)
+        qmp.cmd("netdev_add", type="hubport", id=_TAP_HUB_PORT, hubid=0, netdev=_TAP_NETDEV)
+        mac = random_mac(secrets.token_bytes(5))
+        (vm.dir / NETWORK_FILE).write_text(json.dumps({"slot": slot.index, "range": str(sandbox_range)}))
+        reply = call("net_config", mac=mac, address=f"{slot.guest_ip}/30", gateway=str(slot.gateway_ip),
+                     hosts=resolved.hosts)
+        if reply.get("ev") != "ok":
+            raise NetworkError(f"the guest could not configure its network: {reply.get('message', reply)}")
+    except BaseException as exc:
+        teardown_slot(settings, slot)
+        with contextlib.suppress(OSError):
+            (vm.dir / NETWORK_FILE).unlink()
+        if isinstance(exc, NetworkError):
+            raise
+        if isinstance(exc, Exception):
+            raise NetworkError(f"cannot give the sandbox its network: {exc}") from None
+        raise
+    return Attachment(slot, mac, resolved.hosts)
+
+
+def detach(vm_dir: Path, settings: NetworkSettings | None = None) -> None:
+    """Remove the network of the VM whose directory this is, if it has one (called when a VM stops)."""
+    record = vm_dir / NETWORK_FILE
+    try:
+        data = json.loads(record.read_text())
+        slot = Slot(int(data["slot"]), check_range(data["range"]))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("cannot read %s: %s", record, exc)
+        return
+    teardown_slot(settings or NetworkSettings(), slot)
+    with contextlib.suppress(OSError):
+        record.unlink()
+
+
+def teardown_slot(settings: NetworkSettings, slot: Slot) -> None:
+    done = subprocess.run([settings.ip, "netns", "delete", slot.netns], capture_output=True, text=True)
+    if done.returncode != 0 and (_NETNS_DIR / slot.netns).exists():
+        log.warning("cannot delete network namespace %s: %s", slot.netns, done.stderr.strip())
+    with contextlib.suppress(OSError):  # normally gone with its peer; left over if the netns step failed
+        subprocess.run([settings.ip, "link", "delete", slot.host_veth], capture_output=True)
+
+
+def leftover_slots(live_vm_dirs: list[Path], sandbox_range: str) -> list[Slot]:
+    """Namespaces of ours that no live VM holds (a crash between claim and record, or a killed service)."""
+    held: set[int] = set()
+    for vm_dir in live_vm_dirs:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            held.add(int(json.loads((vm_dir / NETWORK_FILE).read_text())["slot"]))
+    cidr = check_range(sandbox_range)
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in _NETNS_DIR.iterdir():
+            index = entry.name.removeprefix(Slot(0, cidr).netns[:-1])
+            if entry.name != index and index.isdigit() and int(index) not in held:
+                found.append(Slot(int(index), cidr))
+    return found
+
+
+# ---- the steps ------------------------------------------------------------------------------------------------
+
+_host_rules_applied: set[str] = set()
+
+
+def _ensure_host_rules(settings: NetworkSettings, sandbox_range: Any) -> None:
+    if str(sandbox_range) in _host_rules_applied:
+        return
+    _run(settings, [settings.nft, "-f", "-"], host_ruleset(sandbox_range), "installing the host's sandbox rules")
+    _host_rules_applied.add(str(sandbox_range))
+    if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() != "1":
+        log.warning("net.ipv4.ip_forward is 0: sandboxes reach only networks whose replies come in on an interface "
+                    "with forwarding enabled (set net.ipv4.conf.<uplink>.forwarding=1, or ip_forward=1)")
+
+
+def _claim_slot(settings: NetworkSettings, sandbox_range: Any) -> Slot:
+    """The first free slot, claimed by creating its namespace (atomic: `ip netns add` fails if it exists)."""
+    taken = {entry.name for entry in _NETNS_DIR.iterdir()} if _NETNS_DIR.is_dir() else set()
+    for index in range(1, slot_count(sandbox_range)):  # slot 0 would use the range's network address
+        slot = Slot(index, sandbox_range)
+        if slot.netns in taken:
+            continue
+        done = subprocess.run([settings.ip, "netns", "add", slot.netns], capture_output=True, text=True)
+        if done.returncode == 0:
+            return slot
+        if not (_NETNS_DIR / slot.netns).exists():  # not a race lost to another worker: a real failure
+            raise NetworkError(f"cannot create a network namespace: {done.stderr.strip()}")
+    raise NetworkError(f"no free address slot left in the sandbox network range {sandbox_range}")
+
+
+def _build_namespace(settings: NetworkSettings, slot: Slot, resolved: ResolvedPolicy, sandbox_range: Any) -> int:
+    """Links, addresses, routes and rules; returns the tap's descriptor (for QEMU)."""
+    ns = slot.netns
+    # The tap is created here and moved: its descriptor stays valid and its packets flow in the namespace.
+    tap_fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(tap_fd, _TUNSETIFF, struct.pack("16sH", slot.tap_name.encode(), _IFF_TAP | _IFF_NO_PI))
+        host_batch = [
+            f"link add {slot.host_veth} type veth peer name {NS_VETH} netns {ns}",
+            f"link set {slot.tap_name} netns {ns}",
+            f"addr add {slot.host_ip}/30 dev {slot.host_veth}",
+            f"link set {slot.host_veth} up",
+            f"route add {slot.guest_subnet} via {slot.ns_ip} dev {slot.host_veth}",
+        ]
+        ns_batch = [
+            f"link set {slot.tap_name} name {NS_TAP}",
+            "link set lo up",
+            f"addr add {slot.ns_ip}/30 dev {NS_VETH}",
+            f"link set {NS_VETH} up",
+            f"addr add {slot.gateway_ip}/30 dev {NS_TAP}",
+            f"link set {NS_TAP} up",
+            f"route add default via {slot.host_ip} dev {NS_VETH}",
+        ]
+        _run(settings, [settings.ip, "-batch", "-"], _lines(host_batch), "linking the sandbox namespace")
+        _write_sysctl(f"/proc/sys/net/ipv4/conf/{slot.host_veth}/forwarding", "1")
+        _run(settings, [settings.ip, "-n", ns, "-batch", "-"], _lines(ns_batch), "addressing the sandbox namespace")
+        # The filter first, then forwarding: no packet is ever forwarded unfiltered.
+        _run(settings, [settings.ip, "netns", "exec", ns, settings.nft, "-f", "-"],
+             namespace_ruleset(resolved, slot, sandbox_range), "loading the sandbox's filter")
+        _run(settings, [settings.ip, "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"], "",
+             "enabling forwarding in the sandbox namespace")
+    except BaseException:
+        os.close(tap_fd)
+        raise
+    return tap_fd
+
+
+def _lines(lines: list[str]) -> str:
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _run(settings: NetworkSettings, argv: list[str], stdin: str, what: str) -> None:
+    try:
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NetworkError(f"{what} failed: {exc}") from None
+    if done.returncode != 0:
+        raise NetworkError(f"{what} failed: {(done.stderr or done.stdout).strip()[:500]}")
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    try:
+        Path(path).write_text(value)
+    except OSError as exc:
+        raise NetworkError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def nic_mac(vm: Any) -> str:
+    """The MAC address QEMU's NIC filters on (the guest sets it; the host reads it back to check)."""
+    return vm.qmp().cmd("query-rx-filter", name=NIC_ID)[0]["main-mac"]

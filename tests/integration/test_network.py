@@ -1,0 +1,228 @@
+"""Sandbox networks for real: a test server in a network namespace this module creates, sandboxes with and
+without a policy (from the pool, forked, frozen and resumed), and what reaches what.
+
+Addresses: the servers live in 198.18.7.0/24 (a benchmarking range no real network uses); the host's end of the
+test link is 198.18.7.1 and also runs a server, which no sandbox may reach (it is the host itself)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from service.config import ServiceConfig
+from service.engine import EngineConfig, network
+from service.engine.netpolicy import NETNS_PREFIX
+from service.errors import Invalid
+from service.pool import PoolKeeper
+from service.registry import POOLED
+from service.sandboxes import SandboxManager
+
+pytestmark = pytest.mark.integration
+OWNER = "net-owner"
+HOST_END, ALLOWED, DENIED = "198.18.7.1", "198.18.7.2", "198.18.7.3"
+PORT, OTHER_PORT = 8000, 8001
+
+# Each server answers one line naming its address and port, then closes.
+SERVER = """
+import socket, sys, threading
+def serve(address, port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((address, port)); s.listen()
+    while True:
+        c, _ = s.accept(); c.sendall(f"hello from {address}:{port}\\n".encode()); c.close()
+pairs = [(a, int(p)) for a, p in (x.split(":") for x in sys.argv[1:])]
+for a, p in pairs[1:]:
+    threading.Thread(target=serve, args=(a, p), daemon=True).start()
+serve(*pairs[0])
+"""
+
+CONNECT = """
+import socket
+def probe(address, port):
+    try:
+        with socket.create_connection((address, port), timeout=5) as s:
+            return s.recv(100).decode().strip()
+    except OSError as exc:
+        return f"failed: {type(exc).__name__}"
+"""
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """A namespace with two server addresses behind a veth to the host, plus a server on the host's end."""
+    if network.unavailable() is not None:
+        pytest.skip(network.unavailable())
+    tag = secrets.token_hex(3)
+    ns, host_if = f"apltest-{tag}", f"apltst{tag}"
+    sh("ip", "netns", "add", ns)
+    processes: list[subprocess.Popen] = []
+    try:
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "addr", "add", f"{HOST_END}/24", "dev", host_if)
+        sh("ip", "link", "set", host_if, "up")
+        # Replies to sandboxes come in here and are forwarded to them: this link only, not the whole host.
+        Path(f"/proc/sys/net/ipv4/conf/{host_if}/forwarding").write_text("1")
+        for address in (ALLOWED, DENIED):
+            sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        endpoints = [f"{a}:{p}" for a in (ALLOWED, DENIED) for p in (PORT, OTHER_PORT)]
+        processes.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, *endpoints]))
+        processes.append(subprocess.Popen([sys.executable, "-c", SERVER, f"{HOST_END}:{PORT}"]))
+        time.sleep(1.0)
+        yield ns
+    finally:
+        for process in processes:  # ours, by PID
+            process.kill()
+            process.wait()
+        subprocess.run(["ip", "link", "delete", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def manager(spec, image_dir, run_root, tmp_path_factory, servers):
+    engine = replace(EngineConfig.from_spec(spec, image_dir), run_dir=run_root / "net", memory_mib=512)
+    config = ServiceConfig(
+        engine=engine, state_dir=tmp_path_factory.mktemp("netstate"), key_hashes=frozenset(), pool_size=1,
+        max_sandboxes_per_key=8, max_sandboxes=10, agent_ports=3,
+    )
+    keeper = PoolKeeper(config)
+    thread = threading.Thread(target=keeper.run, daemon=True)
+    thread.start()
+    manager = SandboxManager(config)
+    deadline = time.monotonic() + 300
+    while manager.readiness() is not None or not manager.registry.count(states=(POOLED,)):
+        assert thread.is_alive() and time.monotonic() < deadline, "no pooled sandbox within 300 s"
+        thread.join(0.5)
+    yield manager
+    for record in manager.registry.list(owner=OWNER):
+        manager._destroy(record)
+    keeper.stop()
+    thread.join(60)
+    manager.close()
+
+
+def probes(manager: SandboxManager, sandbox_id: str, *targets: tuple[str, int]) -> list[str]:
+    code = CONNECT + f"[probe(a, p) for a, p in {list(targets)!r}]"
+    result = manager.exec(OWNER, sandbox_id, code)
+    assert result.ok, result.error
+    return eval(result.text)  # a list of str repr'd by the guest
+
+
+def guest_interfaces(manager: SandboxManager, sandbox_id: str) -> list[str]:
+    result = manager.exec(OWNER, sandbox_id, "import os; sorted(os.listdir('/sys/class/net'))")
+    return eval(result.text)
+
+
+def our_namespaces() -> set[str]:
+    return {name for name in os.listdir("/run/netns") if name.startswith(NETNS_PREFIX)}
+
+
+def test_a_sandbox_without_a_policy_has_only_loopback(manager):
+    before = our_namespaces()
+    record = manager.create(OWNER)
+    assert record.network is None
+    assert guest_interfaces(manager, record.id) == ["lo"]
+    assert probes(manager, record.id, (ALLOWED, PORT))[0].startswith("failed")
+    assert our_namespaces() == before  # nothing was made on the host for it
+    manager.delete(OWNER, record.id)
+
+
+def test_allow_list_lets_through_what_it_names_and_nothing_else(manager):
+    record = manager.create(OWNER, network_policy={"egress": {"allow": [f"{ALLOWED}:{PORT}"]}})
+    assert record.network["egress"] == {"allow": [f"{ALLOWED}:{PORT}"]}
+    assert guest_interfaces(manager, record.id) == ["eth0", "lo"]
+    allowed, other_port, denied, host, loopback = probes(
+        manager, record.id, (ALLOWED, PORT), (ALLOWED, OTHER_PORT), (DENIED, PORT), (HOST_END, PORT),
+        ("127.0.0.1", 22),
+    )
+    assert allowed == f"hello from {ALLOWED}:{PORT}"
+    assert other_port.startswith("failed") and denied.startswith("failed")
+    assert host.startswith("failed") and loopback.startswith("failed")
+    namespace = f"{NETNS_PREFIX}{_slot_of(record)}"
+    assert namespace in our_namespaces()
+    manager.delete(OWNER, record.id)
+    assert namespace not in our_namespaces()  # closing a sandbox removes its namespace, links and rules
+
+
+def test_egress_all_reaches_the_network_but_never_the_host_itself(manager):
+    record = manager.create(OWNER, network_policy={"egress": "all"})
+    ok_allowed, ok_denied, host = probes(manager, record.id, (ALLOWED, OTHER_PORT), (DENIED, PORT), (HOST_END, PORT))
+    assert ok_allowed == f"hello from {ALLOWED}:{OTHER_PORT}" and ok_denied == f"hello from {DENIED}:{PORT}"
+    assert host.startswith("failed")
+    manager.delete(OWNER, record.id)
+
+
+def test_egress_none_has_an_interface_that_reaches_nothing(manager):
+    record = manager.create(OWNER, network_policy={"egress": "none"})
+    assert probes(manager, record.id, (ALLOWED, PORT))[0].startswith("failed")
+    manager.delete(OWNER, record.id)
+
+
+def test_user_code_cannot_widen_its_policy_by_changing_its_address(manager):
+    record = manager.create(OWNER, network_policy={"egress": {"allow": [f"{ALLOWED}/32"]}})
+    other = manager.create(OWNER, network_policy={"egress": "all"})
+    spoof = (f"import subprocess; subprocess.run('ip addr flush dev eth0; ip addr add {other.network['address']}/30 "
+             f"dev eth0', shell=True, check=True)")
+    assert manager.exec(OWNER, record.id, spoof).ok
+    assert probes(manager, record.id, (DENIED, PORT))[0].startswith("failed")
+    for sandbox in (record, other):
+        manager.delete(OWNER, sandbox.id)
+
+
+def test_fork_clones_keep_the_policy_with_their_own_identity(manager):
+    parent = manager.create(OWNER, network_policy={"egress": {"allow": [f"{ALLOWED}:{PORT}"]}})
+    clones = manager.fork(OWNER, parent.id, 2)
+    identities = [(r.network["mac"], r.network["address"]) for r in [parent, *clones]]
+    assert len({mac for mac, _ in identities}) == 3 and len({ip for _, ip in identities}) == 3
+    for clone in clones:
+        assert clone.network["egress"] == parent.network["egress"]
+        # What QEMU's NIC itself filters on is the clone's new MAC, not a copy of the parent's.
+        vm = manager._attach(manager.get(OWNER, clone.id)).vm
+        assert network.nic_mac(vm) == clone.network["mac"]
+        allowed, denied = probes(manager, clone.id, (ALLOWED, PORT), (DENIED, PORT))
+        assert allowed == f"hello from {ALLOWED}:{PORT}" and denied.startswith("failed")
+    for record in [parent, *clones]:
+        manager.delete(OWNER, record.id)
+
+
+def test_freeze_and_resume_keep_the_policy_and_give_a_new_identity(manager):
+    record = manager.create(OWNER, network_policy={"egress": {"allow": [f"{ALLOWED}:{PORT}"]}})
+    namespace = f"{NETNS_PREFIX}{_slot_of(record)}"
+    manager.freeze(OWNER, record.id)
+    assert namespace not in our_namespaces()  # a frozen sandbox holds no network on the host
+    resumed = manager.resume(OWNER, record.id)
+    assert resumed.network["egress"] == record.network["egress"]
+    assert resumed.network["mac"] != record.network["mac"]
+    allowed, denied = probes(manager, record.id, (ALLOWED, PORT), (DENIED, PORT))
+    assert allowed == f"hello from {ALLOWED}:{PORT}" and denied.startswith("failed")
+    manager.delete(OWNER, record.id)
+
+
+def test_bad_policies_are_refused_before_anything_is_made(manager):
+    before = (our_namespaces(), manager.registry.count(OWNER))
+    for policy, words in [
+        ({"egress": "some"}, "must be"),
+        ({"egress": {"allow": []}}, "1 to"),
+        ({"egress": {"allow": ["10.0.0.0/8:99999"]}}, "port"),
+        ({"egress": {"allow": ["no-such-host.invalid"]}}, "cannot resolve"),
+    ]:
+        with pytest.raises(Invalid, match=words):
+            manager.create(OWNER, network_policy=policy)
+    assert (our_namespaces(), manager.registry.count(OWNER)) == before
+
+
+def _slot_of(record) -> int:
+    return json.loads((Path(record.vm_dir) / network.NETWORK_FILE).read_text())["slot"]

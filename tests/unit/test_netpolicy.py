@@ -1,0 +1,129 @@
+"""Network policies: parsing, resolution, addresses and the rulesets, without touching the host."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from appliance_agent.arguments import BadRequest
+from appliance_agent.netconfig import NetConfig, hosts_file, ip_batch
+
+from service.engine.netpolicy import (
+    PolicyError,
+    Slot,
+    check_range,
+    host_ruleset,
+    namespace_ruleset,
+    parse_policy,
+    random_mac,
+    resolve,
+    slot_count,
+)
+
+RANGE = ipaddress.IPv4Network("100.96.0.0/16")
+
+
+def test_no_policy_means_no_network_and_modes_round_trip():
+    assert parse_policy(None) is None
+    for data in ({"egress": "none"}, {"egress": "all"}, {"egress": {"allow": ["10.1.2.0/24", "db.internal:5432"]}}):
+        assert parse_policy(data).to_json() == data
+
+
+@pytest.mark.parametrize(("data", "words"), [
+    ("all", "object"),
+    ({"egress": "everything"}, "must be"),
+    ({"egress": "all", "ingress": "all"}, "one key"),
+    ({"egress": {"allow": []}}, "1 to 64"),
+    ({"egress": {"allow": ["10.0.0.0/8"] * 65}}, "1 to 64"),
+    ({"egress": {"allow": [5]}}, "not a string"),
+    ({"egress": {"allow": ["10.0.0.1:0"]}}, "port"),
+    ({"egress": {"allow": ["db:http"]}}, "port"),
+    ({"egress": {"allow": ["300.1.2.3"]}}, "not a valid IPv4"),
+    ({"egress": {"allow": ["0.0.0.0/0"]}}, "say \"all\""),
+    ({"egress": {"allow": ["fd00::1"]}}, "IPv6"),
+    ({"egress": {"allow": ["bad_name!"]}}, "not a CIDR"),
+])
+def test_malformed_policies_are_refused_with_the_entry_named(data, words):
+    with pytest.raises(PolicyError, match=words):
+        parse_policy(data)
+
+
+def test_names_resolve_to_rules_and_guest_hosts_entries():
+    policy = parse_policy({"egress": {"allow": ["DB.internal:5432", "10.1.2.0/24"]}})
+    resolved = resolve(policy, lambda name: {"db.internal": ["10.9.9.8", "10.9.9.9"]}[name])
+    assert [(str(r.network), r.port) for r in resolved.rules] == [
+        ("10.9.9.8/32", 5432), ("10.9.9.9/32", 5432), ("10.1.2.0/24", None)]
+    assert resolved.hosts == {"db.internal": "10.9.9.8"}
+
+
+def test_a_name_that_does_not_resolve_is_an_error():
+    def fails(name: str) -> list[str]:
+        raise OSError("Name or service not known")
+
+    with pytest.raises(PolicyError, match="cannot resolve 'nowhere'"):
+        resolve(parse_policy({"egress": {"allow": ["nowhere:80"]}}), fails)
+    with pytest.raises(PolicyError, match="no IPv4"):
+        resolve(parse_policy({"egress": {"allow": ["nowhere:80"]}}), lambda name: [])
+
+
+def test_slots_do_not_overlap_and_their_links_are_point_to_point():
+    seen: set[ipaddress.IPv4Address] = set()
+    for index in (1, 2, 3, slot_count(RANGE) - 1):
+        slot = Slot(index, RANGE)
+        mine = {slot.host_ip, slot.ns_ip, slot.gateway_ip, slot.guest_ip}
+        assert not mine & seen and all(address in RANGE for address in mine)
+        seen |= mine
+        assert slot.guest_ip in slot.guest_subnet and slot.gateway_ip in slot.guest_subnet
+        assert len(slot.host_veth) <= 15 and len(slot.tap_name) <= 15  # Linux interface names
+    assert slot_count(RANGE) == 8192
+    with pytest.raises(PolicyError, match="too small"):
+        check_range("10.0.0.0/30")
+
+
+def test_macs_are_locally_administered_unicast_and_random():
+    mac = random_mac(bytes([1, 2, 3, 4, 5]))
+    assert mac == "02:01:02:03:04:05"
+    first_octet = int(mac.split(":")[0], 16)
+    assert first_octet & 0b10 and not first_octet & 0b1
+
+
+def test_namespace_ruleset_per_mode():
+    slot = Slot(3, RANGE)
+    allow = resolve(parse_policy({"egress": {"allow": ["10.1.2.3:443", "10.5.0.0/16"]}}))
+    rules = namespace_ruleset(allow, slot, RANGE)
+    assert "policy drop" in rules.split("chain forward")[1].split("\n")[1]
+    assert "ip daddr 10.1.2.3/32 meta l4proto { tcp, udp } th dport 443 accept" in rules
+    assert "ip daddr 10.5.0.0/16 accept" in rules
+    assert f"ip saddr != {slot.guest_ip} drop" in rules  # a guest cannot borrow another address
+    # Other sandboxes are refused before any allow rule can match them.
+    assert rules.index(f"ip daddr {RANGE} reject") < rules.index("10.1.2.3/32")
+    none = namespace_ruleset(resolve(parse_policy({"egress": "none"})), slot, RANGE)
+    assert 'oifname "uplink"' not in none
+    everything = namespace_ruleset(resolve(parse_policy({"egress": "all"})), slot, RANGE)
+    assert 'iifname "tap0" oifname "uplink" accept' in everything
+
+
+def test_host_ruleset_shields_the_host_and_masquerades_the_range():
+    rules = host_ruleset(RANGE)
+    assert 'iifname "aplsb*" drop' in rules
+    assert f'ip saddr {RANGE} oifname != "aplsb*" masquerade' in rules
+    assert rules.index("delete table") < rules.index("table ip appliance_sandboxes {")  # replaced atomically
+
+
+def test_guest_side_arguments_are_checked_strictly():
+    good = {"mac": "02:00:00:00:00:01", "address": "100.96.0.6/30", "gateway": "100.96.0.5",
+            "hosts": {"db.internal": "10.9.9.9"}}
+    config = NetConfig(good)
+    assert (config.address, config.gateway) == ("100.96.0.6/30", "100.96.0.5")
+    for bad in ({"mac": "02:00:00:00:00:01; reboot"}, {"address": "100.96.0.6"}, {"gateway": "eth0"},
+                {"hosts": {"a b": "10.0.0.1"}}, {"hosts": {"db": "not-an-ip"}}, {"hosts": []}):
+        with pytest.raises(BadRequest):
+            NetConfig({**good, **bad})
+
+
+def test_guest_commands_drop_the_old_identity_first():
+    batch = ip_batch("eth0", "02:00:00:00:00:01", "100.96.0.6/30", "100.96.0.5").splitlines()
+    assert batch[0] == "link set dev eth0 down" and batch[-1] == "route replace default via 100.96.0.5 dev eth0"
+    assert "addr flush dev eth0" in batch
+    assert hosts_file({"db.internal": "10.9.9.9"}).endswith("10.9.9.9\tdb.internal\n")
+    assert "localhost" in hosts_file({})
