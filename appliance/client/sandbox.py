@@ -217,8 +217,9 @@ class Sandbox:
     `timeout_s` is the sandbox's idle lifetime: it is closed after that long unused. A `persistent` sandbox is
     frozen to disk instead (after `idle_freeze_s`, which is the same setting under its persistent name) and the next
     call resumes it with its whole process state. `ready_timeout` is how long creation waits while the service is
-    still warming up (503 not_ready). Leaving a `with` block deletes the sandbox, persistent or not; `detach()`
-    keeps it."""
+    still warming up (503 not_ready). `network` is what it may reach ("all", a list like ["10.1.2.0/24",
+    "db.internal:5432"], or the API's {"egress": ...}); without it the sandbox has no network interface at all.
+    Leaving a `with` block deletes the sandbox, persistent or not; `detach()` keeps it."""
 
     def __init__(
         self,
@@ -232,6 +233,7 @@ class Sandbox:
         metadata: dict[str, Any] | None = None,
         persistent: bool = False,
         idle_freeze_s: float | None = None,
+        network: str | list[str] | dict[str, Any] | None = None,
         request_timeout: float = 60.0,
         ready_timeout: float = 60.0,
         http_client: httpx.Client | None = None,
@@ -252,7 +254,8 @@ class Sandbox:
                 raise
         else:
             body = {k: v for k, v in {"timeout_s": timeout_s, "vcpus": vcpus, "memory_mib": memory_mib,
-                                      "metadata": metadata, "persistent": persistent or None}.items()
+                                      "metadata": metadata, "persistent": persistent or None,
+                                      "network": network_policy(network)}.items()
                     if v is not None}
             info = self._create(api, body, ready_timeout)
         self._setup(api, info, request_timeout)
@@ -265,6 +268,11 @@ class Sandbox:
         self.info = info
         self.id: str = info["id"]
         self._closed = False
+
+    @property
+    def network(self) -> dict[str, Any] | None:
+        """The policy and network identity (mac, address) the service reported; None: no network."""
+        return self.info.get("network")
 
     @classmethod
     def _from_info(cls, api: _Api, info: dict[str, Any], request_timeout: float) -> Sandbox:
@@ -415,3 +423,13 @@ def _read_chunks(handle: IO[bytes]) -> Iterator[bytes]:
         if isinstance(chunk, str):
             chunk = chunk.encode()
         yield chunk
+
+
+def network_policy(network: str | list[str] | dict[str, Any] | None) -> dict[str, Any] | None:
+    """The API's policy object from the SDK's shorthands: "none" / "all", a list of allowed CIDRs or host:port,
+    or the full {"egress": ...} object."""
+    if network is None or isinstance(network, dict):
+        return network
+    if isinstance(network, str):
+        return {"egress": network}
+    return {"egress": {"allow": list(network)}}

@@ -98,6 +98,15 @@ _SCHEMAS: dict[str, Any] = {
                           "description": "idle period: closed (or frozen, if persistent) this long after its last "
                                          "use"},
             "persistent": {"type": "boolean", "description": "frozen instead of closed when idle"},
+            "network": {
+                "type": ["object", "null"],
+                "description": "null: no network interface. Else the policy as given (egress) and the network "
+                               "identity of the VM now running: mac, address (the guest's), host_address (its "
+                               "namespace's end of the host link). A fork's copies and a resumed sandbox keep the "
+                               "policy and get a new identity.",
+                "properties": {"egress": {}, "mac": {"type": "string"}, "address": {"type": "string"},
+                               "host_address": {"type": "string"}},
+            },
             "metadata": {"type": "object",
                          "description": "as given at create; a fork's copies add forked_from (the source's id)"},
             "created_at": {"type": "string", "format": "date-time"},
@@ -159,7 +168,9 @@ def _paths() -> dict[str, Any]:
                 "operationId": "createSandbox", "tags": ["sandboxes"], "summary": "Create a sandbox",
                 "description": "A clone of the warm template (handed out from the warm pool when one is ready), "
                 "or a fresh boot when vcpus/memory_mib differ from the spec's. The body may be empty. A persistent "
-                "sandbox is frozen to disk after timeout_s idle, instead of closed.",
+                "sandbox is frozen to disk after timeout_s idle, instead of closed. With a network policy it gets "
+                "a network interface whose traffic the host filters (422 network_unavailable where the service "
+                "cannot: it needs root).",
                 "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("CreateSandbox")}}},
                 "responses": {"201": _json(_ref("Sandbox"), "Created; Location names it."),
                               **_errors(400, 401, 413, 422, 429, 503)},

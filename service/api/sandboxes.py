@@ -8,6 +8,7 @@ from typing import Any
 
 import falcon
 
+from service.engine import netpolicy
 from service.registry import RUNNING, SandboxRecord
 
 from .errors import InvalidField
@@ -33,6 +34,7 @@ def sandbox_json(record: SandboxRecord) -> dict[str, Any]:
         "memory_mib": machine.get("memory_mib"),
         "timeout_s": record.timeout_s,
         "persistent": record.persistent,
+        "network": record.network,
         "metadata": record.metadata,
         "created_at": _iso(record.created_at),
         "last_active_at": _iso(record.last_active_at),
@@ -50,10 +52,14 @@ class SandboxCollection:
         body = parse(CreateSandbox, read_json(req, self._max_body))
         if body.template not in (None, DEFAULT_TEMPLATE):
             raise InvalidField("template", f"unknown template {body.template!r}; use 'default' or leave it out")
+        try:
+            netpolicy.parse_policy(body.network)
+        except netpolicy.PolicyError as exc:
+            raise InvalidField("network", str(exc)) from None
         started = time.perf_counter()
         record = self._manager.create(
             req.context.owner, vcpus=body.vcpus, memory_mib=body.memory_mib, timeout_s=body.timeout_s,
-            metadata=body.metadata, persistent=body.persistent,
+            metadata=body.metadata, persistent=body.persistent, network_policy=body.network,
         )
         self._metrics.create_seconds.observe(time.perf_counter() - started)
         self._metrics.creates.inc()

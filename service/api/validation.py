@@ -39,6 +39,13 @@ class CreateSandbox(_Body):
         description="after timeout_s idle, freeze the sandbox to disk (its whole process state) instead of "
         "closing it; the next exec resumes it",
     )
+    network: dict[str, Any] | None = Field(
+        None,
+        description='what the sandbox may reach: {"egress": "none" | "all" | {"allow": ["10.1.2.0/24", '
+        '"db.internal:5432", ...]}} (IPv4 CIDRs or addresses, or host names resolved on the host now, each with an '
+        "optional :port). Enforced on the host, outside the VM. Left out or null: no network interface at all",
+        examples=[{"egress": {"allow": ["10.1.2.0/24", "db.internal:5432"]}}],
+    )
 
 
 class ForkRequest(_Body):

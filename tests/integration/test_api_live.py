@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 
 from appliance.client import NotFoundError, Sandbox, SandboxBusyError
 from appliance.client.tools import run_tool_call
+from service.engine.netpolicy import system_resolver
 from tests.live_service import LiveService, rss_kib
 from tests.vmtools import qemu_pids_under
 
@@ -304,6 +306,24 @@ def test_tool_call_helper_against_the_live_service(live):
         for call in calls:
             assert run_tool_call(call, sb) == "[stdout]\n45"
         assert "ZeroDivisionError" in run_tool_call({"name": "run_python", "args": {"code": "1/0"}}, sb)
+
+
+def test_network_policy_through_the_api_and_sdk(live):
+    """The whole path of a policy: JSON body -> manager -> host namespace -> guest interface, and back out in the
+    sandbox's description. (What passes the filter is tested against real servers in test_network.py.)"""
+    interfaces = "import os; sorted(os.listdir('/sys/class/net'))"
+    with Sandbox(url=live.url, api_key=live.key) as plain:
+        assert plain.network is None and plain.run_code(interfaces).text == "['lo']"
+    host_name = socket.gethostname()  # a name the host resolves and the guest knows nothing about
+    allow = ["198.18.9.0/24", f"{host_name}:5432"]
+    with Sandbox(url=live.url, api_key=live.key, network=allow) as sb:
+        assert sb.network["egress"] == {"allow": allow}
+        assert sb.run_code(interfaces).text == "['eth0', 'lo']"
+        # The name was resolved on the host, at creation, and handed to the guest.
+        resolved = sb.run_code(f"import socket; socket.gethostbyname({host_name!r})").text
+        assert resolved == repr(system_resolver(host_name)[0])
+        mac = sb.run_code("open('/sys/class/net/eth0/address').read().strip()").text.strip("'")
+        assert mac == sb.network["mac"]
 
 
 def test_example_tool_loop_against_a_fake_model(live):

@@ -71,10 +71,12 @@ class FakeManager:
         return self.not_ready
 
     def create(
-        self, owner, vcpus=None, memory_mib=None, timeout_s=None, metadata=None, persistent=False
+        self, owner, vcpus=None, memory_mib=None, timeout_s=None, metadata=None, persistent=False,
+        network_policy=None,
     ) -> SandboxRecord:
         self.create_calls.append(
-            {"vcpus": vcpus, "memory_mib": memory_mib, "timeout_s": timeout_s, "persistent": persistent}
+            {"vcpus": vcpus, "memory_mib": memory_mib, "timeout_s": timeout_s, "persistent": persistent,
+             "network": network_policy}
         )
         if self.not_ready:
             raise NotReady(self.not_ready, retry_after=2)
@@ -92,6 +94,8 @@ class FakeManager:
             created_at=now,
             last_active_at=now,
             persistent=persistent,
+            network=None if network_policy is None else {**network_policy, "mac": "02:00:00:00:00:01",
+                                                         "address": "100.96.0.14"},
         )
         self.records[record.id] = record
         self.namespaces[record.id] = {}

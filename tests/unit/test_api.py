@@ -86,12 +86,14 @@ def test_create_show_list_delete(client, manager):
 
 def test_create_with_empty_body_uses_defaults(client, manager):
     assert client.simulate_post("/v1/sandboxes", headers=A).status_code == 201
-    assert manager.create_calls == [{"vcpus": None, "memory_mib": None, "timeout_s": None, "persistent": False}]
+    assert manager.create_calls == [
+        {"vcpus": None, "memory_mib": None, "timeout_s": None, "persistent": False, "network": None}]
 
 
 def test_create_passes_size(client, manager):
     client.simulate_post("/v1/sandboxes", json={"vcpus": 2, "memory_mib": 2048}, headers=A)
-    assert manager.create_calls[-1] == {"vcpus": 2, "memory_mib": 2048, "timeout_s": None, "persistent": False}
+    assert manager.create_calls[-1] == {
+        "vcpus": 2, "memory_mib": 2048, "timeout_s": None, "persistent": False, "network": None}
 
 
 def test_other_keys_sandbox_is_not_found_everywhere(client, sandbox_id):
@@ -519,6 +521,25 @@ def test_create_persistent(client, manager):
 def test_create_persistent_must_be_a_boolean(client, value):
     error = assert_error(client.simulate_post("/v1/sandboxes", json={"persistent": value}, headers=A), 422, "invalid")
     assert error["field"] == "persistent"
+
+
+def test_create_with_a_network_policy_shows_it_with_the_identity(client, manager):
+    policy = {"egress": {"allow": ["10.1.2.0/24", "db.internal:5432"]}}
+    created = client.simulate_post("/v1/sandboxes", json={"network": policy}, headers=A)
+    assert created.status_code == 201 and manager.create_calls[-1]["network"] == policy
+    assert created.json["network"]["egress"] == policy["egress"] and created.json["network"]["mac"]
+    assert client.simulate_post("/v1/sandboxes", json={}, headers=A).json["network"] is None
+
+
+@pytest.mark.parametrize(("network", "words"), [
+    ({"egress": "everything"}, "must be"),
+    ({"egress": {"allow": ["10.0.0.0/8:70000"]}}, "port"),
+    ("all", "dictionary"),
+])
+def test_a_malformed_network_policy_is_refused_naming_the_field(client, manager, network, words):
+    error = assert_error(client.simulate_post("/v1/sandboxes", json={"network": network}, headers=A), 422, "invalid")
+    assert error["field"] == "network" and words in error["message"]
+    assert manager.create_calls == []  # refused before the manager was asked
 
 
 def test_other_keys_cannot_fork_freeze_or_resume(client, manager, sandbox_id):

@@ -220,3 +220,12 @@ def test_a_request_on_a_connection_the_server_just_closed_is_sent_again(monkeypa
     sb = Sandbox(http_client=http, api_key="k")
     assert sb.run_code("1 + 1").text == "2"
     assert calls == ["/v1/sandboxes", "/v1/sandboxes/sb-1/exec", "/v1/sandboxes/sb-1/exec"]
+
+
+def test_network_shorthands_become_the_apis_policy():
+    from appliance.client.sandbox import network_policy
+
+    assert network_policy(None) is None
+    assert network_policy("all") == {"egress": "all"}
+    assert network_policy(["10.1.2.0/24", "db:5432"]) == {"egress": {"allow": ["10.1.2.0/24", "db:5432"]}}
+    assert network_policy({"egress": "none"}) == {"egress": "none"}
