@@ -92,18 +92,35 @@ def test_memory_bomb_kills_the_worker_not_the_host_or_the_neighbour(victim, byst
     assert_healthy(bystander, victim)
 
 
-def test_fork_bomb_ends_with_the_call(victim, bystander):
-    # The worker has no pids limit of its own (an agent change, see docs/security.md): the bomb is ended by the
-    # deadline's process-group kill, or — when it starves the guest past the host's slack — by "sandbox lost".
-    try:
-        result = victim.run_code("import os\nwhile True:\n    os.fork()", timeout_s=5)
-    except SandboxLost as exc:
-        assert "sandbox lost" in str(exc)
-        assert victim.closed
-        assert_healthy(bystander)
-        return
-    assert result.error is not None
+@pytest.mark.parametrize("escape", [False, True], ids=["plain", "setsid"])
+def test_fork_bomb_meets_the_pids_limit_and_the_sandbox_stays_usable(victim, bystander, escape):
+    # The worker runs in a guest cgroup with pids.max (appliance_agent/codegroups.py): the bomb gets EAGAIN and the
+    # deadline ends it. In the setsid case the bomb leaves the worker's process group and session, and the worker
+    # ignores the interrupt, so it is killed after the grace: cgroup.kill must then end every copy too.
+    spin = "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    if escape:
+        bomb = ("import os, signal, time\nif os.fork() == 0:\n    os.setsid()\n" + "".join(
+            "    " + line + "\n" for line in spin.splitlines()) + "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "time.sleep(3600)\n")
+    else:
+        bomb = "import os\n" + spin
+    result = victim.run_code(bomb, timeout_s=5)
+    assert result.error is not None and result.error["name"] in {"TimeoutError", "WorkerExited"}
     assert_healthy(bystander, victim)
+    # Nothing of the bomb is left running in the guest: only the agent, the new worker and this check.
+    count = victim.run_code("import os; sum(1 for p in os.listdir('/proc') if p.isdigit() and "
+                            "open(f'/proc/{p}/cmdline').read())").text
+    assert int(count) <= 4, count
+
+
+def test_user_code_runs_in_its_limited_cgroup(victim):
+    group = victim.run_code("open('/proc/self/cgroup').read().strip()").text
+    assert group == "'0::/worker'"
+    assert victim.run_code("open('/sys/fs/cgroup/worker/pids.max').read().strip()").text == "'512'"
+    bash = victim.run_code("cat /proc/self/cgroup", language="bash")
+    assert bash.stdout.strip() == "0::/bash"
+    # The agent (PID 1) stays in the root group: a bomb in the worker's group cannot take its last pid.
+    assert victim.run_code("open('/proc/1/cgroup').read().strip()").text == "'0::/'"
 
 
 def test_output_flood_is_capped_and_stopped(victim, bystander):

@@ -12,7 +12,7 @@ import os
 import signal
 import time
 
-from appliance_agent import __version__, arguments, children, files, frames, protocol, sysops
+from appliance_agent import __version__, arguments, children, codegroups, files, frames, protocol, sysops
 from appliance_agent.arguments import BadRequest, ExecArgs
 from appliance_agent.arguments import error as _error
 from appliance_agent.arguments import seconds as _seconds
@@ -78,6 +78,7 @@ class Agent:
         self._lost_note: str | None = None
         self._failed_starts = 0
         self._closing = False
+        self._groups = codegroups.CodeGroups()
         self._ops = {
             "ping": self._op_ping,
             "exec": self._op_exec,
@@ -108,6 +109,10 @@ class Agent:
 
     def run(self) -> None:
         self._install_signals()
+        if self._pid1:  # only in a guest: on a host the agent must not touch the host's cgroups
+            why = self._groups.setup()
+            if why is not None:
+                sysops.log(why)
         for channel in self._channels:
             channel.start()
             self._hello(channel)
@@ -274,7 +279,7 @@ class Agent:
         source: Child
         if language == "bash":
             try:
-                source = children.start_bash(args.code)
+                source = children.start_bash(args.code, self._groups.procs_file(codegroups.BASH))
             except OSError as exc:
                 self._error(channel, request_id, ErrorCode.INTERNAL, f"cannot start bash: {exc}")
                 return
@@ -385,6 +390,7 @@ class Agent:
             return
         if running.language == "bash":
             sysops.kill_group(running.source.pid)  # the exit status arrives through SIGCHLD
+            self._groups.kill(codegroups.BASH, self._reap)  # and whatever left its process group
         else:
             sysops.signal_process(running.source.pid, signal.SIGINT)
             self._loop.call_later("grace", running.grace_s, self._on_grace)
@@ -504,7 +510,8 @@ class Agent:
         self._retire(running.source)
 
     def _start_worker(self) -> None:
-        worker = children.start_worker(die_with_agent=self._die_with_agent)
+        worker = children.start_worker(die_with_agent=self._die_with_agent,
+                                       cgroup_procs=self._groups.procs_file(codegroups.WORKER))
         self._worker = worker
         self._worker_requests = Outbox(self._loop, worker.requests)
         self._loop.set_reader(worker.control, lambda: self._on_control(worker))
@@ -620,6 +627,7 @@ class Agent:
         if not worker.ready:
             self._failed_starts += 1
         self._drop_worker(worker)
+        self._groups.kill(codegroups.WORKER, self._reap)  # its orphans, setsid or not: the state is gone anyway
         if self._failed_starts < MAX_FAILED_STARTS:
             self._start_worker()
         else:
@@ -640,6 +648,7 @@ class Agent:
         else:
             self._lost_note = text
         self._drop_worker(worker)
+        self._groups.kill(codegroups.WORKER, self._reap)
         self._start_worker()
 
     def _drop_worker(self, worker: WorkerProcess) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 
-from appliance_agent import sysops
+from appliance_agent import codegroups, sysops
 from appliance_agent.protocol import LineReader
 
 PIPE_SIZE = 1 << 20
@@ -24,14 +24,21 @@ def spawn(
     stdio: tuple[int, int, int],
     pass_fds: tuple[int, ...] = (),
     default_signals: tuple[int, ...] = sysops.CHILD_DEFAULT_SIGNALS,
+    cgroup_procs: str | None = None,
 ) -> int:
-    """Start argv in a new process group with the given fds as 0, 1, 2 (plus pass_fds, kept at their numbers).
+    """Start argv in a new process group with the given fds as 0, 1, 2 (plus pass_fds, kept at their numbers),
+    and in the cgroup whose cgroup.procs file is given, if any (codegroups.py).
 
     All other descriptors of the agent are close-on-exec (Python's default), so they do not leak.
     """
     actions = [(os.POSIX_SPAWN_DUP2, source, target) for target, source in enumerate(stdio)]
     for fd in pass_fds:
         os.set_inheritable(fd, True)
+    try:
+        codegroups.enter(cgroup_procs)
+    except OSError as exc:
+        sysops.log(f"cannot start {argv[0]} in its cgroup ({exc}); starting it without")
+        cgroup_procs = None
     try:
         return os.posix_spawn(
             argv[0],
@@ -43,6 +50,10 @@ def spawn(
             setsigmask=(),
         )
     finally:
+        try:
+            codegroups.leave(cgroup_procs)
+        except OSError as exc:  # the agent stays in the group: its limit now counts the agent too
+            sysops.log(f"cannot move the agent back to the root cgroup: {exc}")
         for fd in pass_fds:
             os.set_inheritable(fd, False)
 
@@ -80,7 +91,7 @@ class WorkerProcess(Child):
         self.held: list[bytes] = []  # requests waiting for ready
 
 
-def start_worker(*, die_with_agent: bool) -> WorkerProcess:
+def start_worker(*, die_with_agent: bool, cgroup_procs: str | None = None) -> WorkerProcess:
     """Start `python -c <boot> ...` running appliance_agent.worker.main with fresh pipes.
 
     die_with_agent asks the worker to set PR_SET_PDEATHSIG (on a host, so that a killed agent does not leave
@@ -103,7 +114,7 @@ def start_worker(*, die_with_agent: bool) -> WorkerProcess:
     try:
         # SIGINT stays ignored (as in the agent) until the worker has installed its own handler.
         no_sigint = tuple(sig for sig in sysops.CHILD_DEFAULT_SIGNALS if sig != signal.SIGINT)
-        pid = spawn(argv, (null, out_write, err_write), (request_read, control_write), no_sigint)
+        pid = spawn(argv, (null, out_write, err_write), (request_read, control_write), no_sigint, cgroup_procs)
     except OSError:
         for fd in (request_read, request_write, control_read, out_read, err_read):
             os.close(fd)
@@ -115,13 +126,13 @@ def start_worker(*, die_with_agent: bool) -> WorkerProcess:
     return WorkerProcess(pid=pid, stdout=out_read, stderr=err_read, requests=request_write, control=control_read)
 
 
-def start_bash(code: str) -> Child:
+def start_bash(code: str, cgroup_procs: str | None = None) -> Child:
     """`/bin/bash -c code` with stdin from /dev/null, in the agent's working directory (/data in the guest)."""
     out_read, out_write = _pipe()
     err_read, err_write = _pipe()
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        pid = spawn(["/bin/bash", "-c", code], (null, out_write, err_write))
+        pid = spawn(["/bin/bash", "-c", code], (null, out_write, err_write), cgroup_procs=cgroup_procs)
     except OSError:
         os.close(out_read)
         os.close(err_read)
