@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from service.engine import BootFailed, Engine, EngineError
+from service.engine import BootFailed, Engine, EngineError, network
 from service.engine.machine import MachineConfig, machine_from_json, machine_to_json
 from service.engine.template import Template, TemplateError
 from service.engine.vm import VirtualMachine
@@ -119,6 +119,8 @@ class PoolKeeper:
                 else:
                     log.warning("sandbox %s lost: its VM is not running", record.id)
                     self.registry.set_state(record.id, LOST)
+        for namespace in network.remove_leftovers(self.config.sandboxes_dir, settings=self.config.network):
+            log.warning("removed %s: a sandbox network whose VM is gone (left by a crash)", namespace)
 
     def run(self) -> None:
         template = self.ensure_template()

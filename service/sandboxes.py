@@ -287,7 +287,7 @@ class SandboxManager:
     def freeze_record(self, record: SandboxRecord) -> SandboxRecord:
         self._check_frozen_quota(record)
         sandbox = self._attach(record)
-        with _idle_for(record, f"freezing {record.id} failed; it keeps running"):
+        with _idle_for(record, f"freezing {record.id} failed; it keeps running"), _nic_down(sandbox, record):
             snapshot.freeze(sandbox, self.snapshot_dir(record.id), self.engine.image.image_id,
                             compress=self.config.compress_snapshots)
         self._forget(record.id)
@@ -343,7 +343,7 @@ class SandboxManager:
         sandbox = self._attach(record)
         ids = [new_sandbox_id() for _ in range(n)]
         failure = f"fork of {sandbox_id} failed; it keeps running unchanged"
-        with _idle_for(record, failure):
+        with _idle_for(record, failure), _nic_down(sandbox, record):
             template, clones = snapshot.fork(sandbox, n, self.config.templates_dir, self.config.sandboxes_dir,
                                              self.engine.config.limits, detach=True, vm_ids=ids,
                                              jail=self.engine.jail)
@@ -534,6 +534,11 @@ def _idle_for(record: SandboxRecord, failure: str) -> Iterator[None]:
         raise ServiceError(f"{failure}: {exc}") from None
     finally:
         os.close(lock_fd)
+
+
+def _nic_down(sandbox: Sandbox, record: SandboxRecord) -> contextlib.AbstractContextManager[None]:
+    """A networked sandbox's state is saved with its NIC link down (see network.link_down)."""
+    return network.link_down(sandbox.vm) if record.network is not None else contextlib.nullcontext()
 
 
 def _fresh_vm_id(sandbox_id: str) -> str:

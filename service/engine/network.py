@@ -20,6 +20,8 @@ import os
 import secrets
 import struct
 import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,9 @@ from .netpolicy import (
 log = logging.getLogger(__name__)
 
 NETWORK_FILE = "network.json"  # in the VM dir: which slot it holds, so any process can tear it down
+# Beside the VM dirs: one file per slot this service claimed, naming the VM dir, written right after the claim.
+# It is how a service finds (only) its own leftovers after a crash: other services on the host use other dirs.
+SLOTS_DIR = ".netslots"
 _NETNS_DIR = Path("/run/netns")
 _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
@@ -91,7 +96,10 @@ def attach(vm: Any, call: Any, policy: NetworkPolicy, settings: NetworkSettings,
     resolved = resolved if resolved is not None else resolve(policy)
     _ensure_host_rules(settings, sandbox_range)
     slot = _claim_slot(settings, sandbox_range)
+    marker = vm.dir.parent / SLOTS_DIR / str(slot.index)
     try:
+        marker.parent.mkdir(exist_ok=True)
+        marker.write_text(json.dumps({"vm_dir": str(vm.dir), "range": str(sandbox_range)}))
         tap_fd = _build_namespace(settings, slot, resolved, sandbox_range)
         try:
             qmp = vm.qmp()
@@ -101,6 +109,7 @@ def attach(vm: Any, call: Any, policy: NetworkPolicy, settings: NetworkSettings,
             os.close(tap_fd)
         qmp.cmd("netdev_add", type="tap", id=_TAP_NETDEV, fd=_TAP_FD_NAME)
         qmp.cmd("netdev_add", type="hubport", id=_TAP_HUB_PORT, hubid=0, netdev=_TAP_NETDEV)
+        set_link(vm, up=True)  # a fork's or resume's NIC arrives down (link_down below)
         mac = random_mac(secrets.token_bytes(5))
         (vm.dir / NETWORK_FILE).write_text(json.dumps({"slot": slot.index, "range": str(sandbox_range)}))
         reply = call("net_config", mac=mac, address=f"{slot.guest_ip}/30", gateway=str(slot.gateway_ip),
@@ -109,8 +118,9 @@ def attach(vm: Any, call: Any, policy: NetworkPolicy, settings: NetworkSettings,
             raise NetworkError(f"the guest could not configure its network: {reply.get('message', reply)}")
     except BaseException as exc:
         teardown_slot(settings, slot)
-        with contextlib.suppress(OSError):
-            (vm.dir / NETWORK_FILE).unlink()
+        for path in (vm.dir / NETWORK_FILE, marker):
+            with contextlib.suppress(OSError):
+                path.unlink()
         if isinstance(exc, NetworkError):
             raise
         if isinstance(exc, Exception):
@@ -131,8 +141,31 @@ def detach(vm_dir: Path, settings: NetworkSettings | None = None) -> None:
         log.warning("cannot read %s: %s", record, exc)
         return
     teardown_slot(settings or NetworkSettings(), slot)
-    with contextlib.suppress(OSError):
-        record.unlink()
+    for path in (record, vm_dir.parent / SLOTS_DIR / str(slot.index)):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def remove_leftovers(vms_dir: Path, min_age_s: float = 60.0, settings: NetworkSettings | None = None) -> list[str]:
+    """Tear down the slots this service claimed for VMs that are gone (a crash between claim and teardown).
+    Young claims are spared: their create may still be running."""
+    removed = []
+    for marker in sorted((vms_dir / SLOTS_DIR).glob("*")):
+        try:
+            if time.time() - marker.stat().st_mtime < min_age_s:
+                continue
+            data = json.loads(marker.read_text())
+            vm_dir = Path(data["vm_dir"])
+            slot = Slot(int(marker.name), check_range(data["range"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (vm_dir / NETWORK_FILE).exists():
+            continue  # held: its VM stops through VirtualMachine.stop, which detaches
+        teardown_slot(settings or NetworkSettings(), slot)
+        with contextlib.suppress(OSError):
+            marker.unlink()
+        removed.append(slot.netns)
+    return removed
 
 
 def teardown_slot(settings: NetworkSettings, slot: Slot) -> None:
@@ -141,22 +174,6 @@ def teardown_slot(settings: NetworkSettings, slot: Slot) -> None:
         log.warning("cannot delete network namespace %s: %s", slot.netns, done.stderr.strip())
     with contextlib.suppress(OSError):  # normally gone with its peer; left over if the netns step failed
         subprocess.run([settings.ip, "link", "delete", slot.host_veth], capture_output=True)
-
-
-def leftover_slots(live_vm_dirs: list[Path], sandbox_range: str) -> list[Slot]:
-    """Namespaces of ours that no live VM holds (a crash between claim and record, or a killed service)."""
-    held: set[int] = set()
-    for vm_dir in live_vm_dirs:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            held.add(int(json.loads((vm_dir / NETWORK_FILE).read_text())["slot"]))
-    cidr = check_range(sandbox_range)
-    found = []
-    with contextlib.suppress(OSError):
-        for entry in _NETNS_DIR.iterdir():
-            index = entry.name.removeprefix(Slot(0, cidr).netns[:-1])
-            if entry.name != index and index.isdigit() and int(index) not in held:
-                found.append(Slot(int(index), cidr))
-    return found
 
 
 # ---- the steps ------------------------------------------------------------------------------------------------
@@ -244,6 +261,26 @@ def _write_sysctl(path: str, value: str) -> None:
         Path(path).write_text(value)
     except OSError as exc:
         raise NetworkError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def set_link(vm: Any, up: bool) -> None:
+    vm.qmp().cmd("set_link", name=NIC_ID, up=up)
+
+
+@contextlib.contextmanager
+def link_down(vm: Any) -> Iterator[None]:
+    """Hold a networked VM's NIC link down while its state is saved (fork, freeze), then bring it back up.
+
+    Why: a copy starts with no backend until attach(). If its NIC's link were up, the guest's first packets
+    (ARP, IPv6 neighbour discovery) would queue at the backend-less hub, and QEMU's virtio-net stops transmitting
+    until that queue is flushed, which nothing does: the copy would never send again. A NIC whose link is down
+    drops its packets instead, and the link state travels with the saved state."""
+    set_link(vm, up=False)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a frozen VM is gone; a forked source carries on
+            set_link(vm, up=True)
 
 
 def nic_mac(vm: Any) -> str:

@@ -51,7 +51,7 @@ def probe(address, port):
         with socket.create_connection((address, port), timeout=5) as s:
             return s.recv(100).decode().strip()
     except OSError as exc:
-        return f"failed: {type(exc).__name__}"
+        return f"failed: {type(exc).__name__} {exc}"
 """
 
 
@@ -226,3 +226,16 @@ def test_bad_policies_are_refused_before_anything_is_made(manager):
 
 def _slot_of(record) -> int:
     return json.loads((Path(record.vm_dir) / network.NETWORK_FILE).read_text())["slot"]
+
+
+def test_the_keeper_removes_a_network_left_behind_by_a_crash(manager):
+    """A service killed between claiming a slot and recording it leaves a namespace: the keeper's reaper finds it
+    through the service's own slot markers (never another service's) and removes it."""
+    record = manager.create(OWNER, network_policy={"egress": "none"})
+    vm_dir = Path(record.vm_dir)
+    namespace = f"{NETNS_PREFIX}{_slot_of(record)}"
+    (vm_dir / network.NETWORK_FILE).rename(vm_dir / "network.json.hidden")  # as if the crash came before it
+    manager.delete(OWNER, record.id)  # the VM goes; without its record, its stop cannot find the namespace
+    assert namespace in our_namespaces()
+    assert network.remove_leftovers(manager.config.sandboxes_dir, min_age_s=0) == [namespace]
+    assert namespace not in our_namespaces()
