@@ -483,7 +483,9 @@ class SandboxManager:
         with contextlib.suppress(OSError, ValueError):
             VirtualMachine.attach(machine_from_json(record.machine), Path(record.vm_dir)).stop()
         self.registry.remove(record.id)
-        shutil.rmtree(self.snapshot_dir(record.id), ignore_errors=True)
+        snapshot_dir = self.snapshot_dir(record.id)
+        shutil.rmtree(snapshot_dir, ignore_errors=True)
+        snapshot_dir.with_name(snapshot_dir.name + ".lock").unlink(missing_ok=True)  # the resume lock (flock)
         self.templates.release(record.template_id, self.registry)
 
     def _mark_lost(self, record: SandboxRecord) -> None:
