@@ -11,6 +11,7 @@ from .commands.bundle import bundle_command
 from .commands.deploy import deploy_command
 from .commands.doctor import doctor_command
 from .commands.init import init_command
+from .commands.launcher import launcher_command
 from .commands.run import run_command
 from .commands.sandboxes import sandboxes_group
 from .commands.serve import serve_command
@@ -50,6 +51,7 @@ main.add_command(run_command)
 main.add_command(shell_command)
 main.add_command(doctor_command)
 main.add_command(serve_command)
+main.add_command(launcher_command)
 main.add_command(bundle_command)
 main.add_command(deploy_command)
 main.add_command(sandboxes_group)

@@ -134,6 +134,11 @@ class IsolationSpec(_Section):
         "appliance-vms", pattern=r"^[A-Za-z0-9._-]+$",
         description="cgroup below the service's own cgroup that holds one cgroup per VM",
     )
+    launcher_socket: Path = Field(
+        Path("/run/appliance/launcher.sock"),
+        description="the root VMM launcher's socket (`appliance launcher`): a service that is not root asks it to "
+        "start jailed VMs and attach networks; used when the service is not root and the socket exists",
+    )
     network_range: str = Field(
         "100.96.0.0/16", pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$",
         description="IPv4 range for sandboxes created with a network policy: 8 addresses each (host link and "

@@ -36,6 +36,7 @@ from service.engine import (
 )
 from service.engine.channel import AgentChannel
 from service.engine.errors import BUSY_MESSAGE
+from service.engine.launcher import LauncherClient
 from service.engine.machine import MachineConfig, machine_from_json, machine_to_json
 from service.engine.vm import VirtualMachine
 
@@ -399,7 +400,7 @@ class SandboxManager:
             policy = netpolicy.parse_policy(None if requested is None else {"egress": requested.get("egress")})
             if policy is None:
                 return None
-            why = network.unavailable()
+            why = network.unavailable(remote=isinstance(self.engine.jail, LauncherClient))
             if why is not None:
                 raise NetworkUnavailable(f"this host cannot give sandboxes a network: {why}")
             return policy, netpolicy.resolve(policy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from . import accel
 from .errors import BootFailed
 from .image import GuestImage
 from .jail import Jail, JailPolicy, jail_unavailable, warn_once
+from .launcher import LauncherClient
 from .machine import MachineConfig
 from .sandbox import ExecLimits, Sandbox
 
@@ -27,6 +29,7 @@ class EngineConfig:
     kvm_probe_timeout_s: float = 10.0
     limits: ExecLimits = field(default_factory=ExecLimits)
     isolation: JailPolicy | None = None  # None: QEMU runs as the service's user, unjailed
+    launcher_socket: Path | None = None  # not root: jailing goes through the root launcher listening here
 
     @classmethod
     def from_spec(cls, spec, image_dir: Path) -> EngineConfig:  # spec: appliance.spec.ApplianceSpec
@@ -44,13 +47,21 @@ class EngineConfig:
                 output_cap=spec.engine.output_cap_bytes,
             ),
             isolation=_isolation_from_spec(spec.isolation),
+            launcher_socket=_launcher_socket(spec.isolation),
         )
+
+
+def _launcher_socket(section) -> Path | None:  # section: appliance.spec.IsolationSpec
+    """The launcher's socket when this process needs it (not root) and it is there."""
+    if os.geteuid() == 0 or section.jail == "off" or not section.launcher_socket.exists():
+        return None
+    return section.launcher_socket
 
 
 def _isolation_from_spec(section) -> JailPolicy | None:  # section: appliance.spec.IsolationSpec
     if section.jail == "off":
         return None
-    if section.jail == "auto":
+    if section.jail == "auto" and _launcher_socket(section) is None:
         why = jail_unavailable()
         if why is not None:
             warn_once("jail", f"sandbox VMs run unjailed: {why} (isolation.jail = 'auto')")
@@ -69,12 +80,17 @@ class Engine:
         self.config = config
         self.image = GuestImage.load(config.image_dir)
         self._accelerator: accel.AcceleratorChoice | None = None
-        self._jail: Jail | None = None
+        self._jail: Jail | LauncherClient | None = None
 
     @property
-    def jail(self) -> Jail | None:
-        """The VMM jail every VM of this engine runs in (None when isolation is off). Made once: it may create
-        the VM user and reads the cgroup layout."""
+    def jail(self) -> Jail | LauncherClient | None:
+        """The VMM jail every VM of this engine runs in (None when isolation is off): a Jail when this process
+        is root, else the root launcher's client. Made once: it may create the VM user and reads the cgroup
+        layout."""
+        if self._jail is None and self.config.isolation is not None and self.config.launcher_socket is not None:
+            self._jail = LauncherClient(self.config.launcher_socket)
+            log.info("VMs are started jailed by the launcher at %s (VM uid %d)", self.config.launcher_socket,
+                     self._jail.identity.uid)
         if self._jail is None and self.config.isolation is not None:
             self._jail = Jail(self.config.isolation)
             log.info("VMs run jailed as %s (uid %d), cgroup v%d", self.config.isolation.user,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EngineError
+from .launcher import launcher_of
 from .machine import NIC_ID
 from .netpolicy import (
     NS_TAP,
@@ -76,10 +77,12 @@ class Attachment:
         return {"mac": self.mac, "address": str(self.slot.guest_ip), "host_address": str(self.slot.ns_ip)}
 
 
-def unavailable() -> str | None:
-    """Why this process cannot give sandboxes a network, or None."""
+def unavailable(remote: bool = False) -> str | None:
+    """Why this process cannot give sandboxes a network (`remote`: a root launcher does it for us), or None."""
+    if remote:
+        return None
     if os.geteuid() != 0:
-        return "sandbox networks need the service to run as root (network namespaces, nftables)"
+        return "sandbox networks need root (network namespaces, nftables): run the VMM launcher, or the service as root"
     if not os.path.exists("/dev/net/tun"):
         return "sandbox networks need /dev/net/tun"
     return None
@@ -87,13 +90,32 @@ def unavailable() -> str | None:
 
 def attach(vm: Any, call: Any, policy: NetworkPolicy, settings: NetworkSettings,
            resolved: ResolvedPolicy | None = None) -> Attachment:
-    """Give a running VM a network under `policy`. `vm` is its VirtualMachine, `call` sends an agent request
-    (Sandbox.call). On failure nothing is left on the host and the guest has no usable route."""
+    """Give a running VM a network under `policy`: the host side here, or by the root launcher that started the
+    VM; then the guest side through the agent (`call` is Sandbox.call). On failure the caller stops the VM,
+    which removes whatever was made on the host."""
+    resolved = resolved if resolved is not None else resolve(policy)
+    remote = launcher_of(vm.dir)
+    if remote is not None:
+        vm.close_monitor()  # QEMU serves one QMP client at a time: the launcher needs it now
+        answer = remote.attach_network(vm.dir, policy.to_json(), settings.sandbox_range)
+        attachment = Attachment(Slot(int(answer["slot"]), check_range(settings.sandbox_range)), answer["mac"],
+                                dict(answer["hosts"]))
+    else:
+        attachment = attach_host(vm, resolved, settings)
+    reply = call("net_config", mac=attachment.mac, address=f"{attachment.slot.guest_ip}/30",
+                 gateway=str(attachment.slot.gateway_ip), hosts=attachment.hosts)
+    if reply.get("ev") != "ok":
+        raise NetworkError(f"the guest could not configure its network: {reply.get('message', reply)}")
+    return attachment
+
+
+def attach_host(vm: Any, resolved: ResolvedPolicy, settings: NetworkSettings) -> Attachment:
+    """The host side (root): namespace, links, filter, the tap handed to QEMU, its NIC link up. On failure
+    nothing is left on the host."""
     why = unavailable()
     if why is not None:
         raise NetworkError(why)
     sandbox_range = check_range(settings.sandbox_range)
-    resolved = resolved if resolved is not None else resolve(policy)
     _ensure_host_rules(settings, sandbox_range)
     slot = _claim_slot(settings, sandbox_range)
     marker = vm.dir.parent / SLOTS_DIR / str(slot.index)
@@ -110,12 +132,7 @@ def attach(vm: Any, call: Any, policy: NetworkPolicy, settings: NetworkSettings,
         qmp.cmd("netdev_add", type="tap", id=_TAP_NETDEV, fd=_TAP_FD_NAME)
         qmp.cmd("netdev_add", type="hubport", id=_TAP_HUB_PORT, hubid=0, netdev=_TAP_NETDEV)
         set_link(vm, up=True)  # a fork's or resume's NIC arrives down (link_down below)
-        mac = random_mac(secrets.token_bytes(5))
         (vm.dir / NETWORK_FILE).write_text(json.dumps({"slot": slot.index, "range": str(sandbox_range)}))
-        reply = call("net_config", mac=mac, address=f"{slot.guest_ip}/30", gateway=str(slot.gateway_ip),
-                     hosts=resolved.hosts)
-        if reply.get("ev") != "ok":
-            raise NetworkError(f"the guest could not configure its network: {reply.get('message', reply)}")
     except BaseException as exc:
         teardown_slot(settings, slot)
         for path in (vm.dir / NETWORK_FILE, marker):
@@ -126,7 +143,7 @@ def attach(vm: Any, call: Any, policy: NetworkPolicy, settings: NetworkSettings,
         if isinstance(exc, Exception):
             raise NetworkError(f"cannot give the sandbox its network: {exc}") from None
         raise
-    return Attachment(slot, mac, resolved.hosts)
+    return Attachment(slot, random_mac(secrets.token_bytes(5)), resolved.hosts)
 
 
 def detach(vm_dir: Path, settings: NetworkSettings | None = None) -> None:
@@ -148,8 +165,10 @@ def detach(vm_dir: Path, settings: NetworkSettings | None = None) -> None:
 
 def remove_leftovers(vms_dir: Path, min_age_s: float = 60.0, settings: NetworkSettings | None = None) -> list[str]:
     """Tear down the slots this service claimed for VMs that are gone (a crash between claim and teardown).
-    Young claims are spared: their create may still be running."""
-    removed = []
+    Young claims are spared: their create may still be running. (Root only: under a launcher, nothing.)"""
+    removed: list[str] = []
+    if os.geteuid() != 0:
+        return removed
     for marker in sorted((vms_dir / SLOTS_DIR).glob("*")):
         try:
             if time.time() - marker.stat().st_mtime < min_age_s:

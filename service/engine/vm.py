@@ -19,6 +19,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from . import jail as jails
 from . import network
 from .errors import BootFailed
+from .launcher import LauncherClient, launcher_of
 from .machine import MachineConfig, RuntimePaths, build_qemu_command
 
 _PR_SET_PDEATHSIG = 1
@@ -54,6 +55,15 @@ class VirtualMachine:
         return cls(config, vm_dir, int((vm_dir / "qemu.pid").read_text()))
 
     @classmethod
+    def for_dir(cls, vm_dir: Path) -> VirtualMachine:
+        """A handle to manage (QMP, stop) a VM whose machine this process does not know: the launcher's view."""
+        try:
+            pid = int((vm_dir / "qemu.pid").read_text())
+        except (OSError, ValueError):
+            pid = -1  # never started or already gone: stop() then only cleans up
+        return cls(None, vm_dir, pid)  # type: ignore[arg-type]
+
+    @classmethod
     def start(
         cls,
         config: MachineConfig,
@@ -62,12 +72,17 @@ class VirtualMachine:
         die_with_parent: bool = False,
         detach: bool = False,
         vm_id: str | None = None,
-        jail: jails.Jail | None = None,
+        jail: jails.Jail | LauncherClient | None = None,
     ) -> VirtualMachine:
         """Spawn QEMU. `die_with_parent` ties the VM to this process (CLI use); `detach` makes it independent of
-        this process (service use): QEMU daemonizes once its sockets exist. With a `jail`, QEMU runs jailed."""
+        this process (service use): QEMU daemonizes once its sockets exist. With a `jail`, QEMU runs jailed; with a
+        LauncherClient, the root launcher starts it jailed (always detached) and this process only attaches."""
         if die_with_parent and detach:
             raise ValueError("a VM cannot both die with its parent and be detached from it")
+        if isinstance(jail, LauncherClient):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            vm_dir, pid = jail.start(config, run_dir, incoming, vm_id)
+            return cls(config, vm_dir, pid, None, incoming)
         vm_dir = run_dir / f"vm-{vm_id or secrets.token_hex(6)}"
         if len(str(vm_dir / "agent-00.sock")) >= _UNIX_PATH_MAX:
             raise OSError(f"run directory {run_dir} is too deep: socket paths must stay under {_UNIX_PATH_MAX} bytes")
@@ -211,6 +226,10 @@ class VirtualMachine:
     def stop(self, keep_files: bool = False) -> None:
         """Kill QEMU (it holds nothing we need to flush: the root disk is read-only) and remove its files."""
         self.close_monitor()
+        remote = launcher_of(self.dir) if self.process is None else None
+        if remote is not None:  # started by the root launcher: only it may kill the VM user's process
+            remote.stop(self.dir, keep_files)
+            return
         if self.process is not None:
             # Jailed: our child is the launcher; while it lives, QEMU's PID is its child and cannot be reused.
             if self.process.pid != self._pid and self.process.poll() is None:

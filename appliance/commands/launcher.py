@@ -1,0 +1,55 @@
+"""`appliance launcher`: the root VMM launcher, for an API that runs as an unprivileged user."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from .common import load, spec_option
+
+
+@click.command("launcher")
+@click.option("--group", "client_group", default=None,
+              help="Group that may use the socket (the API's user group; default: root only).")
+@spec_option
+def launcher_command(client_group: str | None, spec_path: Path | None) -> None:
+    """Run the VMM launcher (as root): it starts each sandbox's QEMU jailed, stops it, and attaches networks, on
+    request of the API over the socket in the spec's isolation.launcher_socket. Only VMs below the spec's run
+    directory, booting images from its image directory, are started. SIGTERM or Ctrl-C stops it; running VMs
+    stay up."""
+    from appliance.spec import guest_image_dir
+    from service.engine.engine import EngineConfig
+    from service.engine.launcher import LauncherScope
+    from service.launcher import LauncherConfig, serve
+
+    if os.geteuid() != 0:
+        raise click.ClickException("the launcher switches users and creates namespaces: run it as root")
+    spec = load(spec_path)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    policy = EngineConfig.from_spec(spec, guest_image_dir(spec)).isolation
+    if policy is None:
+        raise click.ClickException("isolation.jail is 'off' in the spec: there is nothing for a launcher to do")
+    image_dir = guest_image_dir(spec)
+    roots = (image_dir.parent,)  # the image and the ones beside it (an upgrade keeps the previous one)
+    config = LauncherConfig(socket_path=spec.isolation.launcher_socket,
+                            scope=LauncherScope(run_root=spec.paths.run_dir, image_roots=roots),
+                            policy=policy, client_group=client_group)
+    spec.paths.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        server = serve(config)
+    except (OSError, KeyError) as exc:
+        raise click.ClickException(f"cannot start the launcher: {exc}") from None
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    click.echo(f"VMM launcher on {config.socket_path}", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        config.socket_path.unlink(missing_ok=True)

@@ -1,0 +1,138 @@
+"""The VMM launcher: the root half of a node. It starts each sandbox's QEMU in the jail (engine/jail.py), stops
+it, and attaches networks (engine/network.py) for an API that runs as an unprivileged user. Protocol and request
+checks: engine/launcher.py. Run it with `appliance launcher` (a systemd unit on a node).
+
+Who may ask: whoever can open the socket (mode 0660, group = the service's group) and is not refused by
+`allowed_uids` (SO_PEERCRED). What they may ask is bounded by the scope (image dirs, run root), never by trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import logging
+import os
+import socket
+import socketserver
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.engine import network
+from service.engine.jail import Jail, JailPolicy
+from service.engine.launcher import LAUNCHER_FILE, MAX_REQUEST, LauncherError, LauncherScope, check_start, check_vm_dir
+from service.engine.netpolicy import PolicyError, parse_policy, resolve
+from service.engine.vm import VirtualMachine
+
+log = logging.getLogger("appliance.launcher")
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    socket_path: Path
+    scope: LauncherScope
+    policy: JailPolicy
+    client_group: str | None = None  # the socket's group (the API's); None: root's
+    allowed_uids: frozenset[int] = field(default_factory=frozenset)  # empty: anyone the socket mode lets in
+
+
+class Launcher:
+    def __init__(self, config: LauncherConfig) -> None:
+        self.config = config
+        self.jail = Jail(config.policy)
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "ping":
+            return {"uid": self.jail.identity.uid, "gid": self.jail.identity.gid}
+        if op == "start":
+            machine, run_dir, incoming, vm_id = check_start(request, self.config.scope)
+            vm = VirtualMachine.start(machine, run_dir, incoming=incoming, detach=True, vm_id=vm_id, jail=self.jail)
+            vm.close_monitor()
+            (vm.dir / LAUNCHER_FILE).write_text(f"{self.config.socket_path}\n")
+            return {"vm_dir": str(vm.dir), "pid": vm.pid}
+        if op == "stop":
+            vm_dir = check_vm_dir(request.get("vm_dir"), self.config.scope)
+            VirtualMachine.for_dir(vm_dir).stop(keep_files=bool(request.get("keep_files")))
+            return {}
+        if op == "attach_network":
+            vm_dir = check_vm_dir(request.get("vm_dir"), self.config.scope)
+            try:
+                policy = parse_policy(request.get("policy"))
+                settings = network.NetworkSettings(sandbox_range=str(request.get("sandbox_range")))
+                if policy is None:
+                    raise LauncherError("attach_network needs a policy")
+                resolved = resolve(policy)
+            except PolicyError as exc:
+                raise LauncherError(str(exc)) from None
+            vm = VirtualMachine.for_dir(vm_dir)
+            try:
+                attachment = network.attach_host(vm, resolved, settings)
+            finally:
+                vm.close_monitor()
+            return {"slot": attachment.slot.index, "mac": attachment.mac, "hosts": attachment.hosts}
+        raise LauncherError(f"unknown op {op!r}")
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        uid = _peer_uid(self.connection)
+        allowed = self.server.launcher.config.allowed_uids
+        if allowed and uid not in allowed and uid != 0:
+            self._answer({"ok": False, "error": f"uid {uid} may not use this launcher"})
+            return
+        line = self.rfile.readline(MAX_REQUEST + 1)
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            self._answer({"ok": False, "error": f"a request is one JSON object per line: {exc}"})
+            return
+        try:
+            answer = {"ok": True, **self.server.launcher.handle(request)}
+        except (LauncherError, network.NetworkError) as exc:
+            answer = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a request must never take the launcher down
+            log.exception("launcher: %s failed", request.get("op"))
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        self._answer(answer)
+
+    def _answer(self, answer: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            self.wfile.write(json.dumps(answer).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+    launcher: Launcher
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def serve(config: LauncherConfig) -> _Server:
+    """Bind the socket (0660, the client group) and return the server; call serve_forever() on it."""
+    launcher = Launcher(config)
+    path = config.socket_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    old_umask = os.umask(0o117)
+    try:
+        server = _Server(str(path), _Handler)
+    finally:
+        os.umask(old_umask)
+    gid = grp.getgrnam(config.client_group).gr_gid if config.client_group else 0
+    os.chown(path, 0, gid)
+    os.chmod(path, 0o660)
+    server.launcher = launcher
+    log.info("VMM launcher listening on %s (group %s), VMs as uid %d", path, config.client_group or "root",
+             launcher.jail.identity.uid)
+    return server
