@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -26,6 +27,7 @@ from .machine import MachineConfig, machine_from_json, machine_to_json
 from .sandbox import ExecLimits, Sandbox
 from .vm import VirtualMachine
 
+log = logging.getLogger(__name__)
 MEMORY_FILE, STATE_FILE, META_FILE = "memory", "devstate", "template.json"
 # Device state is small, but QEMU's default 32 MiB/s cap throttles even that; RAM never goes through the stream.
 _MIGRATE_BANDWIDTH = 8 << 30
@@ -66,6 +68,10 @@ class Template:
                 result = sandbox.run_code(warm_code or "pass", timeout_s=max(limits.timeout_s, 300.0))
                 if result.error is not None:
                     raise TemplateError(f"warm-up code failed in the template: {result.error.get('value')}")
+                if shared.nic:  # clones then bind the NIC driver when given a network, instead of loading it
+                    prepared = sandbox.call("net_prepare", timeout_s=60)
+                    if prepared.get("ev") != "ok":
+                        log.warning("template: the NIC driver was not preloaded: %s", prepared.get("message"))
                 save_device_state(sandbox.vm, directory / STATE_FILE)
             finally:
                 sandbox.close()

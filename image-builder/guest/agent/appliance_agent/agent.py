@@ -87,6 +87,7 @@ class Agent:
             "set_clock": self._op_set_clock,
             "restart_worker": self._op_restart_worker,
             "net_config": self._op_net_config,
+            "net_prepare": self._op_net_prepare,
             **dict.fromkeys(files.HANDLERS, self._op_file),
         }
 
@@ -259,6 +260,16 @@ class Agent:
             self._error(channel, request_id, ErrorCode.INTERNAL, f"cannot configure the network: {exc}")
             return
         channel.send(protocol.event(request_id, "ok", **result))
+
+    def _op_net_prepare(self, channel: HostChannel, request_id: int, _message: dict[str, Any]) -> None:
+        from appliance_agent import netconfig
+
+        try:
+            loaded = netconfig.prepare()
+        except (netconfig.NetConfigError, OSError) as exc:
+            self._error(channel, request_id, ErrorCode.INTERNAL, f"cannot prepare the network driver: {exc}")
+            return
+        channel.send(protocol.event(request_id, "ok", loaded=loaded))
 
     def _op_restart_worker(self, channel: HostChannel, request_id: int, _message: dict[str, Any]) -> None:
         if self._worker is not None:

@@ -66,8 +66,51 @@ class NetConfig:
         self.gateway = str(gateway_ip)
 
 
+_VIRTIO_DEVICES, _VIRTIO_NET_DRIVER = "/sys/bus/virtio/devices", "/sys/bus/virtio/drivers/virtio_net"
+_VIRTIO_ID_NET = "0x0001"
+
+
+def prepare() -> list[str]:
+    """Load the NIC driver now but leave the NIC without it: no interface until configure() binds it, which
+    then costs a probe instead of a module load (the pool keeper does this once in the template)."""
+    loaded = load_modules()
+    for device in _net_devices():
+        if os.path.exists(os.path.join(device, "driver")):
+            _write(os.path.join(_VIRTIO_NET_DRIVER, "unbind"), os.path.basename(device))
+    return loaded
+
+
+def _net_devices() -> list[str]:
+    found = []
+    for name in sorted(os.listdir(_VIRTIO_DEVICES)):
+        path = os.path.join(_VIRTIO_DEVICES, name)
+        try:
+            with open(os.path.join(path, "device")) as kind:
+                if kind.read().strip() == _VIRTIO_ID_NET:
+                    found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def _bind() -> None:
+    for device in _net_devices():
+        if not os.path.exists(os.path.join(device, "driver")):
+            _write(os.path.join(_VIRTIO_NET_DRIVER, "bind"), os.path.basename(device))
+
+
+def _write(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as out:
+            out.write(value)
+    except OSError as exc:
+        raise NetConfigError(f"cannot write {value} to {path}: {exc.strerror}") from None
+
+
 def load_modules(root: str = "/") -> list[str]:
-    """finit_module() each listed module; one already loaded (a clone of a networked sandbox) is fine."""
+    """finit_module() each listed module that is not loaded yet."""
+    if os.path.isdir("/sys/module/virtio_net"):
+        return []  # prepared in the template, or a clone of a networked sandbox
     directory = os.path.join(root, MODULES_DIR)
     try:
         with open(os.path.join(directory, "order")) as listing:
@@ -123,6 +166,7 @@ def hosts_file(hosts: dict[str, str]) -> str:
 
 def configure(config: NetConfig) -> dict[str, Any]:
     loaded = load_modules()
+    _bind()
     interface = find_nic()
     try:
         done = subprocess.run(  # safe in PID 1: the agent reaps in its loop, which does not run during this call

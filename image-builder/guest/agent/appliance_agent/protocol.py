@@ -16,6 +16,8 @@ Requests go host -> agent and carry an integer "id" chosen by the host and an "o
     net_config {mac, address, gateway, hosts} -> ok {interface, mac, address, loaded} (netconfig.py: loads the
                                                  NIC driver, sets MAC, address/prefix and default route,
                                                  writes {name: ip} hosts to /etc/hosts; again on a clone)
+    net_prepare                               -> ok {loaded} (the NIC driver loaded but not bound: no interface;
+                                                 a later net_config only binds it. Done once in templates)
 Events go agent -> host and carry the "id" of the request they answer and an "ev". The agent sends one
 unsolicited event with id 0 when it starts: hello {protocol, agent_version}.
 
@@ -69,7 +71,7 @@ TRUNCATION_MARKER = "\n[output truncated: {omitted} bytes omitted]\n"
 # file_write, file_read and list_dir carry raw payloads: see frames.py.
 OPS = frozenset(
     {"ping", "exec", "interrupt", "reseed", "set_clock", "restart_worker", "file_write", "file_read", "list_dir",
-     "net_config"}
+     "net_config", "net_prepare"}
 )
 EVENTS = frozenset({"hello", "pong", "stdout", "stderr", "display", "done", "ok", "error"})
 LANGUAGES = frozenset({"python", "bash"})
