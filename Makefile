@@ -9,9 +9,12 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # Host packages: QEMU to run sandboxes; the rest to build the guest image.
 # systemd-container, openssh-client: the provisioning suite's test hosts; bubblewrap: the jail around each QEMU.
 APT_PACKAGES := python3 python3-venv qemu-system-x86 qemu-utils mmdebstrap e2fsprogs ca-certificates \
-	systemd-container openssh-client bubblewrap
+	systemd-container openssh-client bubblewrap \
+	grub-pc-bin grub-efi-amd64-bin mtools dosfstools fdisk ovmf
+# The last line: `appliance build host` (GRUB for BIOS and UEFI, FAT partitions without mounting, GPT on a file)
+# and its boot tests (OVMF is the UEFI firmware; SeaBIOS comes with QEMU).
 
-.PHONY: demo test setup host-packages guest-image lint unit integration provisioning bench clean
+.PHONY: demo test setup host-packages guest-image host-image lint unit integration provisioning bench clean
 
 demo: setup guest-image
 	$(APPLIANCE) doctor
@@ -38,6 +41,10 @@ $(VENV)/.installed: pyproject.toml
 
 guest-image: setup
 	$(APPLIANCE) build guest
+
+# A bootable node disk image (see README, "The host image"); the root stage is cached in ~/.cache/appliance.
+host-image: setup guest-image
+	$(APPLIANCE) build host -o build/node.img
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,266 @@
+"""Build the host image: a bootable GPT disk that comes up as a ready appliance node.
+
+    build_host_image(spec, output, fmt="raw"|"qcow2", site_config=None, ...) -> HostImage
+
+Stages, each cached under <cache_dir>/stages/ and rebuilt only when its inputs change:
+
+    base    mmdebstrap of image-builder/host/packages.txt (the operating system only)      ~1 min
+    root    the roles applied to the base (playbooks/host-image.yml), the node's boot-time setup, ext4
+            key: base, roles + playbooks, the appliance source, the guest image, the host recipe, this code
+    disk    GRUB for UEFI and BIOS, the ESP and config partitions (mtools), the GPT disk; always made, seconds
+
+The output is written beside its final name and renamed into place; <output>.manifest.json describes it (package
+versions, the guest image's sha256, the disk's sha256). The same manifest, less the disk's digest, is inside the
+image at /usr/lib/appliance-node/manifest.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from appliance.build import kernel as kernel_stage
+from appliance.build import rootfs
+from appliance.build.common import (
+    RECIPE_DIR,
+    REPO_ROOT,
+    BuildError,
+    exclusive,
+    read_list,
+    remove_leftovers,
+    run,
+    sha256_file,
+    sha256_json,
+    tree_hash,
+)
+from appliance.build.host import disk, root
+from appliance.progress import Progress
+from appliance.spec import ApplianceSpec
+
+HOST_RECIPE = RECIPE_DIR / "host"
+FORMATS = ("raw", "qcow2")
+MANIFEST_FORMAT = 1
+KERNEL_CMDLINE = "console=tty0 console=ttyS0,115200n8"
+HOST_TOOLS = {
+    "mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs", "mkfs.vfat": "dosfstools", "mcopy": "mtools",
+    "mmd": "mtools", "sfdisk": "fdisk", "grub-mkimage": "grub-common", "unshare": "util-linux",
+    "chroot": "coreutils", "qemu-img": "qemu-utils", "dpkg-query": "dpkg",
+}
+# The appliance's own source: it becomes the wheel the roles install, so a change to it is a new root stage.
+SOURCE_PATHS = ("pyproject.toml", "appliance", "service", "image-builder/guest/agent")
+
+
+@dataclass(frozen=True)
+class HostImage:
+    path: Path
+    manifest_path: Path
+    manifest: dict[str, Any]
+    cached_root: bool
+
+
+def preflight_problem(euid: int, which: Callable[[str], str | None], fmt: str) -> str | None:
+    if fmt not in FORMATS:
+        return f"build host: unknown format {fmt!r}; choose raw or qcow2"
+    if euid != 0:
+        return "build host: building the host image needs root (mmdebstrap --mode=root, chroot)"
+    missing = sorted({package for tool, package in HOST_TOOLS.items() if which(tool) is None})
+    if missing:
+        return f"build host: missing host tools; install the Debian packages: {' '.join(missing)}"
+    for target, package in (("x86_64-efi", "grub-efi-amd64-bin"), ("i386-pc", "grub-pc-bin")):
+        if not (disk.GRUB_DIR / target / "linux.mod").exists():
+            return f"build host: no GRUB modules for {target}; install the Debian package {package}"
+    return None
+
+
+def load_node_setup():
+    """The node's boot-time setup module (image-builder/host/node/node_setup.py): its site checks are the build's."""
+    import importlib.util
+    import sys
+
+    name = "appliance_node_setup"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, HOST_RECIPE / "node" / "node_setup.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_site_config(path: Path | None) -> str | None:
+    """The site config's text after the node's own checks (so a bad file fails the build, not the node's boot)."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise BuildError(f"build host: cannot read the site config {path}: {exc.strerror}") from None
+    node_setup = load_node_setup()
+    try:
+        node_setup.parse_site(text)
+    except node_setup.SiteError as exc:
+        raise BuildError(f"build host: {path}: {exc}") from None
+    return text
+
+
+def recipe_hash() -> str:
+    return tree_hash([HOST_RECIPE, REPO_ROOT / "roles", REPO_ROOT / "playbooks", REPO_ROOT / "ansible.cfg",
+                      Path(__file__).parent])
+
+
+def root_stage_key(base: Path, guest_manifest_sha: str) -> str:
+    return sha256_json({"base": base.name, "recipe": recipe_hash(), "guest": guest_manifest_sha,
+                        "source": tree_hash([REPO_ROOT / p for p in SOURCE_PATHS])})
+
+
+def build_host_image(
+    spec: ApplianceSpec,
+    output: Path,
+    *,
+    fmt: str = "raw",
+    site_config: Path | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    verbose: bool = False,
+) -> HostImage:
+    progress = progress or Progress(quiet=True)
+    problem = preflight_problem(os.geteuid(), shutil.which, fmt)
+    if problem:
+        raise BuildError(problem)
+    site_text = check_site_config(site_config)
+    started = time.monotonic()
+    cache = spec.paths.cache_dir
+    guest = spec.guest
+
+    from appliance.build.guest import build_guest_image
+
+    with progress.phase("guest image", "the image sandboxes boot from, placed inside the node"):
+        guest_dir = build_guest_image(spec, progress=Progress(quiet=True))
+    guest_manifest_sha = sha256_file(guest_dir / "manifest.json")
+
+    packages = read_list(HOST_RECIPE / "packages.txt")
+    sources = kernel_stage.apt_sources(guest.mirror, guest.suite)
+    with progress.phase("base", f"mmdebstrap {guest.suite}, {len(packages)} packages"):
+        base = rootfs.base_stage(guest.suite, sources, packages, read_list(HOST_RECIPE / "dpkg-options.txt"),
+                                 cache, refresh=False)
+
+    key = root_stage_key(base, guest_manifest_sha)[:16]
+    stages = cache / "stages"
+    root_image = stages / f"host-root-{key}.ext4"
+    root_info = stages / f"host-root-{key}.json"
+    with exclusive(stages / f"host-root-{key}.lock"):
+        cached = root_image.exists() and root_info.exists() and not force
+        if cached:
+            progress.skip("root", f"cached ({root_image.name})")
+        else:
+            _build_root(spec, base, guest_dir, root_image, root_info, progress, verbose)
+    info = json.loads(root_info.read_text())
+
+    output = output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output.parent, f".{output.name}.partial-*")
+    work = output.parent / f".{output.name}.partial-{os.getpid()}"
+    work.mkdir()
+    try:
+        with progress.phase("disk", f"GPT, GRUB for UEFI and BIOS, {fmt}"):
+            raw = work / "disk.raw"
+            _assemble(work, raw, root_image, info, site_text)
+            final = raw
+            if fmt == "qcow2":
+                final = work / "disk.qcow2"
+                run("disk: qemu-img", ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, final])
+                raw.unlink()
+        with progress.phase("manifest", "sha256 of the disk"):
+            manifest = {**info["manifest"], "format": MANIFEST_FORMAT, "image_format": fmt,
+                        "disk": {"sha256": sha256_file(final), "size": final.stat().st_size,
+                                 "virtual_size": info["layout_bytes"]},
+                        "site_config": site_config is not None, "root_stage_cached": cached,
+                        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                        "build_seconds": round(time.monotonic() - started, 1)}
+            manifest_path = output.with_name(output.name + ".manifest.json")
+            final.rename(output)
+            manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return HostImage(output, manifest_path, manifest, cached)
+
+
+def _build_root(spec: ApplianceSpec, base: Path, guest_dir: Path, root_image: Path, root_info: Path,
+                progress: Progress, verbose: bool) -> None:
+    from appliance.build.guest import read_manifest
+
+    stages = root_image.parent
+    remove_leftovers(stages, "host-root-work-*")
+    work = stages / f"host-root-work-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        tree = work / "root"
+        with progress.phase("root: unpack base"):
+            rootfs.unpack_base(base, tree)
+        with progress.phase("root: bundle", "host packages, wheelhouse, guest image (appliance/bundle.py)"):
+            bundle_manifest = root.bundle_directory(work / "bundle", image_dir=guest_dir,
+                                                    cache_dir=spec.paths.cache_dir, mirror=spec.guest.mirror,
+                                                    suite=spec.guest.suite)
+        with progress.phase("root: roles", "playbooks/host-image.yml in the image root"):
+            root.apply_roles(tree, work / "bundle", work, verbose=verbose)
+        shutil.rmtree(work / "bundle")
+        with progress.phase("root: node setup", "boot-time setup, units, role templates"):
+            root.install_node_files(tree, HOST_RECIPE, REPO_ROOT / "roles")
+            root_uuid = str(uuid.UUID(sha256_json([root_image.name])[:32]))
+            kernel, initrd = root.kernel_files(tree)
+            root.write_fstab(tree, root_uuid)
+            (tree / "boot/grub").mkdir(parents=True, exist_ok=True)
+            (tree / "boot/grub/grub.cfg").write_text(disk.grub_cfg(root_uuid, kernel, initrd, KERNEL_CMDLINE))
+            root.scrub(tree)
+            debian = rootfs.parse_dpkg_query(rootfs.dpkg_query(tree))
+            guest_manifest = read_manifest(guest_dir)
+            manifest = {
+                "recipe_hash": recipe_hash(),
+                "kernel": {"file": kernel, "initrd": initrd, "cmdline": KERNEL_CMDLINE},
+                "root_uuid": root_uuid,
+                "debian_packages": dict(sorted(debian.items())),
+                "appliance_version": bundle_manifest["appliance_version"],
+                "wheels": sorted(name.removeprefix("wheels/") for name in bundle_manifest["files"]
+                                 if name.startswith("wheels/")),
+                "guest_image": {"id": guest_dir.name, "manifest_sha256": sha256_file(guest_dir / "manifest.json"),
+                                "artifacts": guest_manifest["artifacts"]},
+            }
+            (tree / root.NODE_LIB / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        with progress.phase("root: mkfs.ext4"):
+            partial = root_image.with_name(f".{root_image.name}.partial-{os.getpid()}")
+            root.make_root_ext4(tree, partial, root_uuid)
+            partial.rename(root_image)
+        root_info.write_text(json.dumps({"manifest": manifest, "root_uuid": root_uuid,
+                                         "layout_bytes": disk.plan_layout(root_image.stat().st_size).total_bytes},
+                                        indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _assemble(work: Path, raw: Path, root_image: Path, info: dict[str, Any], site_text: str | None) -> None:
+    early = work / "early.cfg"
+    early.write_text(disk.early_config(info["root_uuid"]))
+    efi, core = work / "BOOTX64.EFI", work / "core.img"
+    disk.grub_mkimage("x86_64-efi", efi, early)
+    disk.grub_mkimage("i386-pc", core, early)
+    esp = work / "esp.fat"
+    disk.make_fat(esp, 32, "EFI", {"EFI/BOOT/BOOTX64.EFI": efi})
+    config_files = {"site.toml.example": HOST_RECIPE / "site.toml.example"}
+    if site_text is not None:
+        (work / "site.toml").write_text(site_text)
+        config_files["site.toml"] = work / "site.toml"
+    config = work / "config.fat"
+    disk.make_fat(config, 16, "APPLCONFIG", config_files)
+    layout = disk.plan_layout(root_image.stat().st_size)
+    disk.assemble(raw, layout, {"EFI system": esp, disk.CONFIG_LABEL: config, disk.ROOT_LABEL: root_image},
+                  disk.GRUB_DIR / "i386-pc" / "boot.img", core)
