@@ -92,6 +92,7 @@ SANDBOX_KEYS: dict[str, tuple[str, type, float]] = {
     "memory_mib": ("appliance_api_guest_memory_mib", int, 256),
     "vcpus": ("appliance_api_guest_vcpus", int, 1),
     "boot_timeout_s": ("appliance_api_boot_timeout_s", float, 1),
+    "kvm_probe_timeout_s": ("appliance_api_kvm_probe_timeout_s", float, 1),
     "exec_timeout_s": ("appliance_api_exec_timeout_s", float, 1),
     "workers": ("appliance_api_workers", int, 1),
     "accelerator": ("appliance_api_accelerator", str, 0),
@@ -146,6 +147,19 @@ def parse_site(text: str) -> Site:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SiteError(f"not valid TOML: {exc}") from None
+    return parse_data(data)
+
+
+def ssh_keys_despite_errors(text: str) -> list[str]:
+    """The [ssh] keys when they are valid on their own, even if the rest of the file is not (for repairs)."""
+    try:
+        ssh = tomllib.loads(text).get("ssh")
+        return parse_data({"ssh": ssh}).authorized_keys if isinstance(ssh, dict) else []
+    except (tomllib.TOMLDecodeError, SiteError):
+        return []
+
+
+def parse_data(data: dict[str, Any]) -> Site:
     site = Site()
     for section, value in data.items():
         if section not in SECTIONS:
@@ -316,10 +330,9 @@ def write_if_changed(path: Path, text: str, mode: int, owner: str, group: str) -
     return True
 
 
-def apply_ssh_keys(site: Site) -> None:
-    if site.authorized_keys:
-        write_if_changed(Path("/root/.ssh/authorized_keys"), "\n".join(site.authorized_keys) + "\n", 0o600,
-                         "root", "root")
+def apply_ssh_keys(keys: list[str]) -> None:
+    if keys:
+        write_if_changed(Path("/root/.ssh/authorized_keys"), "\n".join(keys) + "\n", 0o600, "root", "root")
         os.chmod("/root/.ssh", 0o700)
 
 
@@ -362,11 +375,17 @@ def setup() -> int:
     STATUS_FILE.parent.mkdir(parents=True, exist_ok=True)
     grow_root()
     make_secrets()
+    text = None
     try:
-        site = parse_site(read_site())
-        apply_ssh_keys(site)
+        text = read_site()
+        site = parse_site(text)
+        apply_ssh_keys(site.authorized_keys)
         apply_site(site)
     except SiteError as exc:
+        keys = ssh_keys_despite_errors(text) if text is not None else []
+        if keys:  # so the node stays repairable over SSH
+            apply_ssh_keys(keys)
+            say(f"applied the {len(keys)} SSH key(s) of {SITE_FILE} anyway, so root can log in to fix this")
         problem = f"site configuration problem: {exc}"
         STATUS_FILE.write_text(json.dumps({"ok": False, "problem": problem}))
         say(f"{problem}. The API stays down: fix {SITE_FILE} on the {CONFIG_PARTLABEL} partition and reboot.")
