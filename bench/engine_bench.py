@@ -17,6 +17,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from tables import print_rows  # bench/, the script's own directory
+
 from appliance.spec import guest_image_dir, load_spec
 from service.engine import Engine, EngineConfig
 from service.engine.template import Template
@@ -127,12 +129,7 @@ def main() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
     print(f"\nengine benchmark — accelerator: {accelerator.name} ({accelerator.reason})")
-    width = max(len(r[0]) for r in rows)
-    value_width = max(len(r[1]) for r in rows)
-    print(f"{'measure':<{width}}  {'result':<{value_width}}  note")
-    print(f"{'-' * width}  {'-' * value_width}  ----")
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:<{value_width}}  {note}")
+    print_rows(rows)
 
 
 if __name__ == "__main__":

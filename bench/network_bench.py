@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tables import print_rows  # bench/, the script's own directory
+
 from appliance.spec import guest_image_dir, load_spec
 from service.config import ServiceConfig
 from service.engine import Engine, EngineConfig
@@ -135,11 +137,7 @@ def main() -> None:
     finally:
         kill_qemus_under(root)
         shutil.rmtree(root, ignore_errors=True)
-    width = max(len(name) for name, _, _ in rows)
-    print(f"{'measure':<{width}}  {'p50':>8}  ratio")
-    print(f"{'-' * width}  {'-' * 8}  -----")
-    for name, value, ratio in rows:
-        print(f"{name:<{width}}  {value:>8}  {ratio}")
+    print_rows(rows, ("measure", "p50", "ratio"))
 
 
 if __name__ == "__main__":
