@@ -21,7 +21,7 @@ import pytest
 from service.config import ServiceConfig
 from service.engine import EngineConfig, network
 from service.engine.netpolicy import NETNS_PREFIX
-from service.errors import Invalid
+from service.errors import Invalid, ServiceError
 from service.pool import PoolKeeper
 from service.registry import POOLED
 from service.sandboxes import SandboxManager
@@ -239,3 +239,25 @@ def test_the_keeper_removes_a_network_left_behind_by_a_crash(manager):
     assert namespace in our_namespaces()
     assert network.remove_leftovers(manager.config.sandboxes_dir, min_age_s=0) == [namespace]
     assert namespace not in our_namespaces()
+
+
+def test_a_fork_whose_copy_cannot_get_its_network_changes_nothing(manager, monkeypatch):
+    parent = manager.create(OWNER, network_policy={"egress": {"allow": [f"{ALLOWED}:{PORT}"]}})
+    before = (our_namespaces(), {r.id for r in manager.registry.list(owner=OWNER)})
+    real = network.attach_host
+    calls = []
+
+    def fails_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise network.NetworkError("injected: no address slot left")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(network, "attach_host", fails_second_time)
+    with pytest.raises(ServiceError, match=r"fork of \S+ failed; it keeps running unchanged: injected"):
+        manager.fork(OWNER, parent.id, 2)
+    monkeypatch.undo()
+    assert (our_namespaces(), {r.id for r in manager.registry.list(owner=OWNER)}) == before
+    allowed, denied = probes(manager, parent.id, (ALLOWED, PORT), (DENIED, PORT))  # its link came back up
+    assert allowed == f"hello from {ALLOWED}:{PORT}" and denied.startswith("failed")
+    manager.delete(OWNER, parent.id)
