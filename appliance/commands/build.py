@@ -46,5 +46,6 @@ def build_host(spec_path: Path | None, quiet: bool, output: Path, fmt: str, site
     image = build_host_image(spec, output, fmt=fmt, site_config=site_config, force=force,
                              progress=Progress(quiet=quiet), verbose=verbose)
     size = image.manifest["disk"]
-    click.echo(f"{image.path} ({fmt}, {size['size'] / 2**20:.0f} MiB on disk, "
-               f"{size['virtual_size'] / 2**30:.1f} GiB disk); manifest: {image.manifest_path}")
+    click.echo(f"{image.path}: {fmt}, {size['allocated'] / 2**20:.0f} MiB on disk, a "
+               f"{size['virtual_size'] / 2**30:.1f} GiB disk (the node grows its root to its own disk)")
+    click.echo(f"manifest: {image.manifest_path}")

@@ -113,8 +113,11 @@ def check_site_config(path: Path | None) -> str | None:
 
 
 def recipe_hash() -> str:
+    """What shapes the root stage besides the base: the host recipe, the roles, the playbooks, root.py and the
+    chroot connection (disk.py and this driver only shape the disk stage, which is always made)."""
+    here = Path(__file__).parent
     return tree_hash([HOST_RECIPE, REPO_ROOT / "roles", REPO_ROOT / "playbooks", REPO_ROOT / "ansible.cfg",
-                      Path(__file__).parent])
+                      here / "root.py", here / "ansible_connections"])
 
 
 def root_stage_key(base: Path, guest_manifest_sha: str) -> str:
@@ -182,7 +185,7 @@ def build_host_image(
         with progress.phase("manifest", "sha256 of the disk"):
             manifest = {**info["manifest"], "format": MANIFEST_FORMAT, "image_format": fmt,
                         "disk": {"sha256": sha256_file(final), "size": final.stat().st_size,
-                                 "virtual_size": info["layout_bytes"]},
+                                 "allocated": final.stat().st_blocks * 512, "virtual_size": info["layout_bytes"]},
                         "site_config": site_config is not None, "root_stage_cached": cached,
                         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
                         "build_seconds": round(time.monotonic() - started, 1)}
