@@ -381,7 +381,9 @@ def setup() -> int:
         site = parse_site(text)
         apply_ssh_keys(site.authorized_keys)
         apply_site(site)
-    except SiteError as exc:
+    except Exception as exc:
+        if not isinstance(exc, SiteError):
+            exc = SiteError(f"the node could not apply it: {type(exc).__name__}: {exc}")
         keys = ssh_keys_despite_errors(text) if text is not None else []
         if keys:  # so the node stays repairable over SSH
             apply_ssh_keys(keys)
