@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from appliance.build.common import REPO_ROOT, BuildError
@@ -135,17 +136,14 @@ def test_the_roles_templates_render_with_the_site_laid_over_the_role_defaults(tm
         role, _, rest = template.partition("/templates/")
         (templates / role / rest).parent.mkdir(parents=True, exist_ok=True)
         (templates / role / rest).write_text((REPO_ROOT / "roles" / template).read_text())
-    role_vars = {
-        "appliance_api_accelerator": "auto", "appliance_api_guest_vcpus": 1, "appliance_api_guest_memory_mib": 1024,
-        "appliance_api_boot_timeout_s": 60, "appliance_api_kvm_probe_timeout_s": 10,
-        "appliance_api_exec_timeout_s": 60, "appliance_api_bind_address": "0.0.0.0",
-        "appliance_api_port": 8080, "appliance_api_workers": 2, "appliance_api_pool_size": 2,
-        "appliance_api_max_sandboxes": 64, "appliance_api_cache_dir": "/var/cache/appliance",
-        "appliance_api_images_dir": "/var/lib/appliance/images", "appliance_api_state_dir": "/var/lib/appliance",
-        "appliance_api_run_dir": "/run/appliance", "appliance_api_config_dir": "/etc/appliance",
-        "appliance_api_home": "/opt/appliance", "appliance_api_user": "appliance", "firewall_api_port": 8080,
-        "firewall_api_sources": [], "firewall_ssh_port": 22, "firewall_ssh_sources": ["0.0.0.0/0", "::/0"],
-    }
+    # The roles' own plain defaults and vars (what role-vars.json records at build time), and for the few whose
+    # default is an expression, the value it has in an image build.
+    role_vars: dict = {}
+    for file in ("appliance_api/defaults", "appliance_api/vars", "firewall/defaults"):
+        loaded = yaml.safe_load((REPO_ROOT / "roles" / file / "main.yml").read_text())
+        role_vars.update({k: v for k, v in loaded.items() if not (isinstance(v, str) and "{{" in v)})
+    role_vars.update({"appliance_api_images_dir": "/var/lib/appliance/images",
+                      "appliance_api_run_dir": "/run/appliance", "firewall_api_port": 8080})
     site = node_setup.parse_site('[api]\nport = 9090\nallowed_networks = ["192.0.2.0/24", "2001:db8::/32"]\n'
                                  "[sandboxes]\npool_size = 0\n")
     rendered = node_setup.render_templates(templates, {**role_vars, **site.role_vars(),
