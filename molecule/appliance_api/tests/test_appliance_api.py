@@ -66,7 +66,22 @@ def test_service_account_is_unprivileged_and_in_group_kvm(host):
     user = host.user("appliance")
     assert user.exists and user.shell == "/usr/sbin/nologin"
     assert "kvm" in user.groups
+    assert "appliance-vm" in user.groups  # to reach the sockets of the VMs the launcher starts
     assert user.uid < 1000  # a system account
+    vm_user = host.user("appliance-vm")
+    assert vm_user.exists and vm_user.uid < 1000 and vm_user.shell == "/usr/sbin/nologin"
+
+
+def test_the_vmm_launcher_runs_as_root_and_serves_only_the_apis_group(host):
+    launcher = host.service("appliance-launcher.service")
+    assert launcher.is_enabled and launcher.is_running
+    socket_file = host.file("/run/appliance-launcher.sock")
+    assert socket_file.is_socket and socket_file.user == "root" and socket_file.group == "appliance"
+    assert socket_file.mode == 0o660
+    spec = host.file("/etc/appliance/appliance.toml").content_string
+    assert 'launcher_socket = "/run/appliance-launcher.sock"' in spec
+    kill_mode = host.check_output("systemctl show appliance-launcher.service --property=KillMode")
+    assert kill_mode == "KillMode=process"  # its VMs outlive a restart of it
 
 
 def test_secrets_and_config_files_have_tight_permissions(host):
@@ -87,7 +102,7 @@ def test_unit_declares_the_hardening(host):
     shown = _show(host, "User", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp",
                   "CapabilityBoundingSet", "AmbientCapabilities", "DevicePolicy", "DeviceAllow",
                   "RestrictNamespaces", "RestrictSUIDSGID", "ProtectKernelModules", "ProtectKernelTunables",
-                  "SystemCallFilter", "StateDirectory", "SupplementaryGroups", "StandardOutput")
+                  "SystemCallFilter", "StateDirectory", "SupplementaryGroups", "StandardOutput", "ProtectProc")
     assert shown["User"] == "appliance"
     assert shown["NoNewPrivileges"] == "yes"
     assert shown["ProtectSystem"] == "strict"
@@ -104,6 +119,7 @@ def test_unit_declares_the_hardening(host):
     assert shown["StateDirectory"] == "appliance"
     assert shown["SupplementaryGroups"] == "kvm"
     assert shown["StandardOutput"] == "journal"
+    assert shown["ProtectProc"] == "default"  # it must see its VMs' processes (the VM user's) to know they live
 
 
 def test_running_process_has_no_privileges(host):

@@ -60,7 +60,7 @@ def _wait_ready(address: str, timeout_s: float = 180) -> None:
 
 
 @pytest.mark.usefixtures("bootable_image")
-def test_create_a_sandbox_and_run_code_over_the_network(address):
+def test_create_a_sandbox_and_run_code_over_the_network(host, address):
     _wait_ready(address)
     status, sandbox = _call(address, "POST", "/v1/sandboxes", {})
     assert status == 201, sandbox
@@ -71,6 +71,13 @@ def test_create_a_sandbox_and_run_code_over_the_network(address):
         assert result["stdout"] == "42\n"
         assert result["error"] is None
         assert result["text"] == "(3, 11)"
+        # The API is unprivileged: the root launcher started this VM, jailed, as the VM user.
+        pids = host.check_output("pgrep -u appliance-vm -x qemu-system-x86").split()
+        assert pids, "no QEMU runs as the VM user"
+        for pid in pids:
+            status = host.file(f"/proc/{pid}/status").content_string
+            fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+            assert int(fields["CapEff"], 16) == 0 and fields["Seccomp"].strip() == "2"
     finally:
         _call(address, "DELETE", f"/v1/sandboxes/{sandbox['id']}")
 
