@@ -75,3 +75,12 @@ def test_closed_ports_answer_inside_but_not_from_the_control_machine(host, addre
     inside = host.run(f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), 2)\"")
     assert inside.rc == 0, f"nothing listens on {port} inside the host: the probe proves nothing"
     assert not _connects(address, port), f"port {port} is reachable from the control machine"
+
+
+def test_sandboxes_are_forwarded_masqueraded_and_kept_off_the_host(host):
+    ruleset = host.check_output("nft list ruleset")
+    assert 'iifname "aplsb*" drop' in ruleset  # no sandbox reaches the host's own services
+    assert 'iifname "aplsb*" ip saddr 100.96.0.0/16 accept' in ruleset
+    assert 'ip saddr 100.96.0.0/16 oifname != "aplsb*" masquerade' in ruleset
+    assert host.sysctl("net.ipv4.ip_forward") == 1
+    assert host.file("/etc/sysctl.d/60-appliance-sandboxes.conf").contains("net.ipv4.ip_forward = 1")
