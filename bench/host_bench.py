@@ -34,6 +34,14 @@ from tests.hostimage import nodevm
 MIB = 1 << 20
 
 
+class Results(list):
+    """(label, value) rows, each also printed as it is measured (a run that fails later still shows them)."""
+
+    def append(self, row: tuple[str, str]) -> None:
+        super().append(row)
+        print(f"  {row[0]}: {row[1]}", file=sys.stderr, flush=True)
+
+
 def timed(label: str, results: list[tuple[str, str]], function):
     started = time.monotonic()
     value = function()
@@ -42,6 +50,7 @@ def timed(label: str, results: list[tuple[str, str]], function):
 
 
 def boot(image: Path, firmware: str, key: Path, workdir: Path, exec_too: bool) -> dict[str, float]:
+    workdir.mkdir(parents=True, exist_ok=True)
     disk = nodevm.prepare_disk(image, workdir / "disk.raw", nodevm.site_toml(key.with_suffix(".pub").read_text()))
     vm = nodevm.NodeVM(disk, firmware, workdir).start()
     try:
@@ -67,7 +76,7 @@ def main() -> int:
     parser.add_argument("--exec", action="store_true", help="also time the first create + exec in each node")
     args = parser.parse_args()
     spec = load_spec()
-    results: list[tuple[str, str]] = []
+    results: list[tuple[str, str]] = Results()
     quiet = Progress(quiet=True)
     with tempfile.TemporaryDirectory(prefix="host-bench-") as scratch_name:
         scratch = Path(scratch_name)
