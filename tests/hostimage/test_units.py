@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from appliance.build.common import REPO_ROOT, BuildError
 from appliance.build.host import disk
-from appliance.build.host.image import check_site_config, load_node_setup, preflight_problem
+from appliance.build.host.image import check_site_config, load_node_setup, preflight_problem, prune_root_stages
 from appliance.build.host.root import NODE_TEMPLATES
 from appliance.cli import main as cli
 
@@ -202,3 +202,20 @@ def test_cli_refuses_a_bad_format_and_a_bad_site_config_without_a_traceback(tmp_
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "api.port: 22 is not a TCP port" in lines[0], result.output
+
+
+def test_old_root_stages_are_pruned_but_never_the_one_in_use(tmp_path: Path) -> None:
+    import os
+
+    stages = []
+    for age, name in enumerate(["a", "b", "c", "d"]):
+        image = tmp_path / f"host-root-{name}.ext4"
+        image.write_bytes(b"x")
+        (tmp_path / f"host-root-{name}.json").write_text("{}")
+        os.utime(image, (1000 - age * 100, 1000 - age * 100))  # a newest, d oldest
+        stages.append(image)
+    removed = prune_root_stages(tmp_path, keep=stages[3])
+    assert removed == [stages[2]]
+    assert sorted(p.name for p in tmp_path.glob("*.ext4")) == ["host-root-a.ext4", "host-root-b.ext4",
+                                                               "host-root-d.ext4"]
+    assert not (tmp_path / "host-root-c.json").exists()

@@ -167,6 +167,7 @@ def build_host_image(
         else:
             _build_root(spec, base, guest_dir, root_image, root_info, progress, verbose)
     info = json.loads(root_info.read_text())
+    prune_root_stages(stages, keep=root_image)
 
     output = output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +196,29 @@ def build_host_image(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return HostImage(output, manifest_path, manifest, cached)
+
+
+def prune_root_stages(stages: Path, keep: Path, keep_count: int = 2) -> list[Path]:
+    """Remove all but the newest `keep_count` root stages (each is 1.4 GB), never `keep` nor one whose lock another
+    build holds; returns what went."""
+    import fcntl
+
+    images = sorted(stages.glob("host-root-*.ext4"), key=lambda path: path.stat().st_mtime, reverse=True)
+    removed = []
+    for image in images[keep_count:]:
+        if image == keep:
+            continue
+        lock = image.with_suffix(".lock")
+        with lock.open("w") as stream:
+            try:
+                fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            image.unlink(missing_ok=True)
+            image.with_suffix(".json").unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+        removed.append(image)
+    return removed
 
 
 def _build_root(spec: ApplianceSpec, base: Path, guest_dir: Path, root_image: Path, root_info: Path,
