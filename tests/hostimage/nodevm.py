@@ -169,12 +169,13 @@ class NodeVM:
         raise TimeoutError(f"SSH did not answer within {deadline_s:.0f}s: {self.tail()}")
 
 
-# Run on the node: stop the API, end the sandbox QEMUs it left running (by PID, found by their run dir), forget the
-# accelerator verdict of this boot, start the API again so the engine probes KVM once more.
+# Run on the node: stop the API, end the sandbox QEMUs it left running (by PID; on a test node every QEMU is a
+# sandbox's, whether the API or the VMM launcher started it), forget the accelerator verdict of this boot, start the
+# API again so the engine probes KVM once more.
 _REPROBE = r"""
 systemctl stop appliance-api.service
 for d in /proc/[0-9]*; do
-  if tr '\0' ' ' < "$d/cmdline" 2>/dev/null | grep -q '^qemu-system[^ ]* .*/run/appliance/'; then
+  if tr '\0' ' ' < "$d/cmdline" 2>/dev/null | grep -q '^qemu-system'; then
     kill -9 "${d#/proc/}"
   fi
 done
