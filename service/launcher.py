@@ -23,7 +23,8 @@ from typing import Any
 from service.engine import network
 from service.engine.jail import Jail, JailPolicy
 from service.engine.launcher import LAUNCHER_FILE, MAX_REQUEST, LauncherError, LauncherScope, check_start, check_vm_dir
-from service.engine.netpolicy import PolicyError, parse_policy, resolve
+from service.engine.netpolicy import PolicyError, resolved_from_json
+from service.engine.network import NetworkSettings
 from service.engine.vm import VirtualMachine
 
 log = logging.getLogger("appliance.launcher")
@@ -35,6 +36,7 @@ class LauncherConfig:
     scope: LauncherScope
     policy: JailPolicy
     client_group: str | None = None  # the socket's group (the API's); None: root's
+    network: NetworkSettings = field(default_factory=NetworkSettings)  # isolation.network_range
     allowed_uids: frozenset[int] = field(default_factory=frozenset)  # empty: anyone the socket mode lets in
 
 
@@ -60,19 +62,15 @@ class Launcher:
         if op == "attach_network":
             vm_dir = check_vm_dir(request.get("vm_dir"), self.config.scope)
             try:
-                policy = parse_policy(request.get("policy"))
-                settings = network.NetworkSettings(sandbox_range=str(request.get("sandbox_range")))
-                if policy is None:
-                    raise LauncherError("attach_network needs a policy")
-                resolved = resolve(policy)
+                resolved = resolved_from_json(request.get("resolved"))
             except PolicyError as exc:
                 raise LauncherError(str(exc)) from None
             vm = VirtualMachine.for_dir(vm_dir)
-            try:
-                attachment = network.attach_host(vm, resolved, settings)
+            try:  # the launcher's own address range, never one a client names
+                attachment = network.attach_host(vm, resolved, self.config.network)
             finally:
                 vm.close_monitor()
-            return {"slot": attachment.slot.index, "mac": attachment.mac, "hosts": attachment.hosts}
+            return {"slot": attachment.slot.index, "range": str(attachment.slot.cidr), "mac": attachment.mac}
         raise LauncherError(f"unknown op {op!r}")
 
 

@@ -25,6 +25,7 @@ def launcher_command(client_group: str | None, spec_path: Path | None) -> None:
     from appliance.spec import guest_image_dir
     from service.engine.engine import EngineConfig
     from service.engine.launcher import LauncherScope
+    from service.engine.network import NetworkSettings
     from service.launcher import LauncherConfig, serve
 
     if os.geteuid() != 0:
@@ -38,7 +39,8 @@ def launcher_command(client_group: str | None, spec_path: Path | None) -> None:
     roots = (image_dir.parent,)  # the image and the ones beside it (an upgrade keeps the previous one)
     config = LauncherConfig(socket_path=spec.isolation.launcher_socket,
                             scope=LauncherScope(run_root=spec.paths.run_dir, image_roots=roots),
-                            policy=policy, client_group=client_group)
+                            policy=policy, client_group=client_group,
+                            network=NetworkSettings(sandbox_range=spec.isolation.network_range))
     spec.paths.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         server = serve(config)

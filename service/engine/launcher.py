@@ -129,8 +129,9 @@ class LauncherClient:
     def stop(self, vm_dir: Path, keep_files: bool) -> None:
         self.request("stop", vm_dir=str(vm_dir), keep_files=keep_files)
 
-    def attach_network(self, vm_dir: Path, policy: dict[str, Any], sandbox_range: str) -> dict[str, Any]:
-        return self.request("attach_network", vm_dir=str(vm_dir), policy=policy, sandbox_range=sandbox_range)
+    def attach_network(self, vm_dir: Path, resolved: dict[str, Any]) -> dict[str, Any]:
+        """The host half of a network (the launcher's own address range); `resolved`: ResolvedPolicy.to_json()."""
+        return self.request("attach_network", vm_dir=str(vm_dir), resolved=resolved)
 
 
 def launcher_of(vm_dir: Path) -> LauncherClient | None:

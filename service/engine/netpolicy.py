@@ -11,11 +11,12 @@ are resolved on the host when the sandbox is created (and again when it is resum
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from appliance_agent.netconfig import HOSTNAME  # what the guest accepts as a host name is what a policy may name
 
 IPv4Net = ipaddress.IPv4Network
 MAX_ALLOW = 64
@@ -25,8 +26,6 @@ NETNS_PREFIX = "appliance-net-"
 HOST_VETH_PREFIX = "aplsb"  # + slot + "h": the host's end of the sandbox's link, in the host namespace
 NS_VETH, NS_TAP = "uplink", "tap0"  # inside the sandbox's namespace
 SLOT_SIZE = 8  # addresses per sandbox: a /30 for the host link, a /30 for the guest link
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 Resolver = Callable[[str], list[str]]
 
@@ -89,7 +88,7 @@ def parse_allow_entry(entry: Any) -> AllowEntry:
     except ValueError:
         if host[:1].isdigit() and host.replace(".", "").replace("/", "").isdigit():
             raise PolicyError(f"network.egress.allow: {entry!r} is not a valid IPv4 address or CIDR") from None
-        if not _NAME.match(host):
+        if not HOSTNAME.match(host):
             raise PolicyError(f"network.egress.allow: {entry!r} is not a CIDR, an address or a host name") from None
         return AllowEntry(entry, name=host.lower(), port=port)
     if "/" in host and network.prefixlen == 0:
@@ -108,6 +107,32 @@ class ResolvedPolicy:
     egress: str
     rules: tuple[Rule, ...] = ()
     hosts: dict[str, str] = field(default_factory=dict)  # name -> first address, for the guest's /etc/hosts
+
+    def to_json(self) -> dict[str, Any]:
+        """The form an unprivileged API hands the root launcher: names already resolved, once."""
+        return {"egress": self.egress, "rules": [[str(rule.network), rule.port] for rule in self.rules],
+                "hosts": dict(self.hosts)}
+
+
+def resolved_from_json(data: Any) -> ResolvedPolicy:
+    """ResolvedPolicy.to_json read back, every value checked (it comes over the launcher's socket)."""
+    try:
+        egress, rules, hosts = data["egress"], data["rules"], data["hosts"]
+        if egress not in (*EGRESS_MODES, "allow") or len(rules) > MAX_ALLOW * 16 or len(hosts) > MAX_ALLOW:
+            raise ValueError("egress or sizes out of range")
+        checked = []
+        for network, port in rules:
+            if port is not None and (not isinstance(port, int) or not 1 <= port <= 65535):
+                raise ValueError(f"port {port!r}")
+            checked.append(Rule(ipaddress.IPv4Network(network), port))
+        names = {}
+        for name, address in hosts.items():
+            if not isinstance(name, str) or not HOSTNAME.match(name):
+                raise ValueError(f"host name {name!r}")
+            names[name] = str(ipaddress.IPv4Address(address))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PolicyError(f"malformed resolved policy: {exc}") from None
+    return ResolvedPolicy(egress, tuple(checked), names)
 
 
 def system_resolver(name: str) -> list[str]:

@@ -97,9 +97,9 @@ def attach(vm: Any, call: Any, policy: NetworkPolicy, settings: NetworkSettings,
     remote = launcher_of(vm.dir)
     if remote is not None:
         vm.close_monitor()  # QEMU serves one QMP client at a time: the launcher needs it now
-        answer = remote.attach_network(vm.dir, policy.to_json(), settings.sandbox_range)
-        attachment = Attachment(Slot(int(answer["slot"]), check_range(settings.sandbox_range)), answer["mac"],
-                                dict(answer["hosts"]))
+        answer = remote.attach_network(vm.dir, resolved.to_json())
+        attachment = Attachment(Slot(int(answer["slot"]), check_range(answer["range"])), answer["mac"],
+                                resolved.hosts)
     else:
         attachment = attach_host(vm, resolved, settings)
     reply = call("net_config", mac=attachment.mac, address=f"{attachment.slot.guest_ip}/30",

@@ -17,6 +17,7 @@ from service.engine.netpolicy import (
     parse_policy,
     random_mac,
     resolve,
+    resolved_from_json,
     slot_count,
 )
 
@@ -127,3 +128,16 @@ def test_guest_commands_drop_the_old_identity_first():
     assert "addr flush dev eth0" in batch
     assert hosts_file({"db.internal": "10.9.9.9"}).endswith("10.9.9.9\tdb.internal\n")
     assert "localhost" in hosts_file({})
+
+
+def test_a_resolved_policy_crosses_the_launcher_socket_intact_and_checked():
+    resolved = resolve(parse_policy({"egress": {"allow": ["db.internal:5432", "10.1.2.0/24"]}}),
+                       lambda name: ["10.9.9.9"])
+    assert resolved_from_json(resolved.to_json()) == resolved
+    for bad in ({**resolved.to_json(), "egress": "some"},
+                {**resolved.to_json(), "rules": [["10.0.0.0/8", 70000]]},
+                {**resolved.to_json(), "rules": [["not-a-cidr", None]]},
+                {**resolved.to_json(), "hosts": {"a b": "10.0.0.1"}},
+                {"egress": "all"}):
+        with pytest.raises(PolicyError, match="malformed resolved policy"):
+            resolved_from_json(bad)

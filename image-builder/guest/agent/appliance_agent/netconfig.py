@@ -28,7 +28,7 @@ _BASE_HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n
 
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 MAX_HOSTS = 256
 
 
@@ -55,7 +55,7 @@ class NetConfig:
             raise BadRequest(f"hosts must be an object of at most {MAX_HOSTS} names")
         self.hosts: dict[str, str] = {}
         for name, ip in hosts.items():
-            if not isinstance(name, str) or not _HOSTNAME.match(name):
+            if not isinstance(name, str) or not HOSTNAME.match(name):
                 raise BadRequest(f"hosts: {name!r} is not a host name")
             try:
                 self.hosts[name] = str(ipaddress.ip_address(ip if isinstance(ip, str) else ""))
