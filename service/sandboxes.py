@@ -278,6 +278,10 @@ class SandboxManager:
     def snapshot_dir(self, sandbox_id: str) -> Path:
         return self.config.state_dir / "snapshots" / sandbox_id
 
+    def _resume_lock(self, sandbox_id: str) -> Path:
+        """Beside the snapshot (which a resume removes): held by whoever resumes the sandbox, flock."""
+        return self.snapshot_dir(sandbox_id).with_name(f"{sandbox_id}.lock")
+
     def freeze(self, owner: str, sandbox_id: str) -> SandboxRecord:
         """Write the sandbox's whole state under the state dir and stop its VM. A failure leaves it running."""
         record = self.get(owner, sandbox_id)
@@ -304,7 +308,7 @@ class SandboxManager:
             return record
         self._check_limits(owner)
         directory = self.snapshot_dir(sandbox_id)
-        with _exclusive_file(directory.with_name(directory.name + ".lock")):
+        with _exclusive_file(self._resume_lock(sandbox_id)):
             record = self.get(owner, sandbox_id)  # another worker may have resumed it while we waited
             if record.state != FROZEN:
                 return record
@@ -484,9 +488,8 @@ class SandboxManager:
         with contextlib.suppress(OSError, ValueError):
             VirtualMachine.attach(machine_from_json(record.machine), Path(record.vm_dir)).stop()
         self.registry.remove(record.id)
-        snapshot_dir = self.snapshot_dir(record.id)
-        shutil.rmtree(snapshot_dir, ignore_errors=True)
-        snapshot_dir.with_name(snapshot_dir.name + ".lock").unlink(missing_ok=True)  # the resume lock (flock)
+        shutil.rmtree(self.snapshot_dir(record.id), ignore_errors=True)
+        self._resume_lock(record.id).unlink(missing_ok=True)
         self.templates.release(record.template_id, self.registry)
 
     def _mark_lost(self, record: SandboxRecord) -> None:

@@ -33,6 +33,7 @@ class EngineConfig:
 
     @classmethod
     def from_spec(cls, spec, image_dir: Path) -> EngineConfig:  # spec: appliance.spec.ApplianceSpec
+        launcher_socket = _launcher_socket(spec.isolation)
         return cls(
             image_dir=image_dir,
             run_dir=spec.paths.run_dir,
@@ -46,8 +47,8 @@ class EngineConfig:
                 grace_s=spec.engine.interrupt_grace_s,
                 output_cap=spec.engine.output_cap_bytes,
             ),
-            isolation=_isolation_from_spec(spec.isolation),
-            launcher_socket=_launcher_socket(spec.isolation),
+            isolation=_isolation_from_spec(spec.isolation, launcher_socket),
+            launcher_socket=launcher_socket,
         )
 
 
@@ -58,10 +59,10 @@ def _launcher_socket(section) -> Path | None:  # section: appliance.spec.Isolati
     return section.launcher_socket
 
 
-def _isolation_from_spec(section) -> JailPolicy | None:  # section: appliance.spec.IsolationSpec
+def _isolation_from_spec(section, launcher_socket: Path | None) -> JailPolicy | None:  # section: IsolationSpec
     if section.jail == "off":
         return None
-    if section.jail == "auto" and _launcher_socket(section) is None:
+    if section.jail == "auto" and launcher_socket is None:
         why = jail_unavailable()
         if why is not None:
             warn_once("jail", f"sandbox VMs run unjailed: {why} (isolation.jail = 'auto')")

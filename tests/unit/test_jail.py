@@ -146,12 +146,12 @@ def test_spec_modes_decide_the_policy(monkeypatch):
     policy = JailPolicy(user="vmu", memory_overhead_mib=300, cpu_overhead=0.25, pids_max=64)
     section = spec.isolation.model_copy(update={"jail": "on", "vm_user": "vmu", "memory_overhead_mib": 300,
                                                 "cpu_overhead": 0.25, "pids_max": 64})
-    assert engine_module._isolation_from_spec(section) == policy
-    assert engine_module._isolation_from_spec(section.model_copy(update={"jail": "off"})) is None
+    assert engine_module._isolation_from_spec(section, None) == policy
+    assert engine_module._isolation_from_spec(section.model_copy(update={"jail": "off"}), None) is None
     monkeypatch.setattr(engine_module, "jail_unavailable", lambda: "not root")
-    assert engine_module._isolation_from_spec(section.model_copy(update={"jail": "auto"})) is None
+    assert engine_module._isolation_from_spec(section.model_copy(update={"jail": "auto"}), None) is None
     monkeypatch.setattr(engine_module, "jail_unavailable", lambda: None)
-    assert engine_module._isolation_from_spec(section.model_copy(update={"jail": "auto"})) == policy
+    assert engine_module._isolation_from_spec(section.model_copy(update={"jail": "auto"}), None) == policy
 
 
 def test_sweep_removes_only_old_empty_vm_cgroups(tmp_path, monkeypatch):
