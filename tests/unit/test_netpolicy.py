@@ -141,3 +141,10 @@ def test_a_resolved_policy_crosses_the_launcher_socket_intact_and_checked():
                 {"egress": "all"}):
         with pytest.raises(PolicyError, match="malformed resolved policy"):
             resolved_from_json(bad)
+
+
+def test_every_network_op_of_the_protocol_has_a_guest_handler():
+    from appliance_agent import netconfig
+    from appliance_agent.protocol import NET_OPS, OPS
+
+    assert set(netconfig.HANDLERS) == set(NET_OPS) and set(NET_OPS) <= OPS

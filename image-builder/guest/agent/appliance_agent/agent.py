@@ -86,8 +86,7 @@ class Agent:
             "reseed": self._op_reseed,
             "set_clock": self._op_set_clock,
             "restart_worker": self._op_restart_worker,
-            "net_config": self._op_net_config,
-            "net_prepare": self._op_net_prepare,
+            **dict.fromkeys(protocol.NET_OPS, self._op_net),
             **dict.fromkeys(files.HANDLERS, self._op_file),
         }
 
@@ -250,26 +249,15 @@ class Agent:
             return
         channel.send(protocol.event(request_id, "ok"))
 
-    def _op_net_config(self, channel: HostChannel, request_id: int, message: dict[str, Any]) -> None:
+    def _op_net(self, channel: HostChannel, request_id: int, message: dict[str, Any]) -> None:
         from appliance_agent import netconfig  # first use only: its imports cost boot time under TCG
 
-        config = netconfig.NetConfig(message)
         try:
-            result = netconfig.configure(config)
+            reply = netconfig.HANDLERS[message["op"]](message)
         except (netconfig.NetConfigError, OSError) as exc:
-            self._error(channel, request_id, ErrorCode.INTERNAL, f"cannot configure the network: {exc}")
+            self._error(channel, request_id, ErrorCode.INTERNAL, f"{message['op']} failed: {exc}")
             return
-        channel.send(protocol.event(request_id, "ok", **result))
-
-    def _op_net_prepare(self, channel: HostChannel, request_id: int, _message: dict[str, Any]) -> None:
-        from appliance_agent import netconfig
-
-        try:
-            loaded = netconfig.prepare()
-        except (netconfig.NetConfigError, OSError) as exc:
-            self._error(channel, request_id, ErrorCode.INTERNAL, f"cannot prepare the network driver: {exc}")
-            return
-        channel.send(protocol.event(request_id, "ok", loaded=loaded))
+        channel.send(protocol.event(request_id, "ok", **reply))
 
     def _op_restart_worker(self, channel: HostChannel, request_id: int, _message: dict[str, Any]) -> None:
         if self._worker is not None:

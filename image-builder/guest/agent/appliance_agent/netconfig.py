@@ -165,6 +165,7 @@ def hosts_file(hosts: dict[str, str]) -> str:
 
 
 def configure(config: NetConfig) -> dict[str, Any]:
+    """Bind the driver (loading it if need be), then give the NIC its identity and route; name the hosts."""
     loaded = load_modules()
     _bind()
     interface = find_nic()
@@ -182,3 +183,10 @@ def configure(config: NetConfig) -> dict[str, Any]:
         out.write(hosts_file(config.hosts))
     os.replace(tmp, "/etc/hosts")
     return {"interface": interface, "mac": config.mac, "address": config.address, "loaded": loaded}
+
+
+# The agent's handlers for protocol.NET_OPS: a request in, the fields of its ok event out.
+HANDLERS = {
+    "net_config": lambda message: configure(NetConfig(message)),
+    "net_prepare": lambda _message: {"loaded": prepare()},
+}

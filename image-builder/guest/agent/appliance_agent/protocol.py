@@ -68,10 +68,11 @@ DEFAULT_OUTPUT_CAP = 1 << 20
 DEFAULT_GRACE_S = 2.0
 TRUNCATION_MARKER = "\n[output truncated: {omitted} bytes omitted]\n"
 
+NET_OPS = ("net_config", "net_prepare")  # served by netconfig.py, imported on first use
 # file_write, file_read and list_dir carry raw payloads: see frames.py.
 OPS = frozenset(
     {"ping", "exec", "interrupt", "reseed", "set_clock", "restart_worker", "file_write", "file_read", "list_dir",
-     "net_config", "net_prepare"}
+     *NET_OPS}
 )
 EVENTS = frozenset({"hello", "pong", "stdout", "stderr", "display", "done", "ok", "error"})
 LANGUAGES = frozenset({"python", "bash"})
