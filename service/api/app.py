@@ -27,7 +27,7 @@ from .docs import Docs
 from .exec import Exec, Interrupt
 from .files import FileList, Files
 from .health import Healthz, Readyz
-from .lifecycle import Fork, Freeze, Resume
+from .lifecycle import Fork, StateChange
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .middleware import Auth, BodyLimit, RequestContext
 from .openapi import OpenApi
@@ -53,8 +53,8 @@ def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None) -
     app.add_route(f"{sandbox}/exec", Exec(manager, config.max_body_bytes, config.max_code_bytes, metrics))
     app.add_route(f"{sandbox}/interrupt", Interrupt(manager))
     app.add_route(f"{sandbox}/fork", Fork(manager, config.max_body_bytes, config.max_fork, metrics))
-    app.add_route(f"{sandbox}/freeze", Freeze(manager, metrics))
-    app.add_route(f"{sandbox}/resume", Resume(manager, metrics))
+    for action in ("freeze", "resume"):
+        app.add_route(f"{sandbox}/{action}", StateChange(manager, metrics, action))
     app.add_route(f"{sandbox}/files", Files(manager, config.max_file_bytes))
     app.add_route(f"{sandbox}/files/list", FileList(manager))
     app.add_route("/v1/healthz", Healthz())

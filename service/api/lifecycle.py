@@ -34,25 +34,16 @@ class Fork:
         resp.media = {"sandboxes": [sandbox_json(record) for record in records]}
 
 
-class Freeze:
-    def __init__(self, manager, metrics: Metrics) -> None:
-        self._manager = manager
+class StateChange:
+    """POST /freeze or /resume: the manager's method of that name, timed; answers the sandbox as it now is."""
+
+    def __init__(self, manager, metrics: Metrics, action: str) -> None:
+        self._change = getattr(manager, action)
+        self._action = action
         self._metrics = metrics
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, sandbox_id: str) -> None:
         started = time.perf_counter()
-        record = self._manager.freeze(req.context.owner, sandbox_id)
-        self._metrics.lifecycle_seconds.labels("freeze").observe(time.perf_counter() - started)
-        resp.media = sandbox_json(record)
-
-
-class Resume:
-    def __init__(self, manager, metrics: Metrics) -> None:
-        self._manager = manager
-        self._metrics = metrics
-
-    def on_post(self, req: falcon.Request, resp: falcon.Response, sandbox_id: str) -> None:
-        started = time.perf_counter()
-        record = self._manager.resume(req.context.owner, sandbox_id)
-        self._metrics.lifecycle_seconds.labels("resume").observe(time.perf_counter() - started)
+        record = self._change(req.context.owner, sandbox_id)
+        self._metrics.lifecycle_seconds.labels(self._action).observe(time.perf_counter() - started)
         resp.media = sandbox_json(record)

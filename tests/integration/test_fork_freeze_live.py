@@ -365,12 +365,18 @@ def test_fork_and_freeze_are_refused_while_code_runs_through_another_worker(live
 # ---- across restarts (these stop the service) --------------------------------------------------------------------
 
 
-def test_a_frozen_sandbox_survives_a_service_restart(live):
+def frozen_and_detached(live) -> tuple[Sandbox, object]:
+    """A persistent sandbox with SETUP's state, frozen and let go of; and the STATE it must come back with."""
     sandbox = sdk(live, persistent=True)
     assert sandbox.run_code(SETUP).error is None
     expected = value(sandbox, STATE)
     sandbox.freeze()
     sandbox.detach()
+    return sandbox, expected
+
+
+def test_a_frozen_sandbox_survives_a_service_restart(live):
+    sandbox, expected = frozen_and_detached(live)
     live.restart()
     again = Sandbox.connect(sandbox.id, url=live.url, api_key=live.key)
     with again:
@@ -380,11 +386,7 @@ def test_a_frozen_sandbox_survives_a_service_restart(live):
 
 
 def test_a_frozen_sandbox_survives_killing_everything_and_an_empty_tmpfs(live):
-    sandbox = sdk(live, persistent=True)
-    assert sandbox.run_code(SETUP).error is None
-    expected = value(sandbox, STATE)
-    sandbox.freeze()
-    sandbox.detach()
+    sandbox, expected = frozen_and_detached(live)
     # As a host crash: the service and every VM killed, the tmpfs run dir (templates, VM files, sockets) gone.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(live.master_pid, signal.SIGKILL)

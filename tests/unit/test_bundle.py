@@ -97,6 +97,12 @@ def project(tmp_path) -> Path:
     return project
 
 
+def _create(output: Path, image: Path, cache_dir: Path, project: Path, **fetchers) -> dict:
+    """create_bundle with this module's stand-in mirror and suite, quietly, from the test project."""
+    return bundle.create_bundle(output, image_dir=image, cache_dir=cache_dir, mirror="m", suite="s",
+                                progress=Progress(quiet=True), project_dir=project, **fetchers)
+
+
 @pytest.fixture
 def built(tmp_path, project) -> tuple[Path, dict]:
     debs_dir = tmp_path / "debs"
@@ -115,17 +121,7 @@ def built(tmp_path, project) -> tuple[Path, dict]:
         return [wheel]
 
     output = tmp_path / "out" / "bundle.tar"
-    manifest = bundle.create_bundle(
-        output,
-        image_dir=image,
-        cache_dir=tmp_path / "cache",
-        mirror="m",
-        suite="s",
-        progress=Progress(quiet=True),
-        project_dir=project,
-        fetch_debs=fetch_debs,
-        fetch_wheels=fetch_wheels,
-    )
+    manifest = _create(output, image, tmp_path / "cache", project, fetch_debs=fetch_debs, fetch_wheels=fetch_wheels)
     assert asked == [["demo-a", "demo-b"]]
     return output, manifest
 
@@ -239,32 +235,16 @@ def test_a_missing_image_file_stops_the_build_early(tmp_path, project):
     image = stand_in_image(tmp_path / "images", "guest-x")
     (image / "initrd.img").unlink()
     with pytest.raises(BundleError, match=r"lacks initrd\.img"):
-        bundle.create_bundle(
-            tmp_path / "b.tar",
-            image_dir=image,
-            cache_dir=tmp_path,
-            mirror="m",
-            suite="s",
-            progress=Progress(quiet=True),
-            project_dir=project,
-            fetch_debs=lambda *a: pytest.fail("fetched debs for a broken image"),
-        )
+        _create(tmp_path / "b.tar", image, tmp_path, project,
+                fetch_debs=lambda *a: pytest.fail("fetched debs for a broken image"))
 
 
 def test_gzip_bundles_verify_too(tmp_path, project):
     image = stand_in_image(tmp_path / "images", "guest-y")
     output = tmp_path / "b.tar.gz"
-    bundle.create_bundle(
-        output,
-        image_dir=image,
-        cache_dir=tmp_path,
-        mirror="m",
-        suite="s",
-        progress=Progress(quiet=True),
-        project_dir=project,
-        fetch_debs=lambda packages, *a: [_tiny_deb(tmp_path, name) for name in packages],
-        fetch_wheels=lambda p, c, dest: [],
-    )
+    _create(output, image, tmp_path, project,
+            fetch_debs=lambda packages, *a: [_tiny_deb(tmp_path, name) for name in packages],
+            fetch_wheels=lambda p, c, dest: [])
     assert output.read_bytes()[:2] == b"\x1f\x8b"
     assert bundle.verify_bundle(output)["image_id"] == "guest-y"
 
