@@ -23,6 +23,8 @@ from pydantic_settings import (
 
 DEFAULT_SPEC_FILE = Path("appliance.toml")
 SPEC_FILE_ENV = "APPLIANCE_CONFIG"
+# A short name for the state directory (`APPLIANCE_STATE_DIR=... appliance serve`); the spec's own variable wins.
+STATE_DIR_ENV, SPEC_STATE_DIR_ENV = "APPLIANCE_STATE_DIR", "APPLIANCE_PATHS__STATE_DIR"
 _PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 
 
@@ -213,6 +215,8 @@ def load_spec(path: Path | None = None, overrides: dict[str, Any] | None = None)
     A missing default file is fine (defaults apply); a missing file named explicitly is an error.
     """
     explicit = path is not None or SPEC_FILE_ENV in os.environ
+    if os.environ.get(STATE_DIR_ENV) and not os.environ.get(SPEC_STATE_DIR_ENV):
+        os.environ[SPEC_STATE_DIR_ENV] = os.environ[STATE_DIR_ENV]  # children (gunicorn, the keeper) see it too
     toml_file = spec_file_path(path)
     if not toml_file.exists():
         if explicit:

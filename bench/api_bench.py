@@ -97,11 +97,10 @@ def hot_execs(live: LiveService, count: int) -> list[Row]:
         # The same sandbox from this process, as a worker reaches it: registry + agent port of its own.
         for name, value in live.env.items():
             os.environ[name] = value
-        from service.app_config import service_config_from_spec
-        from service.config import hash_key
         from service.sandboxes import SandboxManager
+        from service.settings import hash_key, load_service_config
 
-        config = service_config_from_spec()
+        config = load_service_config()
         manager = SandboxManager(config)
         owner = hash_key(live.key)
         try:

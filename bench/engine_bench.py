@@ -19,8 +19,9 @@ from pathlib import Path
 
 from tables import print_rows  # bench/, the script's own directory
 
-from appliance.spec import guest_image_dir, load_spec
-from service.engine import Engine, EngineConfig
+from appliance.spec import load_spec
+from service import settings
+from service.engine import Engine
 from service.engine.template import Template
 
 # A minimal REPL over a pipe: the floor for "send code, get an answer" with no VM and no isolation.
@@ -79,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_spec()
     run_dir = Path(tempfile.mkdtemp(prefix="appliance-bench-", dir="/dev/shm"))
-    engine = Engine(replace(EngineConfig.from_spec(spec, guest_image_dir(spec)), run_dir=run_dir))
+    engine = Engine(replace(settings.engine_config(spec), run_dir=run_dir))
     rows: list[tuple[str, str, str]] = []
     try:
         accelerator = engine.accelerator

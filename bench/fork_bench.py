@@ -27,13 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from appliance.spec import guest_image_dir, load_spec
-from service.engine import Engine, EngineConfig, ExecLimits, Sandbox
+from appliance.spec import load_spec
+from service import settings
+from service.engine import Engine, Sandbox
 from service.engine.snapshot import Snapshot, fork, freeze, resume
 from tests.vmtools import kill_qemus_under
 
 GIB = 1 << 30
-LIMITS = ExecLimits(timeout_s=300)
+LIMITS = replace(settings.exec_limits(load_spec()), timeout_s=300)  # the warm-up imports take long
 WARM = "import numpy as np, sklearn.linear_model, random, os"
 
 
@@ -183,7 +184,7 @@ def main() -> None:
     spec = load_spec()
     root = Path(tempfile.mkdtemp(prefix="appliance-fork-bench-", dir="/dev/shm"))
     snapshots = Path(tempfile.mkdtemp(prefix="appliance-fork-bench-snap-"))  # on disk, as the state dir is
-    config = EngineConfig.from_spec(spec, guest_image_dir(spec))
+    config = settings.engine_config(spec)
     if args.memory_mib:
         config = replace(config, memory_mib=args.memory_mib)
     engine = Engine(replace(config, run_dir=root))

@@ -119,10 +119,10 @@ def main() -> int:
                                 f"{times['probes']:.0f} probe(s))", f"{times['exec']:.0f} s"))
             shutil.rmtree(scratch / firmware, ignore_errors=True)
 
-        from appliance.spec import guest_image_dir
-        from service.engine import Engine, EngineConfig
+        from service import settings
+        from service.engine import Engine
 
-        engine = Engine(EngineConfig.from_spec(spec, guest_image_dir(spec)))
+        engine = Engine(settings.engine_config(spec))
         started = time.monotonic()
         sandbox = engine.boot(die_with_parent=True)
         try:

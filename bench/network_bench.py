@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tables import print_rows  # bench/, the script's own directory
 
 from appliance.spec import guest_image_dir, load_spec
-from service.config import ServiceConfig
-from service.engine import Engine, EngineConfig
-from service.engine.jail import JailPolicy
+from service import settings
+from service.engine import Engine
 from service.engine.launcher import LauncherClient, LauncherScope
 from service.launcher import LauncherConfig, serve
 from service.pool import PoolKeeper
@@ -54,10 +53,13 @@ def wait_pool(manager: SandboxManager, thread: threading.Thread) -> None:
         time.sleep(0.2)
 
 
-def service_rows(spec, image: Path, root: Path, runs: int) -> list[tuple[str, str, str]]:
-    engine = replace(EngineConfig.from_spec(spec, image), run_dir=root / "svc", memory_mib=512)
-    config = ServiceConfig(engine=engine, state_dir=root / "state", key_hashes=frozenset(), pool_size=1,
-                           warm_code="import random", max_sandboxes_per_key=8, max_sandboxes=10, agent_ports=3)
+def service_rows(image: Path, root: Path, runs: int) -> list[tuple[str, str, str]]:
+    spec = load_spec(overrides={
+        "guest": {"memory_mib": 512}, "paths": {"run_dir": root / "svc", "state_dir": root / "state"},
+        "service": {"pool_size": 1, "warm_code": "import random", "max_sandboxes_per_key": 8, "max_sandboxes": 10,
+                    "workers": 1},
+    })
+    config = settings.service_config(spec, [], image)
     keeper = PoolKeeper(config)
     thread = threading.Thread(target=keeper.run, daemon=True)
     thread.start()
@@ -102,11 +104,13 @@ def launcher_rows(spec, image: Path, root: Path, runs: int) -> list[tuple[str, s
     run = root / "lrun"
     run.mkdir()
     socket_path = root / "launcher.sock"
-    server = serve(LauncherConfig(socket_path=socket_path, policy=JailPolicy(),
+    server = serve(LauncherConfig(socket_path=socket_path, policy=settings.jail_policy(spec),
+                                  network=settings.network_settings(spec),
                                   scope=LauncherScope(run_root=run, image_roots=(image.parent,))))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    config = replace(EngineConfig.from_spec(spec, image), run_dir=run, memory_mib=512, isolation=JailPolicy())
+    config = replace(settings.engine_config(spec, image), run_dir=run, memory_mib=512,
+                     isolation=settings.jail_policy(spec))
     direct, remote = Engine(config), Engine(config)
     remote._jail = LauncherClient(socket_path)  # the path an unprivileged API takes, from this root process
     samples: dict[str, list[float]] = {"jailed, started here": [], "jailed, through the launcher": []}
@@ -133,7 +137,7 @@ def main() -> None:
     image = guest_image_dir(spec)
     root = Path(tempfile.mkdtemp(prefix="appl-nb-", dir="/dev/shm"))
     try:
-        rows = service_rows(spec, image, root, args.runs) + launcher_rows(spec, image, root, args.runs)
+        rows = service_rows(image, root, args.runs) + launcher_rows(spec, image, root, args.runs)
     finally:
         kill_qemus_under(root)
         shutil.rmtree(root, ignore_errors=True)

@@ -20,9 +20,9 @@ import tempfile
 import threading
 import time
 
-from appliance.spec import SPEC_FILE_ENV, load_spec
+from service.settings import SPEC_FILE_ENV, load
 
-_spec = load_spec()
+_spec = load()
 
 bind = f"{_spec.service.host}:{_spec.service.port}"
 workers = _spec.service.workers

@@ -35,8 +35,8 @@ class LauncherConfig:
     socket_path: Path
     scope: LauncherScope
     policy: JailPolicy
+    network: NetworkSettings  # isolation.network_range
     client_group: str | None = None  # the socket's group (the API's); None: root's
-    network: NetworkSettings = field(default_factory=NetworkSettings)  # isolation.network_range
     allowed_uids: frozenset[int] = field(default_factory=frozenset)  # empty: anyone the socket mode lets in
 
 

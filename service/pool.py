@@ -21,10 +21,10 @@ from service.engine.machine import MachineConfig, machine_from_json, machine_to_
 from service.engine.template import Template, TemplateError
 from service.engine.vm import VirtualMachine
 
-from .config import ServiceConfig
 from .errors import ServiceError
 from .registry import LOST, POOLED, RUNNING, Registry, SandboxRecord
 from .sandboxes import SandboxManager, new_sandbox_id
+from .settings import ServiceConfig, load_service_config
 from .templates import TemplateStore
 
 log = logging.getLogger("appliance.pool")
@@ -164,9 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pool %(levelname)s %(message)s")
-    from .app_config import service_config_from_spec
 
-    keeper = PoolKeeper(service_config_from_spec(args.spec))
+    keeper = PoolKeeper(load_service_config(args.spec))
     signal.signal(signal.SIGTERM, lambda *_: keeper.stop())
     signal.signal(signal.SIGINT, lambda *_: keeper.stop())
     try:

@@ -40,7 +40,6 @@ from service.engine.launcher import LauncherClient
 from service.engine.machine import MachineConfig, machine_from_json, machine_to_json
 from service.engine.vm import VirtualMachine
 
-from .config import ServiceConfig
 from .errors import (
     Busy,
     InsufficientStorage,
@@ -53,6 +52,7 @@ from .errors import (
     ServiceError,
 )
 from .registry import FROZEN, LOST, POOLED, RUNNING, Registry, SandboxRecord
+from .settings import ServiceConfig
 from .templates import TemplateStore
 
 log = logging.getLogger(__name__)

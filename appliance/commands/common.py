@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..spec import ApplianceSpec, guest_image_dir, load_spec
+from ..spec import ApplianceSpec, load_spec
 
 spec_option = click.option(
     "--spec",
@@ -25,9 +25,10 @@ def load(spec_path: Path | None, **overrides: dict) -> ApplianceSpec:
 
 def open_engine(spec: ApplianceSpec):
     """The engine for the guest image this spec builds (the CLI's one door into service.engine)."""
-    from service.engine import Engine, EngineConfig
+    from service import settings
+    from service.engine import Engine
 
-    return Engine(EngineConfig.from_spec(spec, guest_image_dir(spec)))
+    return Engine(settings.engine_config(spec))
 
 
 def boot_sandbox(spec: ApplianceSpec, quiet: bool):

@@ -23,24 +23,22 @@ def launcher_command(client_group: str | None, spec_path: Path | None) -> None:
     directory, booting images from its image directory, are started. SIGTERM or Ctrl-C stops it; running VMs
     stay up."""
     from appliance.spec import guest_image_dir
-    from service.engine.engine import EngineConfig
+    from service import settings
     from service.engine.launcher import LauncherScope
-    from service.engine.network import NetworkSettings
     from service.launcher import LauncherConfig, serve
 
     if os.geteuid() != 0:
         raise click.ClickException("the launcher switches users and creates namespaces: run it as root")
     spec = load(spec_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    policy = EngineConfig.from_spec(spec, guest_image_dir(spec)).isolation
-    if policy is None:
+    if spec.isolation.jail == "off":
         raise click.ClickException("isolation.jail is 'off' in the spec: there is nothing for a launcher to do")
     image_dir = guest_image_dir(spec)
     roots = (image_dir.parent,)  # the image and the ones beside it (an upgrade keeps the previous one)
     config = LauncherConfig(socket_path=spec.isolation.launcher_socket,
                             scope=LauncherScope(run_root=spec.paths.run_dir, image_roots=roots),
-                            policy=policy, client_group=client_group,
-                            network=NetworkSettings(sandbox_range=spec.isolation.network_range))
+                            policy=settings.jail_policy(spec), client_group=client_group,
+                            network=settings.network_settings(spec))
     spec.paths.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         server = serve(config)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,30 +61,21 @@ def resolve_target(url: str | None, key: str | None, spec_path: Path | None) -> 
 
 def _service_key(spec) -> str:
     """The key the local service accepts, found where `appliance serve` looks for it (never created here)."""
-    from service.config import API_KEYS_ENV, KEY_FILE_NAME
+    from service import settings
 
-    from_env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-    if from_env:
-        return from_env[0]
-    if spec.service.api_keys:
-        return spec.service.api_keys[0]
-    from .serve import _SPEC_STATE_DIR_ENV, _STATE_DIR_ENV
-
-    state_dir = spec.paths.state_dir
-    if os.environ.get(_STATE_DIR_ENV) and not os.environ.get(_SPEC_STATE_DIR_ENV):  # as `appliance serve` reads it
-        state_dir = Path(os.environ[_STATE_DIR_ENV])
-    key_file = state_dir / KEY_FILE_NAME
     try:
-        return key_file.read_text().strip()
-    except FileNotFoundError:
-        raise click.ClickException(
-            f"no API key: none in --key or $APPLIANCE_API_KEY, and no key file at {key_file} (has `appliance serve` "
-            "run with this state directory?)"
-        ) from None
+        key = settings.service_key(spec)
     except OSError as exc:
         raise click.ClickException(
-            f"cannot read the API key file {key_file}: {exc.strerror}; pass --key, or run as the service's user"
+            f"cannot read the API key file {settings.key_file(spec)}: {exc.strerror}; pass --key, or run as the "
+            "service's user"
         ) from None
+    if key is None:
+        raise click.ClickException(
+            f"no API key: none in --key or $APPLIANCE_API_KEY, and no key file at {settings.key_file(spec)} (has "
+            "`appliance serve` run with this state directory?)"
+        )
+    return key
 
 
 def http_client(target: Target) -> httpx.Client:

@@ -10,9 +10,6 @@ import click
 
 from .common import load, open_engine, spec_option
 
-# The issue's short name for the state directory; the spec's own variable wins when both are set.
-_STATE_DIR_ENV, _SPEC_STATE_DIR_ENV = "APPLIANCE_STATE_DIR", "APPLIANCE_PATHS__STATE_DIR"
-
 
 def gunicorn_argv(config_file: Path) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "--config", str(config_file), "service.api.wsgi:application()"]
@@ -30,18 +27,16 @@ def serve_command(host: str | None, port: int | None, workers: int | None, spec_
     created there (0600) and printed. Ctrl-C or SIGTERM stops the API and the pool keeper; sandboxes users hold
     keep running for the next start.
     """
-    from service.config import KEY_FILE_NAME, resolve_api_keys
+    from service import settings
 
-    if os.environ.get(_STATE_DIR_ENV) and not os.environ.get(_SPEC_STATE_DIR_ENV):
-        os.environ[_SPEC_STATE_DIR_ENV] = os.environ[_STATE_DIR_ENV]
     spec = load(spec_path, service={"host": host, "port": port, "workers": workers})
     open_engine(spec)  # no guest image: fail here in one line, not later in the pool keeper's log
     try:
-        _, created = resolve_api_keys(spec.service.api_keys, spec.paths.state_dir)
+        _, created = settings.resolve_api_keys(spec)
     except OSError as exc:
         raise click.ClickException(f"cannot create an API key in {spec.paths.state_dir}: {exc.strerror}") from None
     if created is not None:
-        key_file = spec.paths.state_dir / KEY_FILE_NAME
+        key_file = settings.key_file(spec)
         click.echo(f"No API key was configured; created one and wrote it to {key_file} (mode 0600):")
         click.echo(f"  {created}")
         click.echo("Clients send it as 'Authorization: Bearer <key>' (the SDK reads APPLIANCE_API_KEY).")

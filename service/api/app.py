@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import falcon
 
-from service.config import ServiceConfig
+from service.settings import ServiceConfig
 
 from . import errors
 from .docs import Docs

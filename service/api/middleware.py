@@ -8,8 +8,8 @@ import time
 
 import falcon
 
-from service.config import hash_key
 from service.errors import TooLarge, Unauthorized
+from service.settings import hash_key
 
 # Routes anyone may call: probes and the API's own description.
 PUBLIC_PATHS = frozenset({"/v1/healthz", "/v1/readyz", "/v1/openapi.json", "/v1/docs"})

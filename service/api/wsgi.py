@@ -11,11 +11,11 @@ import falcon
 
 
 def application() -> falcon.App:
-    from service.app_config import service_config_from_spec
     from service.sandboxes import SandboxManager
+    from service.settings import load_service_config
 
     from .app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s api %(levelname)s %(name)s: %(message)s")
-    config = service_config_from_spec()
+    config = load_service_config()
     return create_app(config, SandboxManager(config))

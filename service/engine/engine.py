@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import accel
 from .errors import BootFailed
 from .image import GuestImage
-from .jail import Jail, JailPolicy, jail_unavailable, warn_once
+from .jail import Jail, JailPolicy
 from .launcher import LauncherClient
 from .machine import MachineConfig
 from .sandbox import ExecLimits, Sandbox
@@ -20,60 +19,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """Built from the spec by service/settings.py (the spec holds every default)."""
+
     image_dir: Path
     run_dir: Path
-    accelerator: str = "auto"  # auto | kvm | tcg
-    vcpus: int = 1
-    memory_mib: int = 1024
-    boot_timeout_s: float = 60.0
-    kvm_probe_timeout_s: float = 10.0
-    limits: ExecLimits = field(default_factory=ExecLimits)
-    isolation: JailPolicy | None = None  # None: QEMU runs as the service's user, unjailed
-    launcher_socket: Path | None = None  # not root: jailing goes through the root launcher listening here
-
-    @classmethod
-    def from_spec(cls, spec, image_dir: Path) -> EngineConfig:  # spec: appliance.spec.ApplianceSpec
-        launcher_socket = _launcher_socket(spec.isolation)
-        return cls(
-            image_dir=image_dir,
-            run_dir=spec.paths.run_dir,
-            accelerator=spec.guest.accelerator,
-            vcpus=spec.guest.vcpus,
-            memory_mib=spec.guest.memory_mib,
-            boot_timeout_s=spec.engine.boot_timeout_s,
-            kvm_probe_timeout_s=spec.engine.kvm_probe_timeout_s,
-            limits=ExecLimits(
-                timeout_s=spec.engine.exec_timeout_s,
-                grace_s=spec.engine.interrupt_grace_s,
-                output_cap=spec.engine.output_cap_bytes,
-            ),
-            isolation=_isolation_from_spec(spec.isolation, launcher_socket),
-            launcher_socket=launcher_socket,
-        )
-
-
-def _launcher_socket(section) -> Path | None:  # section: appliance.spec.IsolationSpec
-    """The launcher's socket when this process needs it (not root) and it is there."""
-    if os.geteuid() == 0 or section.jail == "off" or not section.launcher_socket.exists():
-        return None
-    return section.launcher_socket
-
-
-def _isolation_from_spec(section, launcher_socket: Path | None) -> JailPolicy | None:  # section: IsolationSpec
-    if section.jail == "off":
-        return None
-    if section.jail == "auto" and launcher_socket is None:
-        why = jail_unavailable()
-        if why is not None:
-            warn_once("jail", f"sandbox VMs run unjailed: {why} (isolation.jail = 'auto')")
-            return None
-    return JailPolicy(
-        user=section.vm_user,
-        memory_overhead_mib=section.memory_overhead_mib,
-        cpu_overhead=section.cpu_overhead,
-        pids_max=section.pids_max,
-        cgroup_name=section.cgroup_name,
-    )
+    accelerator: str  # auto | kvm | tcg
+    vcpus: int
+    memory_mib: int
+    boot_timeout_s: float
+    kvm_probe_timeout_s: float
+    limits: ExecLimits
+    isolation: JailPolicy | None  # None: QEMU runs as the service's user, unjailed
+    launcher_socket: Path | None  # not root: jailing goes through the root launcher listening here
 
 
 class Engine:

@@ -33,6 +33,9 @@ _SYSTEM_RO = ("/usr", "/etc/ld.so.cache")
 _MERGED_USR_LINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64"))
 
 
+BWRAP, SETPRIV = "bwrap", "setpriv"
+
+
 class JailError(OSError):
     pass
 
@@ -41,13 +44,11 @@ class JailError(OSError):
 class JailPolicy:
     """The operator's choices (spec section [isolation])."""
 
-    user: str = "appliance-vm"
-    memory_overhead_mib: int = 512  # QEMU itself + the TCG translation cache on top of the guest's RAM
-    cpu_overhead: float = 0.5  # CPUs for QEMU's own threads (I/O, RCU) on top of one per vCPU
-    pids_max: int = 256  # threads of one QEMU (vCPUs, I/O thread pool of up to 64, RCU, main loop)
-    cgroup_name: str = "appliance-vms"  # parent cgroup below the service's own cgroup
-    bwrap: str = "bwrap"
-    setpriv: str = "setpriv"
+    user: str
+    memory_overhead_mib: int  # QEMU itself + the TCG translation cache on top of the guest's RAM
+    cpu_overhead: float  # CPUs for QEMU's own threads (I/O, RCU) on top of one per vCPU
+    pids_max: int  # threads of one QEMU (vCPUs, I/O thread pool of up to 64, RCU, main loop)
+    cgroup_name: str  # parent cgroup below the service's own cgroup
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def jail_argv(
     script = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"'
     argv += ["sh", "-c", script, "appliance-jail", str(len(cgroup_procs)), *map(str, cgroup_procs)]
     argv += [
-        policy.bwrap,
+        BWRAP,
         "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
         "--as-pid-1",  # QEMU itself is PID 1 of its namespace: it sees no other process, and none sees it
         "--new-session",
@@ -181,7 +182,7 @@ def jail_argv(
     argv += ["--chdir", "/", "--info-fd", str(info_fd), "--"]
     groups = ",".join(str(g) for g in (identity.gid, *identity.groups))
     argv += [
-        policy.setpriv,
+        SETPRIV,
         f"--reuid={identity.uid}", f"--regid={identity.gid}", f"--groups={groups}",
         "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
     ]
@@ -200,12 +201,11 @@ def warn_once(key: str, message: str) -> None:
         log.warning("ISOLATION NOT ENFORCED: %s", message)
 
 
-def jail_unavailable(policy: JailPolicy | None = None) -> str | None:
+def jail_unavailable() -> str | None:
     """Why this process cannot jail VMs, or None if it can."""
-    policy = policy or JailPolicy()
     if os.geteuid() != 0:
         return "the service does not run as root (needed to switch to the VM user and create cgroups)"
-    for tool, package in ((policy.bwrap, "bubblewrap"), (policy.setpriv, "util-linux")):
+    for tool, package in ((BWRAP, "bubblewrap"), (SETPRIV, "util-linux")):
         if shutil.which(tool) is None:
             return f"{tool} is missing (apt-get install {package})"
     return None
@@ -233,7 +233,7 @@ class Jail:
     """One per engine: the resolved VM identity and cgroup layout, and the per-VM setup and teardown."""
 
     def __init__(self, policy: JailPolicy, layout: CgroupLayout | None = None) -> None:
-        why = jail_unavailable(policy)
+        why = jail_unavailable()
         if why is not None:
             raise JailError(f"cannot jail sandbox VMs: {why}")
         self.policy = policy

@@ -55,15 +55,16 @@ _IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
 _TAP_FD_NAME, _TAP_NETDEV, _TAP_HUB_PORT = "tap", "tap0", "taphub0"
 
 
+NFT, IP = "nft", "ip"
+
+
 class NetworkError(EngineError):
     pass
 
 
 @dataclass(frozen=True)
 class NetworkSettings:
-    sandbox_range: str = "100.96.0.0/16"  # isolation.network_range: 8 addresses per networked sandbox
-    nft: str = "nft"
-    ip: str = "ip"
+    sandbox_range: str  # isolation.network_range: 8 addresses per networked sandbox
 
 
 @dataclass(frozen=True)
@@ -116,13 +117,13 @@ def attach_host(vm: Any, resolved: ResolvedPolicy, settings: NetworkSettings) ->
     if why is not None:
         raise NetworkError(why)
     sandbox_range = check_range(settings.sandbox_range)
-    _ensure_host_rules(settings, sandbox_range)
-    slot = _claim_slot(settings, sandbox_range)
+    _ensure_host_rules(sandbox_range)
+    slot = _claim_slot(sandbox_range)
     marker = vm.dir.parent / SLOTS_DIR / str(slot.index)
     try:
         marker.parent.mkdir(exist_ok=True)
         marker.write_text(json.dumps({"vm_dir": str(vm.dir), "range": str(sandbox_range)}))
-        tap_fd = _build_namespace(settings, slot, resolved, sandbox_range)
+        tap_fd = _build_namespace(slot, resolved, sandbox_range)
         try:
             qmp = vm.qmp()
             qmp.send_fd_scm(tap_fd)
@@ -134,7 +135,7 @@ def attach_host(vm: Any, resolved: ResolvedPolicy, settings: NetworkSettings) ->
         set_link(vm, up=True)  # a fork's or resume's NIC arrives down (link_down below)
         (vm.dir / NETWORK_FILE).write_text(json.dumps({"slot": slot.index, "range": str(sandbox_range)}))
     except BaseException as exc:
-        teardown_slot(settings, slot)
+        teardown_slot(slot)
         for path in (vm.dir / NETWORK_FILE, marker):
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -146,7 +147,7 @@ def attach_host(vm: Any, resolved: ResolvedPolicy, settings: NetworkSettings) ->
     return Attachment(slot, random_mac(secrets.token_bytes(5)), resolved.hosts)
 
 
-def detach(vm_dir: Path, settings: NetworkSettings | None = None) -> None:
+def detach(vm_dir: Path) -> None:
     """Remove the network of the VM whose directory this is, if it has one (called when a VM stops)."""
     record = vm_dir / NETWORK_FILE
     try:
@@ -157,13 +158,13 @@ def detach(vm_dir: Path, settings: NetworkSettings | None = None) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("cannot read %s: %s", record, exc)
         return
-    teardown_slot(settings or NetworkSettings(), slot)
+    teardown_slot(slot)
     for path in (record, vm_dir.parent / SLOTS_DIR / str(slot.index)):
         with contextlib.suppress(OSError):
             path.unlink()
 
 
-def remove_leftovers(vms_dir: Path, min_age_s: float = 60.0, settings: NetworkSettings | None = None) -> list[str]:
+def remove_leftovers(vms_dir: Path, min_age_s: float = 60.0) -> list[str]:
     """Tear down the slots this service claimed for VMs that are gone (a crash between claim and teardown).
     Young claims are spared: their create may still be running. (Root only: under a launcher, nothing.)"""
     removed: list[str] = []
@@ -180,19 +181,19 @@ def remove_leftovers(vms_dir: Path, min_age_s: float = 60.0, settings: NetworkSe
             continue
         if (vm_dir / NETWORK_FILE).exists():
             continue  # held: its VM stops through VirtualMachine.stop, which detaches
-        teardown_slot(settings or NetworkSettings(), slot)
+        teardown_slot(slot)
         with contextlib.suppress(OSError):
             marker.unlink()
         removed.append(slot.netns)
     return removed
 
 
-def teardown_slot(settings: NetworkSettings, slot: Slot) -> None:
-    done = subprocess.run([settings.ip, "netns", "delete", slot.netns], capture_output=True, text=True)
+def teardown_slot(slot: Slot) -> None:
+    done = subprocess.run([IP, "netns", "delete", slot.netns], capture_output=True, text=True)
     if done.returncode != 0 and (_NETNS_DIR / slot.netns).exists():
         log.warning("cannot delete network namespace %s: %s", slot.netns, done.stderr.strip())
     with contextlib.suppress(OSError):  # normally gone with its peer; left over if the netns step failed
-        subprocess.run([settings.ip, "link", "delete", slot.host_veth], capture_output=True)
+        subprocess.run([IP, "link", "delete", slot.host_veth], capture_output=True)
 
 
 # ---- the steps ------------------------------------------------------------------------------------------------
@@ -200,24 +201,24 @@ def teardown_slot(settings: NetworkSettings, slot: Slot) -> None:
 _host_rules_applied: set[str] = set()
 
 
-def _ensure_host_rules(settings: NetworkSettings, sandbox_range: Any) -> None:
+def _ensure_host_rules(sandbox_range: Any) -> None:
     if str(sandbox_range) in _host_rules_applied:
         return
-    _run(settings, [settings.nft, "-f", "-"], host_ruleset(sandbox_range), "installing the host's sandbox rules")
+    _run([NFT, "-f", "-"], host_ruleset(sandbox_range), "installing the host's sandbox rules")
     _host_rules_applied.add(str(sandbox_range))
     if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() != "1":
         log.warning("net.ipv4.ip_forward is 0: sandboxes reach only networks whose replies come in on an interface "
                     "with forwarding enabled (set net.ipv4.conf.<uplink>.forwarding=1, or ip_forward=1)")
 
 
-def _claim_slot(settings: NetworkSettings, sandbox_range: Any) -> Slot:
+def _claim_slot(sandbox_range: Any) -> Slot:
     """The first free slot, claimed by creating its namespace (atomic: `ip netns add` fails if it exists)."""
     taken = {entry.name for entry in _NETNS_DIR.iterdir()} if _NETNS_DIR.is_dir() else set()
     for index in range(1, slot_count(sandbox_range)):  # slot 0 would use the range's network address
         slot = Slot(index, sandbox_range)
         if slot.netns in taken:
             continue
-        done = subprocess.run([settings.ip, "netns", "add", slot.netns], capture_output=True, text=True)
+        done = subprocess.run([IP, "netns", "add", slot.netns], capture_output=True, text=True)
         if done.returncode == 0:
             return slot
         if not (_NETNS_DIR / slot.netns).exists():  # not a race lost to another worker: a real failure
@@ -225,7 +226,7 @@ def _claim_slot(settings: NetworkSettings, sandbox_range: Any) -> Slot:
     raise NetworkError(f"no free address slot left in the sandbox network range {sandbox_range}")
 
 
-def _build_namespace(settings: NetworkSettings, slot: Slot, resolved: ResolvedPolicy, sandbox_range: Any) -> int:
+def _build_namespace(slot: Slot, resolved: ResolvedPolicy, sandbox_range: Any) -> int:
     """Links, addresses, routes and rules; returns the tap's descriptor (for QEMU)."""
     ns = slot.netns
     # The tap is created here and moved: its descriptor stays valid and its packets flow in the namespace.
@@ -248,13 +249,13 @@ def _build_namespace(settings: NetworkSettings, slot: Slot, resolved: ResolvedPo
             f"link set {NS_TAP} up",
             f"route add default via {slot.host_ip} dev {NS_VETH}",
         ]
-        _run(settings, [settings.ip, "-batch", "-"], _lines(host_batch), "linking the sandbox namespace")
+        _run([IP, "-batch", "-"], _lines(host_batch), "linking the sandbox namespace")
         _write_sysctl(f"/proc/sys/net/ipv4/conf/{slot.host_veth}/forwarding", "1")
-        _run(settings, [settings.ip, "-n", ns, "-batch", "-"], _lines(ns_batch), "addressing the sandbox namespace")
+        _run([IP, "-n", ns, "-batch", "-"], _lines(ns_batch), "addressing the sandbox namespace")
         # The filter first, then forwarding: no packet is ever forwarded unfiltered.
-        _run(settings, [settings.ip, "netns", "exec", ns, settings.nft, "-f", "-"],
+        _run([IP, "netns", "exec", ns, NFT, "-f", "-"],
              namespace_ruleset(resolved, slot, sandbox_range), "loading the sandbox's filter")
-        _run(settings, [settings.ip, "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"], "",
+        _run([IP, "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"], "",
              "enabling forwarding in the sandbox namespace")
     except BaseException:
         os.close(tap_fd)
@@ -266,7 +267,7 @@ def _lines(lines: list[str]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
-def _run(settings: NetworkSettings, argv: list[str], stdin: str, what: str) -> None:
+def _run(argv: list[str], stdin: str, what: str) -> None:
     try:
         done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -66,9 +66,11 @@ class ExecResult:
 
 @dataclass(frozen=True)
 class ExecLimits:
-    timeout_s: float = 60.0
-    grace_s: float = 2.0
-    output_cap: int = 1 << 20
+    """engine.exec_timeout_s, engine.interrupt_grace_s, engine.output_cap_bytes of the spec."""
+
+    timeout_s: float
+    grace_s: float
+    output_cap: int
 
 
 class Sandbox:

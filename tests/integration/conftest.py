@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from appliance.spec import guest_image_dir, load_spec
-from service.engine import Engine, EngineConfig, ImageNotFound
+from service import settings
+from service.engine import Engine, ImageNotFound
 from tests.vmtools import kill_qemus_under
 
 
@@ -47,7 +48,7 @@ def run_dir(run_root, request) -> Path:
 @pytest.fixture(scope="session")
 def engine(spec, image_dir, run_root) -> Engine:
     try:
-        return Engine(replace(EngineConfig.from_spec(spec, image_dir), run_dir=run_root / "engine"))
+        return Engine(replace(settings.engine_config(spec, image_dir), run_dir=run_root / "engine"))
     except ImageNotFound as exc:
         pytest.fail(str(exc))
 
@@ -64,9 +65,7 @@ def jailed_engine(spec, image_dir, run_root) -> Engine:
     """An engine whose VMs run in the VMM jail whatever the spec says (isolation tests need it on)."""
     import os
 
-    from service.engine.jail import JailPolicy
-
     if os.geteuid() != 0 or shutil.which("bwrap") is None:
         pytest.skip("the VMM jail needs root and bubblewrap (apt-get install bubblewrap)")
-    config = EngineConfig.from_spec(spec, image_dir)
-    return Engine(replace(config, run_dir=run_root / "jailed", isolation=config.isolation or JailPolicy()))
+    config = settings.engine_config(spec, image_dir)
+    return Engine(replace(config, run_dir=run_root / "jailed", isolation=settings.jail_policy(spec)))

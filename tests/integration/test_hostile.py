@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.engine import ExecLimits, SandboxLost
+from service.engine import SandboxLost
+from tests.configs import exec_limits
 
 pytestmark = pytest.mark.integration
 GUEST_MIB = 1024
@@ -26,7 +27,7 @@ def bystander(jailed_engine):
 def victim(jailed_engine):
     """A fresh sandbox per case (a case may cost it); closed after, whatever happened."""
     sandbox = jailed_engine.boot(memory_mib=GUEST_MIB)
-    sandbox.limits = ExecLimits(timeout_s=10, grace_s=2, output_cap=64 << 10)
+    sandbox.limits = exec_limits(timeout_s=10, grace_s=2, output_cap=64 << 10)
     assert sandbox.run_code("kept = 41").error is None
     yield sandbox
     sandbox.close()

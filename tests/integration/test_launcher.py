@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.jail import Jail, JailPolicy
+from service import settings
+from service.engine.jail import Jail
 from service.engine.launcher import LauncherClient, LauncherError, LauncherScope
 from service.engine.netpolicy import NETNS_PREFIX
 from service.launcher import LauncherConfig, serve
+from tests.configs import jail_policy, spec_with
 from tests.vmtools import kill_qemus_under
 
 pytestmark = pytest.mark.integration
@@ -31,8 +33,9 @@ REPO = Path(__file__).resolve().parents[2]
 CLIENT = r"""
 import json, os, sys
 from pathlib import Path
-from service.engine import Engine, EngineConfig, network
-from service.engine.jail import JailPolicy
+from dataclasses import replace
+from service import settings
+from service.engine import Engine, network
 from service.engine.netpolicy import parse_policy
 from service.engine.template import Template
 
@@ -41,8 +44,10 @@ def say(**kw):
     print(json.dumps(kw), flush=True)
     sys.stdin.readline()
 
-engine = Engine(EngineConfig(image_dir=image, run_dir=run, accelerator="tcg", memory_mib=512,
-                             isolation=JailPolicy(), launcher_socket=sock))
+from tests.configs import spec_with
+spec = spec_with(guest={"accelerator": "tcg", "memory_mib": 512}, paths={"run_dir": run})
+engine = Engine(replace(settings.engine_config(spec, image), isolation=settings.jail_policy(spec),
+                        launcher_socket=sock))
 sb = engine.boot()
 try:
     os.kill(sb.vm.pid, 0)
@@ -51,7 +56,7 @@ except PermissionError:
     can_signal = False
 say(step="booted", uid=os.getuid(), pid=sb.vm.pid, vm_dir=str(sb.vm.dir), two=sb.run_code("1+1").text,
     can_signal=can_signal)
-attachment = network.attach(sb.vm, sb.call, parse_policy({"egress": "none"}), network.NetworkSettings())
+attachment = network.attach(sb.vm, sb.call, parse_policy({"egress": "none"}), settings.network_settings(spec))
 say(step="network", slot=attachment.slot.index,
     interfaces=sb.run_code("import os; sorted(os.listdir('/sys/class/net'))").text)
 template = Template.create(engine.machine(memory_mib=512), run / "templates", engine.config.limits, 120,
@@ -69,7 +74,7 @@ say(step="closed")
 def setup(image_dir):
     if os.geteuid() != 0 or shutil.which("bwrap") is None:
         pytest.skip("the launcher needs root and bubblewrap")
-    vm_gid = Jail(JailPolicy()).identity.gid  # creates the VM user if needed
+    vm_gid = Jail(jail_policy()).identity.gid  # creates the VM user if needed
     root = Path(f"/dev/shm/appl-lt-{secrets.token_hex(3)}")
     root.mkdir(mode=0o755)
     run = root / "run"
@@ -78,7 +83,8 @@ def setup(image_dir):
     socket_path = root / "launcher.sock"
     config = LauncherConfig(
         socket_path=socket_path, scope=LauncherScope(run_root=run, image_roots=(image_dir.parent,)),
-        policy=JailPolicy(), client_group="appliance-vm", allowed_uids=frozenset({CLIENT_UID}),
+        policy=jail_policy(), network=settings.network_settings(spec_with()), client_group="appliance-vm",
+        allowed_uids=frozenset({CLIENT_UID}),
     )
     server = serve(config)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -126,7 +132,7 @@ def test_an_unprivileged_engine_gets_jailed_vms_networks_and_clones_through_the_
         assert booted["step"] == "booted" and booted["two"] == "2" and booted["uid"] == CLIENT_UID
         assert booted["can_signal"] is False  # the API cannot touch its VMs' processes itself
         status = proc_status(booted["pid"])
-        vm_uid = str(Jail(JailPolicy()).identity.uid)
+        vm_uid = str(Jail(jail_policy()).identity.uid)
         assert set(status["Uid"].split()) == {vm_uid} and int(status["CapEff"], 16) == 0
         assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1"
         assert Path(booted["vm_dir"]).stat().st_uid == 0  # made by the launcher, not the client

@@ -9,12 +9,11 @@ from dataclasses import replace
 
 import pytest
 
-from service.config import ServiceConfig
-from service.engine import EngineConfig
 from service.errors import InsufficientStorage, Invalid, LimitReached, NotFound
 from service.pool import PoolKeeper
 from service.registry import FROZEN, POOLED, RUNNING
 from service.sandboxes import SandboxManager
+from tests.configs import service_config as make_service_config
 from tests.vmtools import kill_qemus_under, qemu_pids_under
 
 pytestmark = pytest.mark.integration
@@ -23,10 +22,11 @@ OWNER, OTHER = "owner-hash", "other-hash"
 
 @pytest.fixture(scope="module")
 def service_config(spec, image_dir, run_root, tmp_path_factory):
-    engine = replace(EngineConfig.from_spec(spec, image_dir), run_dir=run_root / "svc", memory_mib=512)
-    return ServiceConfig(
-        engine=engine, state_dir=tmp_path_factory.mktemp("state"), key_hashes=frozenset(), pool_size=1,
-        warm_code="import random, numpy as np", max_sandboxes_per_key=6, max_sandboxes=8, agent_ports=3,
+    return make_service_config(
+        image_dir, guest={"memory_mib": 512},
+        paths={"run_dir": run_root / "svc", "state_dir": tmp_path_factory.mktemp("state")},
+        service={"pool_size": 1, "warm_code": "import random, numpy as np", "max_sandboxes_per_key": 6,
+                 "max_sandboxes": 8, "workers": 1},
     )
 
 

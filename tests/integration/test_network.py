@@ -13,18 +13,17 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from service.config import ServiceConfig
-from service.engine import EngineConfig, network
+from service.engine import network
 from service.engine.netpolicy import NETNS_PREFIX
 from service.errors import Invalid, ServiceError
 from service.pool import PoolKeeper
 from service.registry import POOLED
 from service.sandboxes import SandboxManager
+from tests.configs import service_config
 
 pytestmark = pytest.mark.integration
 OWNER = "net-owner"
@@ -93,10 +92,10 @@ def servers():
 
 @pytest.fixture(scope="module")
 def manager(spec, image_dir, run_root, tmp_path_factory, servers):
-    engine = replace(EngineConfig.from_spec(spec, image_dir), run_dir=run_root / "net", memory_mib=512)
-    config = ServiceConfig(
-        engine=engine, state_dir=tmp_path_factory.mktemp("netstate"), key_hashes=frozenset(), pool_size=1,
-        max_sandboxes_per_key=8, max_sandboxes=10, agent_ports=3,
+    config = service_config(
+        image_dir, guest={"memory_mib": 512},
+        paths={"run_dir": run_root / "net", "state_dir": tmp_path_factory.mktemp("netstate")},
+        service={"pool_size": 1, "max_sandboxes_per_key": 8, "max_sandboxes": 10, "workers": 1},
     )
     keeper = PoolKeeper(config)
     thread = threading.Thread(target=keeper.run, daemon=True)

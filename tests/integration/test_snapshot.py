@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from service.engine import ExecLimits
 from service.engine.snapshot import Snapshot, SnapshotMismatch, fork, freeze, resume
+from tests.configs import exec_limits
 from tests.vmtools import qemu_pids_under
 
 pytestmark = pytest.mark.integration
-LIMITS = ExecLimits(timeout_s=60)
+LIMITS = exec_limits(timeout_s=60)
 
 SETUP = (
     "import random, numpy as np\n"

@@ -60,6 +60,6 @@ def test_template_survives_reload_from_disk(engine, template, run_root):
 
 
 def _limits():
-    from service.engine import ExecLimits
+    from tests.configs import exec_limits
 
-    return ExecLimits(timeout_s=30)
+    return exec_limits(timeout_s=30)

@@ -15,8 +15,8 @@ import pytest
 
 from service.api import create_app
 from service.api.openapi import openapi_document
-from service.config import ServiceConfig, hash_key
-from service.engine import EngineConfig
+from service.settings import ServiceConfig
+from tests.configs import service_config
 
 from .fakes import BUSY_CODE, CHUNKS_CODE, CRASH_CODE, LOST_CODE, FakeManager
 
@@ -25,16 +25,11 @@ A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}
 
 
-def make_config(tmp: Path, **overrides) -> ServiceConfig:
-    values = dict(
-        engine=EngineConfig(image_dir=tmp / "image", run_dir=tmp / "run"),
-        state_dir=tmp / "state",
-        key_hashes=frozenset({hash_key(KEY_A), hash_key(KEY_B)}),
-        max_body_bytes=4096,
-        max_code_bytes=1024,
-        max_file_bytes=64 << 10,
-    )
-    return ServiceConfig(**(values | overrides))
+def make_config(tmp: Path, **service) -> ServiceConfig:
+    """Small body limits so the tests can cross them; `service` overrides more of the spec's [service]."""
+    limits = {"max_body_bytes": 4096, "max_code_bytes": 1024, "max_file_bytes": 64 << 10}
+    return service_config(tmp / "image", [KEY_A, KEY_B], paths={"run_dir": tmp / "run", "state_dir": tmp / "state"},
+                          service=limits | service)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from pathlib import Path
 from service.engine.jail import (
     CgroupLayout,
     Identity,
-    JailPolicy,
     bind_ancestors,
     cgroup_layout,
     cgroup_settings,
@@ -15,6 +14,7 @@ from service.engine.jail import (
     limits_for,
 )
 from service.engine.machine import SECCOMP_OPTION, MachineConfig, RuntimePaths, build_qemu_command
+from tests.configs import jail_policy
 
 IMG = Path("/var/lib/appliance/images/g1")
 MACHINE = MachineConfig(kernel=IMG / "vmlinuz", initrd=IMG / "initrd.img", rootfs=IMG / "rootfs.ext4",
@@ -26,7 +26,7 @@ ID = Identity(999, 995)
 
 def argv(**kw) -> list[str]:
     qemu = build_qemu_command(MACHINE, RuntimePaths(VM_DIR, seccomp=True))
-    return jail_argv(qemu, MACHINE, VM_DIR, ID, JailPolicy(), 7, [Path("/sys/fs/cgroup/memory/x/cgroup.procs")], **kw)
+    return jail_argv(qemu, MACHINE, VM_DIR, ID, jail_policy(), 7, [Path("/sys/fs/cgroup/memory/x/cgroup.procs")], **kw)
 
 
 def pairs(args: list[str], flag: str) -> list[tuple[str, str]]:
@@ -72,7 +72,7 @@ def test_mount_view_is_only_the_vms_files():
 def test_kvm_device_only_for_kvm():
     from dataclasses import replace
     machine = replace(MACHINE, accelerator="kvm")
-    args = jail_argv([], machine, VM_DIR, ID, JailPolicy(), 3, [])
+    args = jail_argv([], machine, VM_DIR, ID, jail_policy(), 3, [])
     assert ("/dev/kvm", "/dev/kvm") in pairs(args, "--dev-bind")
 
 
@@ -89,14 +89,14 @@ def test_bind_ancestors_are_parents_first_and_unique():
 
 
 def test_limits_follow_the_machine():
-    limits = limits_for(MACHINE, JailPolicy(memory_overhead_mib=256, cpu_overhead=0.5, pids_max=99))
+    limits = limits_for(MACHINE, jail_policy(memory_overhead_mib=256, cpu_overhead=0.5, pids_max=99))
     assert limits.memory_bytes == (1024 + 256) << 20
     assert limits.cpu_quota_us == 250_000 and limits.cpu_period_us == 100_000
     assert limits.pids_max == 99
 
 
 def test_cgroup_files_v1_and_v2():
-    limits = limits_for(MACHINE, JailPolicy())
+    limits = limits_for(MACHINE, jail_policy())
     v1 = cgroup_settings(1, limits)
     assert v1["memory"]["memory.limit_in_bytes"] == str(limits.memory_bytes)
     assert v1["cpu"]["cpu.cfs_quota_us"] == str(limits.cpu_quota_us)
@@ -138,20 +138,19 @@ def test_layout_without_controllers_is_version_0():
 
 
 def test_spec_modes_decide_the_policy(monkeypatch):
-    from appliance.spec import ApplianceSpec
-    from service.engine import engine as engine_module
+    from service import settings
+    from tests.configs import spec_with
 
-    spec = ApplianceSpec()
-    assert spec.isolation.jail == "auto"
-    policy = JailPolicy(user="vmu", memory_overhead_mib=300, cpu_overhead=0.25, pids_max=64)
-    section = spec.isolation.model_copy(update={"jail": "on", "vm_user": "vmu", "memory_overhead_mib": 300,
-                                                "cpu_overhead": 0.25, "pids_max": 64})
-    assert engine_module._isolation_from_spec(section, None) == policy
-    assert engine_module._isolation_from_spec(section.model_copy(update={"jail": "off"}), None) is None
-    monkeypatch.setattr(engine_module, "jail_unavailable", lambda: "not root")
-    assert engine_module._isolation_from_spec(section.model_copy(update={"jail": "auto"}), None) is None
-    monkeypatch.setattr(engine_module, "jail_unavailable", lambda: None)
-    assert engine_module._isolation_from_spec(section.model_copy(update={"jail": "auto"}), None) == policy
+    isolation = {"vm_user": "vmu", "memory_overhead_mib": 300, "cpu_overhead": 0.25, "pids_max": 64}
+    policy = jail_policy(user="vmu", memory_overhead_mib=300, cpu_overhead=0.25, pids_max=64)
+    assert policy.user == "vmu" and policy.pids_max == 64
+    assert settings._isolation(spec_with(isolation={**isolation, "jail": "on"}), None) == policy
+    assert settings._isolation(spec_with(isolation={**isolation, "jail": "off"}), None) is None
+    monkeypatch.setattr(settings, "jail_unavailable", lambda: "not root")
+    assert settings._isolation(spec_with(isolation={**isolation, "jail": "auto"}), None) is None
+    assert settings._isolation(spec_with(isolation={**isolation, "jail": "on"}), None) == policy  # on: no fallback
+    monkeypatch.setattr(settings, "jail_unavailable", lambda: None)
+    assert settings._isolation(spec_with(isolation={**isolation, "jail": "auto"}), None) == policy
 
 
 def test_sweep_removes_only_old_empty_vm_cgroups(tmp_path, monkeypatch):

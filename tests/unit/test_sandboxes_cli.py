@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from appliance.commands import sandboxes
 from service.api import create_app
-from service.config import hash_key
+from service.settings import hash_key
 
 from .fakes import FakeManager
 from .test_api import KEY_A, KEY_B, make_config
