@@ -97,7 +97,7 @@ def hot_execs(live: LiveService, count: int) -> list[Row]:
         # The same sandbox from this process, as a worker reaches it: registry + agent port of its own.
         for name, value in live.env.items():
             os.environ[name] = value
-        from service.sandboxes import SandboxManager
+        from service.manager import SandboxManager
         from service.settings import hash_key, load_service_config
 
         config = load_service_config()

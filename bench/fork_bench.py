@@ -84,14 +84,14 @@ def meminfo_kib(name: str) -> int:
     raise KeyError(name)
 
 
-def bench_forks(source: Sandbox, sizes: list[int], runs: int, templates: Path, run_dir: Path, jail,
+def bench_forks(source: Sandbox, sizes: list[int], runs: int, templates: Path, run_dir: Path, launcher,
                 rows: list[Row]) -> dict[int, float]:
     totals: dict[int, float] = {}
     for n in sizes:
         whole, call = [], []
         for _ in range(runs):
             started = time.perf_counter()
-            template, clones = fork(source, n, templates, run_dir, LIMITS, jail=jail)
+            template, clones = fork(source, n, templates, run_dir, LIMITS, launcher=launcher)
             forked = time.perf_counter()
             try:
                 answer_all(clones)
@@ -113,9 +113,9 @@ def bench_forks(source: Sandbox, sizes: list[int], runs: int, templates: Path, r
     return totals
 
 
-def bench_idle_pss(source: Sandbox, n: int, templates: Path, run_dir: Path, jail, idle_s: float,
+def bench_idle_pss(source: Sandbox, n: int, templates: Path, run_dir: Path, launcher, idle_s: float,
                    rows: list[Row]) -> None:
-    template, clones = fork(source, n, templates, run_dir, LIMITS, jail=jail)
+    template, clones = fork(source, n, templates, run_dir, LIMITS, launcher=launcher)
     try:
         answer_all(clones)
         time.sleep(idle_s)
@@ -138,7 +138,7 @@ def bench_idle_pss(source: Sandbox, n: int, templates: Path, run_dir: Path, jail
                     f"(MemTotal {total / GIB:.1f} GiB − 2 GiB for the host − template) / private per copy"))
 
 
-def bench_freeze_resume(source: Sandbox, dirty_mib: int, runs: int, snapshots: Path, run_dir: Path, jail,
+def bench_freeze_resume(source: Sandbox, dirty_mib: int, runs: int, snapshots: Path, run_dir: Path, launcher,
                         image_id: str, compress: bool, rows: list[Row]) -> Sandbox:
     """Freeze/resume cycles of `source` (which is consumed); returns the last resumed sandbox."""
     result = source.run_code(f"ballast = np.ones({dirty_mib << 20} // 8)\n"
@@ -155,7 +155,7 @@ def bench_freeze_resume(source: Sandbox, dirty_mib: int, runs: int, snapshots: P
         freezes.append(time.perf_counter() - started)
         sizes.append(snapshot.size_bytes)
         started = time.perf_counter()
-        current = resume(Snapshot.load(directory), run_dir, LIMITS, image_id, jail=jail)
+        current = resume(Snapshot.load(directory), run_dir, LIMITS, image_id, launcher=launcher)
         answer = current.run_code("int(ballast[-1])")
         resumes.append(time.perf_counter() - started)
         assert answer.text == "1", answer.error
@@ -198,20 +198,20 @@ def main() -> None:
         assert source.run_code(WARM).error is None
         rows.append(Row("source: boot + imports", ms(time.perf_counter() - started), "", "",
                         f"{engine.config.memory_mib} MiB guest, {engine.config.vcpus} vCPU"))
-        jail = engine.jail  # copies and resumed VMs run as the source does (in the VMM jail when isolation is on)
-        bench_forks(source, sizes, args.runs, root / "templates", root / "clones", jail, rows)
-        bench_idle_pss(source, max(sizes), root / "templates", root / "clones", jail, args.idle_s, rows)
-        last = bench_freeze_resume(source, args.dirty_mib, args.runs, snapshots, root / "resumed", jail,
+        launcher = engine.launcher  # copies and resumed VMs start as the source did
+        bench_forks(source, sizes, args.runs, root / "templates", root / "clones", launcher, rows)
+        bench_idle_pss(source, max(sizes), root / "templates", root / "clones", launcher, args.idle_s, rows)
+        last = bench_freeze_resume(source, args.dirty_mib, args.runs, snapshots, root / "resumed", launcher,
                                    engine.image.image_id, False, rows)
         if args.compressed:
-            last = bench_freeze_resume(last, args.dirty_mib, 1, snapshots, root / "resumed", jail,
+            last = bench_freeze_resume(last, args.dirty_mib, 1, snapshots, root / "resumed", launcher,
                                        engine.image.image_id, True, rows)
         rollup = smaps_rollup(last.vm.pid)
         rows.append(Row("memory of a resumed sandbox", f"{rollup['Pss'] >> 10} MiB", "", "",
                         f"Pss of its QEMU ({engine.config.memory_mib} MiB guest, {args.dirty_mib} MiB dirtied)"))
         started = time.perf_counter()
         try:
-            template, clones = fork(last, 1, root / "templates", root / "clones", LIMITS, jail=jail)
+            template, clones = fork(last, 1, root / "templates", root / "clones", LIMITS, launcher=launcher)
         except Exception as exc:  # recorded: it is a finding, not a reason to lose the table
             rows.append(Row("fork(1) of the resumed, dirtied source", "FAILED", "", "", one_line(exc)))
             failed = True

@@ -29,11 +29,12 @@ from tables import print_rows  # bench/, the script's own directory
 from appliance.spec import guest_image_dir, load_spec
 from service import settings
 from service.engine import Engine
-from service.engine.launcher import LauncherClient, LauncherScope
-from service.launcher import LauncherConfig, serve
+from service.engine.launch import RemoteLauncher
+from service.engine.launch_checks import LauncherScope
+from service.launcherd import LauncherConfig, serve
+from service.manager import SandboxManager
 from service.pool import PoolKeeper
 from service.registry import POOLED
-from service.sandboxes import SandboxManager
 from tests.vmtools import kill_qemus_under
 
 OWNER = "bench"
@@ -111,8 +112,8 @@ def launcher_rows(spec, image: Path, root: Path, runs: int) -> list[tuple[str, s
     thread.start()
     config = replace(settings.engine_config(spec, image), run_dir=run, memory_mib=512,
                      isolation=settings.jail_policy(spec))
-    direct, remote = Engine(config), Engine(config)
-    remote._jail = LauncherClient(socket_path)  # the path an unprivileged API takes, from this root process
+    # The remote one takes the path an unprivileged API takes, from this root process.
+    direct, remote = Engine(config), Engine(config, launcher=RemoteLauncher(socket_path))
     samples: dict[str, list[float]] = {"jailed, started here": [], "jailed, through the launcher": []}
     try:
         for _ in range(max(2, runs // 2)):

@@ -8,24 +8,19 @@ API workers never wait for any of this; they read the registry and the published
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import signal
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from service.engine import BootFailed, Engine, EngineError, network
-from service.engine.machine import MachineConfig, machine_from_json, machine_to_json
-from service.engine.template import Template, TemplateError
-from service.engine.vm import VirtualMachine
+from service.engine import BootFailed, Engine, EngineError, Template, TemplateError
 
 from .errors import ServiceError
+from .manager import SandboxManager, new_sandbox_id
 from .registry import LOST, POOLED, RUNNING, Registry, SandboxRecord
-from .sandboxes import SandboxManager, new_sandbox_id
 from .settings import ServiceConfig, load_service_config
-from .templates import TemplateStore
+from .template_store import TemplateStore
 
 log = logging.getLogger("appliance.pool")
 _TICK_S = 0.1
@@ -46,20 +41,12 @@ class PoolKeeper:
 
     def ensure_template(self) -> Template:
         """Reuse the published template if it was made for this image and machine, else make a new one."""
-        wanted = self.engine.machine(agent_ports=self.config.agent_ports)
         current = self.templates.current()
-        if current is not None and _same_machine(current.machine, wanted):
+        if current is not None and self.engine.template_fits(current, self.config.agent_ports):
             return current
         log.info("booting a new template (accelerator %s)", self.engine.accelerator.name)
         started = time.monotonic()
-        template = Template.create(
-            wanted,
-            self.config.templates_dir,
-            self.engine.config.limits,
-            self.engine.config.boot_timeout_s,
-            warm_code=self.config.warm_code,
-            jail=self.engine.jail,
-        )
+        template = self.engine.make_template(self.config.agent_ports, self.config.warm_code)
         self.templates.publish(template)
         log.info("template %s warm in %.1fs", template.template_id, time.monotonic() - started)
         return template
@@ -73,10 +60,7 @@ class PoolKeeper:
                 return
             sandbox_id = new_sandbox_id()
             try:
-                sandbox = template.clone(
-                    self.config.sandboxes_dir, self.engine.config.limits, vm_id=sandbox_id, detach=True,
-                    jail=self.engine.jail,
-                )
+                sandbox = self.engine.clone(template, sandbox_id)
             except BootFailed as exc:
                 log.error("could not clone the template: %s", exc)
                 return
@@ -91,8 +75,8 @@ class PoolKeeper:
             sandbox.detach()
             self.registry.add(
                 SandboxRecord(
-                    id=sandbox_id, owner=None, state=POOLED, vm_dir=str(sandbox.vm.dir),
-                    template_id=template.template_id, machine=machine_to_json(template.machine),
+                    id=sandbox_id, owner=None, state=POOLED, vm_dir=str(sandbox.vm_dir),
+                    template_id=template.template_id, machine=self.engine.machine_json(sandbox),
                     timeout_s=self.config.sandbox_timeout_s,
                 )
             )
@@ -119,7 +103,7 @@ class PoolKeeper:
                 else:
                     log.warning("sandbox %s lost: its VM is not running", record.id)
                     self.registry.set_state(record.id, LOST)
-        for namespace in network.remove_leftovers(self.config.sandboxes_dir, settings=self.config.network):
+        for namespace in self.engine.remove_network_leftovers():
             log.warning("removed %s: a sandbox network whose VM is gone (left by a crash)", namespace)
 
     def run(self) -> None:
@@ -143,20 +127,10 @@ class PoolKeeper:
         self.registry.close()
 
     def _alive(self, record: SandboxRecord) -> bool:
-        try:
-            vm = VirtualMachine.attach(machine_from_json(record.machine), Path(record.vm_dir))
-        except (OSError, ValueError):
-            return False
-        return vm.exited() is None
+        return self.engine.is_running(Path(record.vm_dir), record.machine)
 
     def _kill(self, record: SandboxRecord) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            VirtualMachine.attach(machine_from_json(record.machine), Path(record.vm_dir)).stop()
-
-
-def _same_machine(a: MachineConfig, b: MachineConfig) -> bool:
-    """Equal but for where the RAM lives (a template maps its own memory file)."""
-    return replace(a, memory_file=None, memory_shared=True) == replace(b, memory_file=None, memory_shared=True)
+        self.engine.stop(Path(record.vm_dir), record.machine)
 
 
 def main(argv: list[str] | None = None) -> int:

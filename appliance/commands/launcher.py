@@ -24,8 +24,8 @@ def launcher_command(client_group: str | None, spec_path: Path | None) -> None:
     stay up."""
     from appliance.spec import guest_image_dir
     from service import settings
-    from service.engine.launcher import LauncherScope
-    from service.launcher import LauncherConfig, serve
+    from service.engine.launch_checks import LauncherScope
+    from service.launcherd import LauncherConfig, serve
 
     if os.geteuid() != 0:
         raise click.ClickException("the launcher switches users and creates namespaces: run it as root")

@@ -35,7 +35,7 @@ from .sandboxes import SandboxCollection, SandboxItem
 
 
 def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None) -> falcon.App:
-    """`manager` is a service.sandboxes.SandboxManager (or anything with its methods, in tests)."""
+    """`manager` is a service.manager.SandboxManager (or anything with its methods, in tests)."""
     metrics = metrics or Metrics(manager.registry.counts_by_state)
     app = falcon.App(
         middleware=[

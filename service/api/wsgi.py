@@ -11,7 +11,7 @@ import falcon
 
 
 def application() -> falcon.App:
-    from service.sandboxes import SandboxManager
+    from service.manager import SandboxManager
     from service.settings import load_service_config
 
     from .app import create_app

@@ -1,20 +1,31 @@
-"""The engine's public face: boot sandboxes from one guest image with one accelerator choice."""
+"""The engine's public face: every operation the service performs on VMs, for one guest image, one accelerator
+choice and one way of starting QEMU (launch.py). Callers hold Sandboxes and plain identifiers (a VM directory, the
+machine as JSON, a template); they never reach the launcher, the jail, QMP or the network code themselves.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from . import accel
-from .errors import BootFailed
+from . import accel, network, snapshot
+from .channel import AgentChannel
+from .errors import BootFailed, NetworkUnavailable, SandboxLost
 from .image import GuestImage
 from .jail import Jail, JailPolicy
-from .launcher import LauncherClient
-from .machine import MachineConfig
+from .launch import DirectLauncher, JailedLauncher, RemoteLauncher, VmmLauncher
+from .machine import MachineConfig, machine_from_json, machine_to_json
+from .netpolicy import NetworkPolicy, ResolvedPolicy, parse_policy, resolve
 from .sandbox import ExecLimits, Sandbox
+from .template import Template
+from .vm import VirtualMachine
 
 log = logging.getLogger(__name__)
+_CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -32,28 +43,51 @@ class EngineConfig:
     isolation: JailPolicy | None  # None: QEMU runs as the service's user, unjailed
     launcher_socket: Path | None  # not root: jailing goes through the root launcher listening here
 
+    @property
+    def templates_dir(self) -> Path:
+        return self.run_dir / "templates"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.run_dir / "sandboxes"
+
+
+@dataclass(frozen=True)
+class NetworkRequest:
+    """A sandbox's network policy, checked and its names resolved (at creation, and again at each resume)."""
+
+    policy: NetworkPolicy
+    resolved: ResolvedPolicy
+
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, launcher: VmmLauncher | None = None) -> None:
+        """`launcher`: how VMs start; by default chosen from the config when first needed (see `launcher`)."""
         self.config = config
         self.image = GuestImage.load(config.image_dir)
         self._accelerator: accel.AcceleratorChoice | None = None
-        self._jail: Jail | LauncherClient | None = None
+        self._launcher = launcher
+
+    # ---- what this engine runs on ------------------------------------------------------------------------------
 
     @property
-    def jail(self) -> Jail | LauncherClient | None:
-        """The VMM jail every VM of this engine runs in (None when isolation is off): a Jail when this process
-        is root, else the root launcher's client. Made once: it may create the VM user and reads the cgroup
-        layout."""
-        if self._jail is None and self.config.isolation is not None and self.config.launcher_socket is not None:
-            self._jail = LauncherClient(self.config.launcher_socket)
-            log.info("VMs are started jailed by the launcher at %s (VM uid %d)", self.config.launcher_socket,
-                     self._jail.identity.uid)
-        if self._jail is None and self.config.isolation is not None:
-            self._jail = Jail(self.config.isolation)
-            log.info("VMs run jailed as %s (uid %d), cgroup v%d", self.config.isolation.user,
-                     self._jail.identity.uid, self._jail.layout.version)
-        return self._jail
+    def launcher(self) -> VmmLauncher:
+        """How this engine's VMs start (made once: a jail may create the VM user and reads the cgroup layout)."""
+        if self._launcher is None:
+            isolation, socket_path = self.config.isolation, self.config.launcher_socket
+            if isolation is not None and socket_path is not None:
+                remote = RemoteLauncher(socket_path)
+                log.info("VMs are started jailed by the launcher at %s (VM uid %d)", socket_path,
+                         remote.identity.uid)
+                self._launcher = remote
+            elif isolation is not None:
+                jail = Jail(isolation)
+                log.info("VMs run jailed as %s (uid %d), cgroup v%d", isolation.user, jail.identity.uid,
+                         jail.layout.version)
+                self._launcher = JailedLauncher(jail)
+            else:
+                self._launcher = DirectLauncher()
+        return self._launcher
 
     @property
     def accelerator(self) -> accel.AcceleratorChoice:
@@ -71,7 +105,7 @@ class Engine:
         return self._accelerator
 
     def machine(self, accelerator: str | None = None, vcpus: int | None = None, memory_mib: int | None = None,
-                **overrides) -> MachineConfig:
+                **overrides: Any) -> MachineConfig:
         return MachineConfig(
             kernel=self.image.kernel,
             initrd=self.image.initrd,
@@ -84,26 +118,126 @@ class Engine:
             **overrides,
         )
 
-    def boot(self, vcpus: int | None = None, memory_mib: int | None = None, die_with_parent: bool = False) -> Sandbox:
-        return Sandbox.boot(
-            self.machine(vcpus=vcpus, memory_mib=memory_mib),
-            self.config.run_dir,
-            self.config.limits,
-            self.config.boot_timeout_s,
-            die_with_parent=die_with_parent,
-            jail=self.jail,
-        )
+    # ---- starting sandboxes -------------------------------------------------------------------------------------
+
+    def boot(self, vcpus: int | None = None, memory_mib: int | None = None, die_with_parent: bool = False,
+             detach: bool = False, vm_id: str | None = None, agent_ports: int = 1) -> Sandbox:
+        """A cold boot. Tied to this process (`die_with_parent`, the CLI) or detached from it (the service)."""
+        machine = self.machine(vcpus=vcpus, memory_mib=memory_mib, agent_ports=agent_ports)
+        run_dir = self.config.sandboxes_dir if detach else self.config.run_dir
+        return Sandbox.boot(machine, run_dir, self.config.limits, self.config.boot_timeout_s, self.launcher,
+                            die_with_parent=die_with_parent, detach=detach, vm_id=vm_id)
+
+    def make_template(self, agent_ports: int, warm_code: str) -> Template:
+        """Boot, run `warm_code` (imports), save: the warm state clones start from."""
+        return Template.create(self.machine(agent_ports=agent_ports), self.config.templates_dir, self.config.limits,
+                               self.config.boot_timeout_s, self.launcher, warm_code=warm_code)
+
+    def template_fits(self, template: Template, agent_ports: int) -> bool:
+        """Was `template` made for this image, accelerator and size? (Equal but for where its RAM lives.)"""
+        def plain(machine: MachineConfig) -> MachineConfig:
+            return replace(machine, memory_file=None, memory_shared=True)
+
+        return plain(template.machine) == plain(self.machine(agent_ports=agent_ports))
+
+    def clone(self, template: Template, vm_id: str) -> Sandbox:
+        """A detached copy of the template's warm state, reseeded, its clock set."""
+        return template.clone(self.config.sandboxes_dir, self.config.limits, self.launcher, vm_id=vm_id,
+                              detach=True)
+
+    def fork(self, sandbox: Sandbox, vm_ids: list[str], networked: bool) -> tuple[Template, list[Sandbox]]:
+        """len(vm_ids) detached copies of the sandbox's live state; the sandbox keeps running. The copies map the
+        returned template's RAM: remove it when the last of them is gone. On failure nothing new is left."""
+        with self._quiet_nic(sandbox, networked):
+            return snapshot.fork(sandbox, len(vm_ids), self.config.templates_dir, self.config.sandboxes_dir,
+                                 self.config.limits, self.launcher, detach=True, vm_ids=vm_ids)
+
+    def freeze(self, sandbox: Sandbox, directory: Path, compress: bool, networked: bool) -> None:
+        """Write the sandbox's whole state to `directory` and stop its VM; on failure it keeps running."""
+        with self._quiet_nic(sandbox, networked):
+            snapshot.freeze(sandbox, directory, self.image.image_id, compress=compress)
+
+    def resume(self, directory: Path, vm_id: str) -> Sandbox:
+        """A detached sandbox from a frozen one (SnapshotMismatch if this host cannot restore it faithfully)."""
+        frozen = snapshot.Snapshot.load(directory)
+        return snapshot.resume(frozen, self.config.sandboxes_dir, self.config.limits, self.image.image_id,
+                               self.launcher, vm_id=vm_id, detach=True)
+
+    # ---- sandboxes other processes started --------------------------------------------------------------------
+
+    def connect(self, vm_dir: Path, machine_json: dict[str, Any], port: int) -> Sandbox:
+        """This process's connection to a running VM on agent `port` (SandboxLost if it is not running)."""
+        machine = machine_from_json(machine_json)
+        try:
+            vm = VirtualMachine.attach(machine, vm_dir)
+        except (OSError, ValueError) as exc:
+            raise SandboxLost(f"no VM in {vm_dir.name}: {exc}") from None
+        if vm.exited() is not None:
+            raise SandboxLost(f"the VM in {vm_dir.name} is not running")
+        channel = AgentChannel.connect(vm.paths.agent_socket(port), time.monotonic() + _CONNECT_TIMEOUT_S)
+        return Sandbox(vm, channel, self.config.limits)
+
+    def is_running(self, vm_dir: Path, machine_json: dict[str, Any]) -> bool:
+        try:
+            vm = VirtualMachine.attach(machine_from_json(machine_json), vm_dir)
+        except (OSError, ValueError):
+            return False
+        return vm.exited() is None
+
+    def stop(self, vm_dir: Path, machine_json: dict[str, Any]) -> None:
+        """Stop a VM and remove its files, whichever process started it; a VM already gone is fine."""
+        with contextlib.suppress(OSError, ValueError):
+            VirtualMachine.attach(machine_from_json(machine_json), vm_dir).stop()
+
+    @staticmethod
+    def machine_json(sandbox: Sandbox) -> dict[str, Any]:
+        """The machine as the registry keeps it (what connect and stop take back)."""
+        return machine_to_json(sandbox.vm.config)
+
+    @staticmethod
+    def memory_mib(machine_json: dict[str, Any]) -> int:
+        return machine_from_json(machine_json).memory_mib
+
+    @staticmethod
+    def agent_ports(machine_json: dict[str, Any]) -> int:
+        """How many agent connections the VM takes (port 0 belongs to whoever starts or restores it)."""
+        return machine_from_json(machine_json).agent_ports
+
+    # ---- networks ----------------------------------------------------------------------------------------------
+
+    def network_request(self, requested: dict[str, Any] | None) -> NetworkRequest | None:
+        """The policy ({"egress": ...}) checked and its names resolved; None for no network. PolicyError for a
+        bad policy, NetworkUnavailable when this host cannot give sandboxes networks."""
+        policy = parse_policy(None if requested is None else {"egress": requested.get("egress")})
+        if policy is None:
+            return None
+        why = self.launcher.network_unavailable()
+        if why is not None:
+            raise NetworkUnavailable(f"this host cannot give sandboxes a network: {why}")
+        return NetworkRequest(policy, resolve(policy))
+
+    def give_network(self, sandbox: Sandbox, request: NetworkRequest, settings: network.NetworkSettings
+                     ) -> dict[str, Any]:
+        """Attach the network; returns what the registry keeps of it (the policy plus the new identity)."""
+        attachment = network.attach(sandbox.vm, sandbox.call, request.resolved, settings, self.launcher)
+        return {**request.policy.to_json(), **attachment.describe()}
+
+    def remove_network_leftovers(self) -> list[str]:
+        """Networks this service made for VMs that are gone (a crash between claim and teardown)."""
+        return network.remove_leftovers(self.config.sandboxes_dir)
+
+    @staticmethod
+    def _quiet_nic(sandbox: Sandbox, networked: bool) -> contextlib.AbstractContextManager[None]:
+        """A networked sandbox's state is saved with its NIC link down (see network.link_down)."""
+        return network.link_down(sandbox.vm) if networked else contextlib.nullcontext()
+
+    # ---- the accelerator probe ----------------------------------------------------------------------------------
 
     def _probe_kvm_boot(self) -> str | None:
         try:
-            sandbox = Sandbox.boot(
-                self.machine(accelerator="kvm", memory_mib=256),
-                self.config.run_dir,
-                self.config.limits,
-                self.config.kvm_probe_timeout_s,
-                die_with_parent=True,
-                jail=self.jail,
-            )
+            sandbox = Sandbox.boot(self.machine(accelerator="kvm", memory_mib=256), self.config.run_dir,
+                                   self.config.limits, self.config.kvm_probe_timeout_s, self.launcher,
+                                   die_with_parent=True)
         except (BootFailed, OSError) as exc:
             return f"a probe guest did not boot under KVM: {str(exc)[:200]}"
         sandbox.close()

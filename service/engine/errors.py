@@ -33,3 +33,11 @@ class SandboxBusy(EngineError):
 
 class SandboxClosed(EngineError):
     pass
+
+
+class LauncherError(EngineError):
+    """The VMM launcher refused a request or did not answer."""
+
+
+class NetworkUnavailable(EngineError):
+    """This host cannot give sandboxes a network (the message says why)."""

@@ -24,22 +24,22 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import EngineError
-from .launcher import launcher_of
+
+if TYPE_CHECKING:
+    from .launch import VmmLauncher
 from .machine import NIC_ID
 from .netpolicy import (
     NS_TAP,
     NS_VETH,
-    NetworkPolicy,
     ResolvedPolicy,
     Slot,
     check_range,
     host_ruleset,
     namespace_ruleset,
     random_mac,
-    resolve,
     slot_count,
 )
 
@@ -89,20 +89,12 @@ def unavailable(remote: bool = False) -> str | None:
     return None
 
 
-def attach(vm: Any, call: Any, policy: NetworkPolicy, settings: NetworkSettings,
-           resolved: ResolvedPolicy | None = None) -> Attachment:
-    """Give a running VM a network under `policy`: the host side here, or by the root launcher that started the
-    VM; then the guest side through the agent (`call` is Sandbox.call). On failure the caller stops the VM,
-    which removes whatever was made on the host."""
-    resolved = resolved if resolved is not None else resolve(policy)
-    remote = launcher_of(vm.dir)
-    if remote is not None:
-        vm.close_monitor()  # QEMU serves one QMP client at a time: the launcher needs it now
-        answer = remote.attach_network(vm.dir, resolved.to_json())
-        attachment = Attachment(Slot(int(answer["slot"]), check_range(answer["range"])), answer["mac"],
-                                resolved.hosts)
-    else:
-        attachment = attach_host(vm, resolved, settings)
+def attach(vm: Any, call: Any, resolved: ResolvedPolicy, settings: NetworkSettings,
+           launcher: VmmLauncher) -> Attachment:
+    """Give a running VM the network `resolved` describes: the host half by the launcher that starts this
+    engine's VMs (here, or the root daemon), then the guest half through the agent (`call` is Sandbox.call). On
+    failure the caller stops the VM, which removes whatever was made on the host."""
+    attachment = launcher.attach_network_host(vm, resolved, settings)
     reply = call("net_config", mac=attachment.mac, address=f"{attachment.slot.guest_ip}/30",
                  gateway=str(attachment.slot.gateway_ip), hosts=attachment.hosts)
     if reply.get("ev") != "ok":

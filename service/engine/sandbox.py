@@ -12,7 +12,7 @@ from typing import Any
 
 from .channel import AgentChannel
 from .errors import AgentTimeout, BootFailed, SandboxBusy, SandboxClosed, SandboxLost
-from .jail import Jail
+from .launch import VmmLauncher
 from .machine import MachineConfig
 from .vm import VirtualMachine
 
@@ -89,16 +89,15 @@ class Sandbox:
         run_dir: Path,
         limits: ExecLimits,
         boot_timeout_s: float,
+        launcher: VmmLauncher,
         die_with_parent: bool = False,
         detach: bool = False,
         vm_id: str | None = None,
-        jail: Jail | None = None,
     ) -> Sandbox:
         """Start a VM and wait until its agent answers. On any failure (or Ctrl-C) the VM is gone again."""
         started = time.monotonic()
         deadline = started + boot_timeout_s
-        vm = VirtualMachine.start(config, run_dir, die_with_parent=die_with_parent, detach=detach, vm_id=vm_id,
-                                  jail=jail)
+        vm = launcher.start(config, run_dir, die_with_parent=die_with_parent, detach=detach, vm_id=vm_id)
         channel: AgentChannel | None = None
         try:
             channel = AgentChannel.connect(vm.paths.agent_socket(0), deadline)
@@ -124,6 +123,11 @@ class Sandbox:
         sandbox = cls(vm, channel, limits)
         sandbox.boot_seconds = time.monotonic() - started
         return sandbox
+
+    @property
+    def vm_dir(self) -> Path:
+        """The VM's own directory: what the registry keeps to find the VM again from any process."""
+        return self.vm.dir
 
     @property
     def closed(self) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EngineError
-from .jail import Jail
+from .launch import VmmLauncher
 from .machine import MachineConfig, machine_from_json, machine_to_json
 from .sandbox import ExecLimits, Sandbox
 from .template import STATE_FILE as TEMPLATE_STATE
@@ -133,13 +133,13 @@ def freeze(sandbox: Sandbox, directory: Path, image_id: str, compress: bool = Fa
     return Snapshot(directory, meta)
 
 
-def resume(snapshot: Snapshot, run_dir: Path, limits: ExecLimits, image_id: str, timeout_s: float = 60.0,
-           vm_id: str | None = None, detach: bool = False, jail: Jail | None = None) -> Sandbox:
+def resume(snapshot: Snapshot, run_dir: Path, limits: ExecLimits, image_id: str, launcher: VmmLauncher,
+           timeout_s: float = 60.0, vm_id: str | None = None, detach: bool = False) -> Sandbox:
     """A running sandbox from a snapshot, reseeded and with the clock set. The snapshot stays until deleted."""
     snapshot.check_restorable(image_id)
     reader = ["zstd", "-dc", str(snapshot.directory / STATE)] if snapshot.meta.get("compressed") else None
-    return restore(snapshot.machine, snapshot.directory / STATE, run_dir, limits, timeout_s, vm_id=vm_id,
-                   detach=detach, reader=reader, ignore_shared=False, jail=jail)
+    return restore(snapshot.machine, snapshot.directory / STATE, run_dir, limits, timeout_s, launcher, vm_id=vm_id,
+                   detach=detach, reader=reader, ignore_shared=False)
 
 
 def fork(
@@ -148,10 +148,10 @@ def fork(
     templates_dir: Path,
     run_dir: Path,
     limits: ExecLimits,
+    launcher: VmmLauncher,
     timeout_s: float = 60.0,
     detach: bool = False,
     vm_ids: list[str] | None = None,
-    jail: Jail | None = None,
 ) -> tuple[Template, list[Sandbox]]:
     """n running copies of `sandbox`, which keeps running. Returns the new template (the clones map its RAM
     file; remove it when the last clone is gone) and the clones. On failure nothing new is left behind."""
@@ -168,10 +168,11 @@ def fork(
             finally:
                 with contextlib.suppress(Exception):
                     sandbox.vm.qmp().cmd("cont")
-        template = _materialize(sandbox.vm.config, stream, templates_dir, run_dir, timeout_s, jail)
+        template = _materialize(sandbox.vm.config, stream, templates_dir, run_dir, timeout_s, launcher)
         ids = vm_ids or [None] * n
         with ThreadPoolExecutor(max_workers=min(n, 4)) as pool:
-            futures = [pool.submit(template.clone, run_dir, limits, timeout_s, ids[i], detach, jail) for i in range(n)]
+            futures = [pool.submit(template.clone, run_dir, limits, launcher, timeout_s, ids[i], detach)
+                       for i in range(n)]
             errors = []
             for future in futures:
                 try:
@@ -192,12 +193,12 @@ def fork(
 
 
 def _materialize(source: MachineConfig, stream: Path, templates_dir: Path, run_dir: Path,
-                 timeout_s: float, jail: Jail | None = None) -> Template:
+                 timeout_s: float, launcher: VmmLauncher) -> Template:
     """Load a full state stream into a new shared RAM file and save the device state beside it."""
     directory = templates_dir / f"tpl-{secrets.token_hex(6)}"
     directory.mkdir()
     shared = replace(source, memory_file=directory / "memory", memory_shared=True)
-    vm = VirtualMachine.start(shared, run_dir, incoming="defer", jail=jail)
+    vm = launcher.start(shared, run_dir, incoming="defer")
     try:
         try:
             qmp = vm.qmp()

@@ -22,7 +22,7 @@ from typing import Any
 
 from .channel import AgentChannel
 from .errors import BootFailed, EngineError
-from .jail import Jail
+from .launch import VmmLauncher
 from .machine import MachineConfig, machine_from_json, machine_to_json
 from .sandbox import ExecLimits, Sandbox
 from .vm import VirtualMachine
@@ -53,15 +53,15 @@ class Template:
         templates_dir: Path,
         limits: ExecLimits,
         boot_timeout_s: float,
+        launcher: VmmLauncher,
         warm_code: str = "",
-        jail: Jail | None = None,
     ) -> Template:
         """Boot, run `warm_code` (e.g. imports), save. On failure nothing is left behind."""
         directory = templates_dir / f"tpl-{secrets.token_hex(6)}"
         directory.mkdir(parents=True)
         shared = replace(machine, memory_file=directory / MEMORY_FILE, memory_shared=True)
         try:
-            sandbox = Sandbox.boot(shared, directory, limits, boot_timeout_s, jail=jail)
+            sandbox = Sandbox.boot(shared, directory, limits, boot_timeout_s, launcher)
             try:
                 # Always one exec, even without warm-up code: it waits until the worker is up, so the saved state
                 # never holds a worker still starting (its clones would report their first exec as busy).
@@ -93,12 +93,12 @@ class Template:
         return cls(directory, machine)
 
     def clone(
-        self, run_dir: Path, limits: ExecLimits, timeout_s: float = 30.0, vm_id: str | None = None,
-        detach: bool = False, jail: Jail | None = None,
+        self, run_dir: Path, limits: ExecLimits, launcher: VmmLauncher, timeout_s: float = 30.0,
+        vm_id: str | None = None, detach: bool = False,
     ) -> Sandbox:
         """A running sandbox with the template's state, reseeded and with the clock set."""
         state = self.directory / STATE_FILE
-        return restore(self.machine, state, run_dir, limits, timeout_s, vm_id=vm_id, detach=detach, jail=jail)
+        return restore(self.machine, state, run_dir, limits, timeout_s, launcher, vm_id=vm_id, detach=detach)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -140,18 +140,18 @@ def restore(
     run_dir: Path,
     limits: ExecLimits,
     timeout_s: float,
+    launcher: VmmLauncher,
     vm_id: str | None = None,
     detach: bool = False,
     reader: list[str] | None = None,
     ignore_shared: bool = True,
-    jail: Jail | None = None,
 ) -> Sandbox:
     """Start a VM from saved state, resume it, reseed it, set its clock.
 
     With `ignore_shared` the state holds only devices and the RAM comes from `machine.memory_file` (a template);
     without, the state is a full stream. `reader` is a command (argv) printing the state, e.g. decompressing."""
     deadline = time.monotonic() + timeout_s
-    vm = VirtualMachine.start(machine, run_dir, incoming="defer", vm_id=vm_id, detach=detach, jail=jail)
+    vm = launcher.start(machine, run_dir, incoming="defer", vm_id=vm_id, detach=detach)
     channel: AgentChannel | None = None
     reading: subprocess.Popen[bytes] | None = None
     try:

@@ -19,7 +19,6 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from . import jail as jails
 from . import network
 from .errors import BootFailed
-from .launcher import LauncherClient, launcher_of
 from .machine import MachineConfig, RuntimePaths, build_qemu_command
 
 _PR_SET_PDEATHSIG = 1
@@ -63,8 +62,17 @@ class VirtualMachine:
             pid = -1  # never started or already gone: stop() then only cleans up
         return cls(None, vm_dir, pid)  # type: ignore[arg-type]
 
+    @staticmethod
+    def new_dir(run_dir: Path, vm_id: str | None) -> Path:
+        """A VM's own directory (created here; it must not exist): sockets, logs, pidfile."""
+        vm_dir = run_dir / f"vm-{vm_id or secrets.token_hex(6)}"
+        if len(str(vm_dir / "agent-00.sock")) >= _UNIX_PATH_MAX:
+            raise OSError(f"run directory {run_dir} is too deep: socket paths must stay under {_UNIX_PATH_MAX} bytes")
+        vm_dir.mkdir(parents=True, exist_ok=False)
+        return vm_dir
+
     @classmethod
-    def start(
+    def start_direct(
         cls,
         config: MachineConfig,
         run_dir: Path,
@@ -72,23 +80,13 @@ class VirtualMachine:
         die_with_parent: bool = False,
         detach: bool = False,
         vm_id: str | None = None,
-        jail: jails.Jail | LauncherClient | None = None,
     ) -> VirtualMachine:
-        """Spawn QEMU. `die_with_parent` ties the VM to this process (CLI use); `detach` makes it independent of
-        this process (service use): QEMU daemonizes once its sockets exist. With a `jail`, QEMU runs jailed; with a
-        LauncherClient, the root launcher starts it jailed (always detached) and this process only attaches."""
+        """Spawn QEMU as this process's user (launch.DirectLauncher). `die_with_parent` ties the VM to this
+        process (CLI use); `detach` makes it independent of this process (service use): QEMU daemonizes once its
+        sockets exist."""
         if die_with_parent and detach:
             raise ValueError("a VM cannot both die with its parent and be detached from it")
-        if isinstance(jail, LauncherClient):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            vm_dir, pid = jail.start(config, run_dir, incoming, vm_id)
-            return cls(config, vm_dir, pid, None, incoming)
-        vm_dir = run_dir / f"vm-{vm_id or secrets.token_hex(6)}"
-        if len(str(vm_dir / "agent-00.sock")) >= _UNIX_PATH_MAX:
-            raise OSError(f"run directory {run_dir} is too deep: socket paths must stay under {_UNIX_PATH_MAX} bytes")
-        vm_dir.mkdir(parents=True, exist_ok=False)
-        if jail is not None:
-            return cls._start_jailed(config, vm_dir, incoming, die_with_parent, detach, jail)
+        vm_dir = cls.new_dir(run_dir, vm_id)
         paths = RuntimePaths(vm_dir, incoming=incoming, daemonize=detach)
         argv = build_qemu_command(config, paths)
         log = open(vm_dir / "qemu.log", "wb")  # noqa: SIM115 - handed to the child
@@ -125,13 +123,16 @@ class VirtualMachine:
         return cls(config, vm_dir, pid, None, incoming)
 
     @classmethod
-    def _start_jailed(
-        cls, config: MachineConfig, vm_dir: Path, incoming: str | None, die_with_parent: bool, detach: bool,
-        jail: jails.Jail,
+    def start_jailed(
+        cls, config: MachineConfig, run_dir: Path, jail: jails.Jail, incoming: str | None = None,
+        die_with_parent: bool = False, detach: bool = False, vm_id: str | None = None,
     ) -> VirtualMachine:
-        """QEMU inside the jail, in the foreground as PID 1 of its own PID namespace (so no -daemonize: its parent
-        would be the namespace's init). bwrap reports QEMU's host PID on an info pipe; that PID is the pidfile.
-        Detached, the launcher forks off (setsid -f) so init, not this process, is the jail's parent."""
+        """QEMU inside the jail (launch.JailedLauncher), in the foreground as PID 1 of its own PID namespace (so no
+        -daemonize: its parent would be the namespace's init). bwrap reports QEMU's host PID on an info pipe; that
+        PID is the pidfile. Detached, the jail forks off (setsid -f) so init, not this process, is its parent."""
+        if die_with_parent and detach:
+            raise ValueError("a VM cannot both die with its parent and be detached from it")
+        vm_dir = cls.new_dir(run_dir, vm_id)
         paths = RuntimePaths(vm_dir, incoming=incoming, seccomp=True)
         info_read, info_write = os.pipe()
         process: subprocess.Popen[bytes] | None = None
@@ -226,6 +227,8 @@ class VirtualMachine:
     def stop(self, keep_files: bool = False) -> None:
         """Kill QEMU (it holds nothing we need to flush: the root disk is read-only) and remove its files."""
         self.close_monitor()
+        from .launch import launcher_of  # launch.py builds VirtualMachines: imported here, not at the top
+
         remote = launcher_of(self.dir) if self.process is None else None
         if remote is not None:  # started by the root launcher: only it may kill the VM user's process
             remote.stop(self.dir, keep_files)

@@ -112,7 +112,7 @@ def test_concurrent_exec_is_refused(sandbox):
 def test_boot_timeout_is_a_clean_error_with_no_stray_process(engine, run_dir):
     machine = engine.machine()
     with pytest.raises(BootFailed, match="did not become ready"):
-        Sandbox.boot(machine, run_dir, engine.config.limits, boot_timeout_s=0.5, jail=engine.jail)
+        Sandbox.boot(machine, run_dir, engine.config.limits, boot_timeout_s=0.5, launcher=engine.launcher)
     assert qemu_pids_under(run_dir) == []
     assert list(run_dir.iterdir()) == []
 
@@ -120,7 +120,7 @@ def test_boot_timeout_is_a_clean_error_with_no_stray_process(engine, run_dir):
 def test_qemu_failure_is_reported(engine, run_dir):
     broken = replace(engine.machine(), rootfs=run_dir / "missing.ext4")
     with pytest.raises(BootFailed, match="QEMU"):
-        Sandbox.boot(broken, run_dir, engine.config.limits, boot_timeout_s=30, jail=engine.jail)
+        Sandbox.boot(broken, run_dir, engine.config.limits, boot_timeout_s=30, launcher=engine.launcher)
     assert qemu_pids_under(run_dir) == []
 
 

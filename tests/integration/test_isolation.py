@@ -30,9 +30,9 @@ def status(pid: int) -> dict[str, str]:
 def test_qemu_is_unprivileged_with_no_capabilities_and_seccomp(jailed, jailed_engine):
     fields = status(jailed.vm.pid)
     uids = set(fields["Uid"].split())
-    assert uids == {str(jailed_engine.jail.identity.uid)} and "0" not in uids
+    assert uids == {str(jailed_engine.launcher.jail.identity.uid)} and "0" not in uids
     assert "0" not in fields["Gid"].split()
-    assert fields["Groups"].split() == [str(jailed_engine.jail.identity.gid)]  # no root or other groups kept
+    assert fields["Groups"].split() == [str(jailed_engine.launcher.jail.identity.gid)]  # no root or other groups kept
     for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[caps], 16) == 0, caps
     assert fields["NoNewPrivs"] == "1"
@@ -74,7 +74,7 @@ def test_mount_view_holds_only_the_vms_own_files(jailed, run_root):
 
 
 def test_cgroup_membership_and_limits(jailed, jailed_engine):
-    jail, vm = jailed_engine.jail, jailed.vm
+    jail, vm = jailed_engine.launcher.jail, jailed.vm
     if jail.layout.version == 0:
         pytest.skip("no cgroup controllers on this host")
     limits = limits_for(vm.config, jail.policy)
@@ -100,7 +100,7 @@ def test_sockets_reach_the_vm_group_but_not_others(jailed, jailed_engine, run_ro
     sock = str(jailed.vm.paths.qmp_socket)
     probe = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
              "try:\n s.connect(sys.argv[1]); print('ok')\nexcept PermissionError: print('denied')")
-    gid = jailed_engine.jail.identity.gid
+    gid = jailed_engine.launcher.jail.identity.gid
 
     def connect_as(groups: str) -> str:
         argv = ["setpriv", "--reuid=65534", f"--regid={65534}", f"--groups={groups}", "--",

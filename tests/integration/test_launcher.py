@@ -17,12 +17,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from service.launcher import LauncherConfig, serve
 
 from service import settings
+from service.engine import LauncherError
 from service.engine.jail import Jail
-from service.engine.launcher import LauncherClient, LauncherError, LauncherScope
+from service.engine.launch import RemoteLauncher
+from service.engine.launch_checks import LauncherScope
 from service.engine.netpolicy import NETNS_PREFIX
-from service.launcher import LauncherConfig, serve
 from tests.configs import jail_policy, spec_with
 from tests.vmtools import kill_qemus_under
 
@@ -36,8 +38,7 @@ from pathlib import Path
 from dataclasses import replace
 from service import settings
 from service.engine import Engine, network
-from service.engine.netpolicy import parse_policy
-from service.engine.template import Template
+from service.engine.netpolicy import parse_policy, resolve
 
 image, run, sock = (Path(a) for a in sys.argv[1:4])
 def say(**kw):
@@ -56,12 +57,12 @@ except PermissionError:
     can_signal = False
 say(step="booted", uid=os.getuid(), pid=sb.vm.pid, vm_dir=str(sb.vm.dir), two=sb.run_code("1+1").text,
     can_signal=can_signal)
-attachment = network.attach(sb.vm, sb.call, parse_policy({"egress": "none"}), settings.network_settings(spec))
+attachment = network.attach(sb.vm, sb.call, resolve(parse_policy({"egress": "none"})),
+                            settings.network_settings(spec), engine.launcher)
 say(step="network", slot=attachment.slot.index,
     interfaces=sb.run_code("import os; sorted(os.listdir('/sys/class/net'))").text)
-template = Template.create(engine.machine(memory_mib=512), run / "templates", engine.config.limits, 120,
-                           warm_code="warm = 'from the template'", jail=engine.jail)
-clone = template.clone(run / "clones", engine.config.limits, jail=engine.jail)
+template = engine.make_template(1, "warm = 'from the template'")
+clone = engine.clone(template, "lt-clone")
 say(step="cloned", pid=clone.vm.pid, warm=clone.run_code("warm").text)
 clone.close()
 template.remove()
@@ -163,7 +164,7 @@ def test_an_unprivileged_engine_gets_jailed_vms_networks_and_clones_through_the_
 
 
 def test_the_launcher_refuses_what_is_outside_its_scope(setup, image_dir):
-    client = LauncherClient(setup["socket"])
+    client = RemoteLauncher(setup["socket"])
     from service.engine.machine import MachineConfig, machine_to_json
 
     base = MachineConfig(kernel=image_dir / "vmlinuz", initrd=image_dir / "initrd.img",

@@ -10,9 +10,9 @@ from dataclasses import replace
 import pytest
 
 from service.errors import InsufficientStorage, Invalid, LimitReached, NotFound
+from service.manager import SandboxManager
 from service.pool import PoolKeeper
 from service.registry import FROZEN, POOLED, RUNNING
-from service.sandboxes import SandboxManager
 from tests.configs import service_config as make_service_config
 from tests.vmtools import kill_qemus_under, qemu_pids_under
 

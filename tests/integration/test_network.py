@@ -20,9 +20,9 @@ import pytest
 from service.engine import network
 from service.engine.netpolicy import NETNS_PREFIX
 from service.errors import Invalid, ServiceError
+from service.manager import SandboxManager
 from service.pool import PoolKeeper
 from service.registry import POOLED
-from service.sandboxes import SandboxManager
 from tests.configs import service_config
 
 pytestmark = pytest.mark.integration

@@ -37,7 +37,7 @@ def test_freeze_then_resume_keeps_process_state(engine, source, run_dir):
     snapshot = freeze(source, run_dir / "snap", engine.image.image_id, compress=True)
     assert source.closed and qemu_pids_under(source.vm.dir) == []
     reloaded = Snapshot.load(run_dir / "snap")  # as after a service restart: only what is on disk
-    with resume(reloaded, run_dir, LIMITS, engine.image.image_id, jail=engine.jail) as again:
+    with resume(reloaded, run_dir, LIMITS, engine.image.image_id, launcher=engine.launcher) as again:
         assert again.run_code(CHECK).text == expected
         assert abs(float(again.run_code("import time; time.time()").text) - time.time()) < 1.0
     assert snapshot.size_bytes > 0
@@ -49,7 +49,7 @@ def test_snapshot_of_another_image_is_refused(engine, source, run_dir):
         resume(snapshot, run_dir, LIMITS, image_id="0123456789abcdef")
     snapshot.meta["qemu_version"] = "QEMU emulator version 1.0"
     with pytest.raises(SnapshotMismatch, match=r"QEMU emulator version 1\.0"):
-        resume(snapshot, run_dir, LIMITS, engine.image.image_id, jail=engine.jail)
+        resume(snapshot, run_dir, LIMITS, engine.image.image_id, launcher=engine.launcher)
 
 
 def test_failed_freeze_leaves_the_sandbox_running_and_no_snapshot(engine, source, run_dir):
@@ -64,7 +64,7 @@ def test_failed_freeze_leaves_the_sandbox_running_and_no_snapshot(engine, source
 
 def test_fork_copies_state_and_clones_diverge(engine, source, run_dir):
     expected = source.run_code(CHECK).text
-    template, clones = fork(source, 2, run_dir / "templates", run_dir, LIMITS, jail=engine.jail)
+    template, clones = fork(source, 2, run_dir / "templates", run_dir, LIMITS, launcher=engine.launcher)
     try:
         for clone in clones:
             assert clone.run_code(CHECK).text == expected
@@ -73,7 +73,7 @@ def test_fork_copies_state_and_clones_diverge(engine, source, run_dir):
         assert source.run_code(CHECK).text == expected
         draws = {sb.run_code("(random.random(), float(np.random.rand()))").text for sb in (source, *clones)}
         assert len(draws) == 3
-        grand_template, grandkids = fork(clones[0], 2, run_dir / "templates", run_dir, LIMITS, jail=engine.jail)
+        grand_template, grandkids = fork(clones[0], 2, run_dir / "templates", run_dir, LIMITS, launcher=engine.launcher)
         try:
             assert {g.run_code("x").text for g in grandkids} == {"42"}
         finally:

@@ -28,7 +28,7 @@ def template(engine, run_root):
         engine.config.limits,
         engine.config.boot_timeout_s,
         warm_code="import random, numpy as np\nwarm = 41\nrandom.seed(0); np.random.seed(0)",
-        jail=engine.jail,
+        launcher=engine.launcher,
     )
     yield tpl
     tpl.remove()
@@ -36,8 +36,8 @@ def template(engine, run_root):
 
 def test_clones_start_from_the_template_state_and_diverge(engine, template, run_root):
     memory_before = file_digest(template.directory / "memory")
-    where, jail = run_root / "clones", engine.jail
-    with template.clone(where, _limits(), jail=jail) as a, template.clone(where, _limits(), jail=jail) as b:
+    where, launcher = run_root / "clones", engine.launcher
+    with template.clone(where, _limits(), launcher) as a, template.clone(where, _limits(), launcher) as b:
         assert a.run_code("warm").text == "41" and b.run_code("warm").text == "41"
         a.run_code("warm += 1")
         assert a.run_code("warm").text == "42"
@@ -55,7 +55,7 @@ def test_clones_start_from_the_template_state_and_diverge(engine, template, run_
 def test_template_survives_reload_from_disk(engine, template, run_root):
     reloaded = Template.load(template.directory)
     assert reloaded.machine == template.machine
-    with reloaded.clone(run_root / "clones", _limits(), jail=engine.jail) as sb:
+    with reloaded.clone(run_root / "clones", _limits(), launcher=engine.launcher) as sb:
         assert sb.run_code("warm * 2").text == "82"
 
 

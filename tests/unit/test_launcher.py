@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.launcher import LauncherError, LauncherScope, check_start, check_vm_dir
+from service.engine import LauncherError
+from service.engine.launch_checks import LauncherScope, check_start, check_vm_dir
 from service.engine.machine import MachineConfig, machine_to_json
 
 

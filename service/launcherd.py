@@ -1,6 +1,7 @@
-"""The VMM launcher: the root half of a node. It starts each sandbox's QEMU in the jail (engine/jail.py), stops
-it, and attaches networks (engine/network.py) for an API that runs as an unprivileged user. Protocol and request
-checks: engine/launcher.py. Run it with `appliance launcher` (a systemd unit on a node).
+"""The VMM launcher daemon: the root half of a node. It starts each sandbox's QEMU in the jail (engine/jail.py),
+stops it, and attaches networks (engine/network.py) for an API that runs as an unprivileged user. Its client is
+engine/launch.py (RemoteLauncher), its request checks engine/launch_checks.py. Run it with `appliance launcher`
+(a systemd unit on a node).
 
 Who may ask: whoever can open the socket (mode 0660, group = the service's group) and is not refused by
 `allowed_uids` (SO_PEERCRED). What they may ask is bounded by the scope (image dirs, run root), never by trust.
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from service.engine import network
+from service.engine.errors import LauncherError
 from service.engine.jail import Jail, JailPolicy
-from service.engine.launcher import LAUNCHER_FILE, MAX_REQUEST, LauncherError, LauncherScope, check_start, check_vm_dir
+from service.engine.launch import LAUNCHER_FILE, MAX_REQUEST, JailedLauncher
+from service.engine.launch_checks import LauncherScope, check_start, check_vm_dir
 from service.engine.netpolicy import PolicyError, resolved_from_json
 from service.engine.network import NetworkSettings
 from service.engine.vm import VirtualMachine
@@ -44,6 +47,7 @@ class Launcher:
     def __init__(self, config: LauncherConfig) -> None:
         self.config = config
         self.jail = Jail(config.policy)
+        self.launcher = JailedLauncher(self.jail)
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
@@ -51,7 +55,7 @@ class Launcher:
             return {"uid": self.jail.identity.uid, "gid": self.jail.identity.gid}
         if op == "start":
             machine, run_dir, incoming, vm_id = check_start(request, self.config.scope)
-            vm = VirtualMachine.start(machine, run_dir, incoming=incoming, detach=True, vm_id=vm_id, jail=self.jail)
+            vm = self.launcher.start(machine, run_dir, incoming=incoming, detach=True, vm_id=vm_id)
             vm.close_monitor()
             (vm.dir / LAUNCHER_FILE).write_text(f"{self.config.socket_path}\n")
             return {"vm_dir": str(vm.dir), "pid": vm.pid}
@@ -67,7 +71,7 @@ class Launcher:
                 raise LauncherError(str(exc)) from None
             vm = VirtualMachine.for_dir(vm_dir)
             try:  # the launcher's own address range, never one a client names
-                attachment = network.attach_host(vm, resolved, self.config.network)
+                attachment = self.launcher.attach_network_host(vm, resolved, self.config.network)
             finally:
                 vm.close_monitor()
             return {"slot": attachment.slot.index, "range": str(attachment.slot.cidr), "mac": attachment.mac}

@@ -1,22 +1,21 @@
-"""Sandboxes as the API sees them: owned by a key, listed in the registry, reachable from any worker process.
+"""The sandbox manager: the rules of sandboxes as the API sees them. Owners and limits, states and their
+transitions (running, frozen, lost), the fork/freeze/resume policy, and engine failures mapped to service errors.
 
-This is the one layer between the HTTP resources and the engine. Owners are key hashes; a sandbox that belongs
-to another key is reported exactly like one that does not exist.
+It is the one layer between the HTTP resources and the engine, and it reaches the engine only through its façade
+(service/engine/engine.py), injected, so its rules are tested against a fake engine (tests/unit/test_manager.py).
+Owners are key hashes; a sandbox that belongs to another key is reported exactly like one that does not exist.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import secrets
 import shutil
-import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,44 +25,35 @@ from service.engine import (
     Engine,
     EngineError,
     ExecResult,
+    NetworkRequest,
+    NetworkUnavailable,
+    PolicyError,
     Sandbox,
     SandboxBusy,
     SandboxClosed,
     SandboxLost,
-    netpolicy,
-    network,
-    snapshot,
+    SnapshotMismatch,
 )
-from service.engine.channel import AgentChannel
-from service.engine.errors import BUSY_MESSAGE
-from service.engine.launcher import LauncherClient
-from service.engine.machine import MachineConfig, machine_from_json, machine_to_json
-from service.engine.vm import VirtualMachine
 
+from . import attachments
 from .errors import (
     Busy,
     InsufficientStorage,
     Invalid,
     LimitReached,
-    NetworkUnavailable,
     NotFound,
     NotReady,
     SandboxLostError,
     ServiceError,
 )
+from .errors import NetworkUnavailable as NetworkUnavailableError
 from .registry import FROZEN, LOST, POOLED, RUNNING, Registry, SandboxRecord
 from .settings import ServiceConfig
-from .templates import TemplateStore
+from .template_store import TemplateStore
 
 log = logging.getLogger(__name__)
 FILE_CHUNK = 1 << 20
 FILE_CALL_TIMEOUT_S = 60.0
-
-
-@dataclass
-class _Handle:
-    sandbox: Sandbox
-    lock_fd: int
 
 
 def new_sandbox_id() -> str:
@@ -76,8 +66,7 @@ class SandboxManager:
         self.engine = engine or Engine(config.engine)
         self.registry = registry or Registry(config.registry_path)
         self.templates = TemplateStore(config.templates_dir)
-        self._handles: dict[str, _Handle] = {}
-        self._handles_lock = threading.Lock()
+        self.attachments = attachments.Attachments()
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -127,20 +116,14 @@ class SandboxManager:
                         self.registry.set_state(record.id, RUNNING, network=record.network)
                     return record
             sandbox_id = new_sandbox_id()
-            sandbox = template.clone(
-                self.config.sandboxes_dir, self.engine.config.limits, vm_id=sandbox_id, detach=True,
-                jail=self.engine.jail,
-            )
-            machine, template_id = template.machine, template.template_id
+            sandbox = self.engine.clone(template, sandbox_id)
+            template_id = template.template_id
         elif template is None and wants_default_size:
             raise NotReady("the service is still warming its template; retry shortly", retry_after=2)
         else:
             sandbox_id = new_sandbox_id()
-            machine = self.engine.machine(vcpus=vcpus, memory_mib=memory_mib, agent_ports=self.config.agent_ports)
-            sandbox = Sandbox.boot(
-                machine, self.config.sandboxes_dir, self.engine.config.limits, self.engine.config.boot_timeout_s,
-                detach=True, vm_id=sandbox_id, jail=self.engine.jail,
-            )
+            sandbox = self.engine.boot(vcpus=vcpus, memory_mib=memory_mib, detach=True, vm_id=sandbox_id,
+                                       agent_ports=self.config.agent_ports)
             template_id = None
         try:
             given = None if wanted is None else self._give_network(sandbox, wanted)
@@ -148,8 +131,8 @@ class SandboxManager:
             sandbox.close()
             raise
         record = SandboxRecord(
-            id=sandbox_id, owner=owner, state=RUNNING, vm_dir=str(sandbox.vm.dir), template_id=template_id,
-            machine=machine_to_json(machine), timeout_s=timeout, metadata=metadata, persistent=persistent,
+            id=sandbox_id, owner=owner, state=RUNNING, vm_dir=str(sandbox.vm_dir), template_id=template_id,
+            machine=self.engine.machine_json(sandbox), timeout_s=timeout, metadata=metadata, persistent=persistent,
             network=given,
         )
         sandbox.detach()  # the creating connection used port 0; workers attach on their own ports
@@ -175,7 +158,7 @@ class SandboxManager:
     ) -> Iterator[dict[str, Any]]:
         """The exec's events as they come; raises Busy / NotFound / SandboxLostError before the first one."""
         record = self._running(owner, sandbox_id)
-        lock_fd = _code_lock(record)
+        lock_fd = attachments.take_code_lock(Path(record.vm_dir))
         try:
             sandbox = self._attach(record)
             self.registry.touch(sandbox_id)
@@ -292,10 +275,10 @@ class SandboxManager:
     def freeze_record(self, record: SandboxRecord) -> SandboxRecord:
         self._check_frozen_quota(record)
         sandbox = self._attach(record)
-        with _idle_for(record, f"freezing {record.id} failed; it keeps running"), _nic_down(sandbox, record):
-            snapshot.freeze(sandbox, self.snapshot_dir(record.id), self.engine.image.image_id,
-                            compress=self.config.compress_snapshots)
-        self._forget(record.id)
+        with _idle_for(record, f"freezing {record.id} failed; it keeps running"):
+            self.engine.freeze(sandbox, self.snapshot_dir(record.id), self.config.compress_snapshots,
+                               networked=record.network is not None)
+        self.attachments.forget(record.id)
         self.registry.set_state(record.id, FROZEN, template_id=None)  # a snapshot holds all of its RAM
         self.templates.release(record.template_id, self.registry)
         record.state, record.template_id = FROZEN, None
@@ -308,16 +291,13 @@ class SandboxManager:
             return record
         self._check_limits(owner)
         directory = self.snapshot_dir(sandbox_id)
-        with _exclusive_file(self._resume_lock(sandbox_id)):
+        with attachments.held(self._resume_lock(sandbox_id)):
             record = self.get(owner, sandbox_id)  # another worker may have resumed it while we waited
             if record.state != FROZEN:
                 return record
             try:
-                frozen = snapshot.Snapshot.load(directory)
-                sandbox = snapshot.resume(frozen, self.config.sandboxes_dir, self.engine.config.limits,
-                                          self.engine.image.image_id, vm_id=_fresh_vm_id(sandbox_id), detach=True,
-                                          jail=self.engine.jail)
-            except snapshot.SnapshotMismatch as exc:
+                sandbox = self.engine.resume(directory, _fresh_vm_id(sandbox_id))
+            except SnapshotMismatch as exc:
                 raise Invalid(f"sandbox {sandbox_id} cannot be resumed on this host: {exc}") from None
             except (EngineError, OSError) as exc:
                 raise ServiceError(f"resuming {sandbox_id} failed; it stays frozen: {exc}") from None
@@ -331,8 +311,8 @@ class SandboxManager:
                 sandbox.close()
                 raise
             sandbox.detach()
-            self.registry.set_state(sandbox_id, RUNNING, vm_dir=str(sandbox.vm.dir),
-                                    machine=machine_to_json(sandbox.vm.config), last_active_at=time.time(),
+            self.registry.set_state(sandbox_id, RUNNING, vm_dir=str(sandbox.vm_dir),
+                                    machine=self.engine.machine_json(sandbox), last_active_at=time.time(),
                                     network=given)
             shutil.rmtree(directory, ignore_errors=True)
         return self.get(owner, sandbox_id)
@@ -348,10 +328,8 @@ class SandboxManager:
         sandbox = self._attach(record)
         ids = [new_sandbox_id() for _ in range(n)]
         failure = f"fork of {sandbox_id} failed; it keeps running unchanged"
-        with _idle_for(record, failure), _nic_down(sandbox, record):
-            template, clones = snapshot.fork(sandbox, n, self.config.templates_dir, self.config.sandboxes_dir,
-                                             self.engine.config.limits, detach=True, vm_ids=ids,
-                                             jail=self.engine.jail)
+        with _idle_for(record, failure):
+            template, clones = self.engine.fork(sandbox, ids, networked=record.network is not None)
         try:  # each clone: the parent's policy, its own namespace, MAC and address
             networks = [None if wanted is None else self._give_network(clone, wanted) for clone in clones]
         except BaseException as exc:
@@ -365,8 +343,8 @@ class SandboxManager:
         for clone_id, clone, given in zip(ids, clones, networks, strict=True):
             clone.detach()
             child = SandboxRecord(
-                id=clone_id, owner=owner, state=RUNNING, vm_dir=str(clone.vm.dir), template_id=template.template_id,
-                machine=machine_to_json(clone.vm.config), timeout_s=record.timeout_s,
+                id=clone_id, owner=owner, state=RUNNING, vm_dir=str(clone.vm_dir), template_id=template.template_id,
+                machine=self.engine.machine_json(clone), timeout_s=record.timeout_s,
                 metadata={**record.metadata, "forked_from": sandbox_id}, persistent=record.persistent,
                 network=given,
             )
@@ -377,7 +355,7 @@ class SandboxManager:
     def _check_frozen_quota(self, record: SandboxRecord) -> None:
         root = self.config.state_dir / "snapshots"
         used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
-        worst_case = machine_from_json(record.machine).memory_mib << 20
+        worst_case = self.engine.memory_mib(record.machine) << 20
         if used + worst_case > self.config.frozen_quota_bytes:
             raise InsufficientStorage(
                 f"frozen sandboxes use {used >> 20} MiB of the {self.config.frozen_quota_bytes >> 20} MiB quota "
@@ -388,7 +366,7 @@ class SandboxManager:
     def _check_memory(self, record: SandboxRecord, n: int) -> None:
         """Refuse a fork up front when the host cannot hold n more copies (each may touch all of its RAM)."""
         available = _mem_available_bytes()
-        needed = n * (machine_from_json(record.machine).memory_mib << 20) // 4  # copy-on-write: a quarter each
+        needed = n * (self.engine.memory_mib(record.machine) << 20) // 4  # copy-on-write: a quarter each
         if available is not None and needed > available:
             raise InsufficientStorage(
                 f"fork of {n} needs about {needed >> 20} MiB of host memory; {available >> 20} MiB is available"
@@ -396,31 +374,23 @@ class SandboxManager:
 
     # ---- network ---------------------------------------------------------------------------------------------
 
-    def _network_request(
-        self, requested: dict[str, Any] | None
-    ) -> tuple[netpolicy.NetworkPolicy, netpolicy.ResolvedPolicy] | None:
+    def _network_request(self, requested: dict[str, Any] | None) -> NetworkRequest | None:
         """The policy checked and its names resolved (now: at creation, and again at each resume)."""
         try:
-            policy = netpolicy.parse_policy(None if requested is None else {"egress": requested.get("egress")})
-            if policy is None:
-                return None
-            why = network.unavailable(remote=isinstance(self.engine.jail, LauncherClient))
-            if why is not None:
-                raise NetworkUnavailable(f"this host cannot give sandboxes a network: {why}")
-            return policy, netpolicy.resolve(policy)
-        except netpolicy.PolicyError as exc:
+            return self.engine.network_request(requested)
+        except PolicyError as exc:
             raise Invalid(str(exc)) from None
+        except NetworkUnavailable as exc:
+            raise NetworkUnavailableError(str(exc)) from None
 
-    def _give_network(
-        self, sandbox: Sandbox, wanted: tuple[netpolicy.NetworkPolicy, netpolicy.ResolvedPolicy]
-    ) -> dict[str, Any]:
+    def _give_network(self, sandbox: Sandbox, wanted: NetworkRequest) -> dict[str, Any]:
         """Attach the network; returns the record's `network` column (policy plus the new identity)."""
-        policy, resolved = wanted
         try:
-            attachment = network.attach(sandbox.vm, sandbox.call, policy, self.config.network, resolved)
-        except network.NetworkError as exc:
+            return self.engine.give_network(sandbox, wanted, self.config.network)
+        except EngineError as exc:
+            if isinstance(exc, (SandboxLost, SandboxBusy)):
+                raise
             raise ServiceError(str(exc)) from None
-        return {**policy.to_json(), **attachment.describe()}
 
     # ---- internals -------------------------------------------------------------------------------------------
 
@@ -449,58 +419,27 @@ class SandboxManager:
 
     def _attach(self, record: SandboxRecord) -> Sandbox:
         """This process's connection to the sandbox, made once on a free agent port and then reused."""
-        with self._handles_lock:
-            handle = self._handles.get(record.id)
-            if handle is not None and not handle.sandbox.closed and handle.sandbox.vm.dir == Path(record.vm_dir):
-                return handle.sandbox
-            if handle is not None:  # frozen and resumed by another process since: a new VM in a new directory
-                del self._handles[record.id]
-                handle.sandbox.detach()
-                os.close(handle.lock_fd)
-            machine = machine_from_json(record.machine)
-            vm_dir = Path(record.vm_dir)
-            try:
-                vm = VirtualMachine.attach(machine, vm_dir)
-            except (OSError, ValueError) as exc:
-                raise SandboxLost(f"sandbox {record.id} has no VM: {exc}") from None
-            if vm.exited() is not None:
-                raise SandboxLost(f"the VM of sandbox {record.id} is not running")
-            port, lock_fd = _claim_port(vm_dir, machine)
-            try:
-                channel = AgentChannel.connect(vm.paths.agent_socket(port), time.monotonic() + 5)
-            except Exception:
-                os.close(lock_fd)
-                raise
-            sandbox = Sandbox(vm, channel, self.engine.config.limits)
-            self._handles[record.id] = _Handle(sandbox, lock_fd)
-            return sandbox
+        vm_dir = Path(record.vm_dir)
+        return self.attachments.get(record.id, vm_dir, self.engine.agent_ports(record.machine),
+                                    lambda directory, port: self.engine.connect(directory, record.machine, port))
 
-    def _forget(self, sandbox_id: str) -> _Handle | None:
-        with self._handles_lock:
-            handle = self._handles.pop(sandbox_id, None)
-        if handle is not None:
-            handle.sandbox.detach()
-            os.close(handle.lock_fd)
-        return handle
+    def _stop_vm(self, record: SandboxRecord) -> None:
+        self.attachments.forget(record.id)
+        self.engine.stop(Path(record.vm_dir), record.machine)
 
     def _destroy(self, record: SandboxRecord) -> None:
-        self._forget(record.id)
-        with contextlib.suppress(OSError, ValueError):
-            VirtualMachine.attach(machine_from_json(record.machine), Path(record.vm_dir)).stop()
+        self._stop_vm(record)
         self.registry.remove(record.id)
         shutil.rmtree(self.snapshot_dir(record.id), ignore_errors=True)
         self._resume_lock(record.id).unlink(missing_ok=True)
         self.templates.release(record.template_id, self.registry)
 
     def _mark_lost(self, record: SandboxRecord) -> None:
-        self._forget(record.id)
-        with contextlib.suppress(OSError, ValueError):
-            VirtualMachine.attach(machine_from_json(record.machine), Path(record.vm_dir)).stop()
+        self._stop_vm(record)
         self.registry.set_state(record.id, LOST)
 
     def close(self) -> None:
-        for sandbox_id in list(self._handles):
-            self._forget(sandbox_id)
+        self.attachments.close()
         self.registry.close()
 
 
@@ -516,22 +455,10 @@ def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
         yield bytes(buffer)
 
 
-def _code_lock(record: SandboxRecord) -> int:
-    """Held while code runs in the sandbox, and by a fork or freeze of it, across every process (API workers, the
-    keeper): flock on a file in its VM directory. Busy if someone holds it. Release with os.close()."""
-    fd = os.open(Path(record.vm_dir) / "code.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise Busy(BUSY_MESSAGE) from None
-    return fd
-
-
 @contextlib.contextmanager
 def _idle_for(record: SandboxRecord, failure: str) -> Iterator[None]:
     """Hold the code lock for a fork or freeze; engine failures become service errors that start with `failure`."""
-    lock_fd = _code_lock(record)
+    lock_fd = attachments.take_code_lock(Path(record.vm_dir))
     try:
         yield
     except SandboxBusy as exc:
@@ -540,11 +467,6 @@ def _idle_for(record: SandboxRecord, failure: str) -> Iterator[None]:
         raise ServiceError(f"{failure}: {exc}") from None
     finally:
         os.close(lock_fd)
-
-
-def _nic_down(sandbox: Sandbox, record: SandboxRecord) -> contextlib.AbstractContextManager[None]:
-    """A networked sandbox's state is saved with its NIC link down (see network.link_down)."""
-    return network.link_down(sandbox.vm) if record.network is not None else contextlib.nullcontext()
 
 
 def _fresh_vm_id(sandbox_id: str) -> str:
@@ -560,30 +482,3 @@ def _mem_available_bytes() -> int | None:
     except OSError:
         pass
     return None
-
-
-@contextlib.contextmanager
-def _exclusive_file(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _claim_port(vm_dir: Path, machine: MachineConfig) -> tuple[int, int]:
-    """An agent port no other process holds, locked (flock) for as long as this process keeps it.
-
-    Port 0 is left to whoever creates or restores the VM; the lock dies with the process that holds it."""
-    for port in range(1, machine.agent_ports):
-        fd = os.open(vm_dir / f"agent-{port}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        return port, fd
-    raise Busy("every connection to this sandbox is in use by other workers; retry", retry_after=1)
-
