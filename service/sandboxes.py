@@ -291,7 +291,7 @@ class SandboxManager:
 
     def freeze_record(self, record: SandboxRecord) -> SandboxRecord:
         self._check_frozen_quota(record)
-        sandbox = self._attach(record)
+        sandbox = self._attach_alive(record)
         with _idle_for(record, f"freezing {record.id} failed; it keeps running"), _nic_down(sandbox, record):
             snapshot.freeze(sandbox, self.snapshot_dir(record.id), self.engine.image.image_id,
                             compress=self.config.compress_snapshots)
@@ -345,7 +345,7 @@ class SandboxManager:
         self._check_limits(owner, adding=n)
         self._check_memory(record, n)
         wanted = None if record.network is None else self._network_request(record.network)
-        sandbox = self._attach(record)
+        sandbox = self._attach_alive(record)
         ids = [new_sandbox_id() for _ in range(n)]
         failure = f"fork of {sandbox_id} failed; it keeps running unchanged"
         with _idle_for(record, failure), _nic_down(sandbox, record):
@@ -444,7 +444,7 @@ class SandboxManager:
         if record.state == FROZEN:
             record = self.resume(owner, sandbox_id)
         if record.state == LOST:
-            raise SandboxLostError(f"sandbox {sandbox_id} was lost (its VM stopped); delete it and create a new one")
+            raise _lost(sandbox_id)
         return record
 
     def _attach(self, record: SandboxRecord) -> Sandbox:
@@ -475,6 +475,18 @@ class SandboxManager:
             self._handles[record.id] = _Handle(sandbox, lock_fd)
             return sandbox
 
+    def _attach_alive(self, record: SandboxRecord) -> Sandbox:
+        """_attach for a freeze or a fork, which work on the VM itself: a VM that died since the pool keeper last
+        looked makes the sandbox lost (410) here and now, not an internal error half way through."""
+        try:
+            sandbox = self._attach(record)
+            if sandbox.vm.exited() is None:
+                return sandbox
+        except (SandboxLost, SandboxClosed):
+            pass
+        self._mark_lost(record)
+        raise _lost(record.id)
+
     def _forget(self, sandbox_id: str) -> _Handle | None:
         with self._handles_lock:
             handle = self._handles.pop(sandbox_id, None)
@@ -502,6 +514,10 @@ class SandboxManager:
         for sandbox_id in list(self._handles):
             self._forget(sandbox_id)
         self.registry.close()
+
+
+def _lost(sandbox_id: str) -> SandboxLostError:
+    return SandboxLostError(f"sandbox {sandbox_id} was lost (its VM stopped); delete it and create a new one")
 
 
 def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
