@@ -371,6 +371,28 @@ def sweep_stale_cgroups(parent: Path, min_age_s: float = 120.0) -> None:
                     child.rmdir()
 
 
+def oom_report(vm_dir: Path) -> str | None:
+    """What the host did, if its OOM killer ended this VM's QEMU for reaching the VM's memory cgroup limit; read it
+    before the VM's cgroups are removed (v1: memory.oom_control, v2: memory.events; both count `oom_kill`)."""
+    try:
+        directories = [Path(line) for line in (vm_dir / CGROUP_FILE).read_text().split()]
+    except OSError:
+        return None
+    for directory in directories:
+        for counters, limit_file in (("memory.events", "memory.max"), ("memory.oom_control", "memory.limit_in_bytes")):
+            try:
+                fields = dict(line.split(maxsplit=1) for line in (directory / counters).read_text().splitlines())
+                kills = int(fields.get("oom_kill", "0"))
+                limit = (directory / limit_file).read_text().strip()
+            except (OSError, ValueError):
+                continue
+            if kills > 0:
+                size = f"{int(limit) >> 20} MiB" if limit.isdigit() else limit
+                return (f"the host's OOM killer ended QEMU: the VM reached its host memory limit ({size}: guest "
+                        "memory + isolation.memory_overhead_mib)")
+    return None
+
+
 def remove_vm_cgroups(vm_dir: Path) -> None:
     """The VM's cgroups, as recorded at start (any process can stop a VM: it only needs its directory)."""
     try:
