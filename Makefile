@@ -6,13 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APPLIANCE := $(VENV)/bin/appliance
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
-# Host packages: QEMU to run sandboxes; the rest to build the guest image.
-# systemd-container, openssh-client: the provisioning suite's test hosts; bubblewrap: the jail around each QEMU.
-APT_PACKAGES := python3 python3-venv qemu-system-x86 qemu-utils mmdebstrap e2fsprogs ca-certificates \
-	systemd-container openssh-client bubblewrap \
-	grub-pc-bin grub-efi-amd64-bin mtools dosfstools fdisk ovmf
-# The last line: `appliance build host` (GRUB for BIOS and UEFI, FAT partitions without mounting, GPT on a file)
-# and its boot tests (OVMF is the UEFI firmware; SeaBIOS comes with QEMU).
+# Host packages: every program the code runs, and the few data packages it reads (firmware, GRUB modules, keys),
+# come from one table, appliance/host_tools.py. It runs with the system python3, so that comes first.
+HOST_TOOLS := /usr/bin/python3 -m appliance.host_tools
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 
 .PHONY: demo test setup host-packages guest-image host-image lint unit integration provisioning bench clean
 
@@ -27,10 +24,15 @@ test: setup guest-image lint
 setup: host-packages $(VENV)/.installed
 
 host-packages:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	@if [ ! -x /usr/bin/python3 ]; then \
+		echo "installing Debian packages: python3 python3-venv (the table of the rest is Python)"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) python3 python3-venv; \
+	fi
+	@packages=$$($(HOST_TOOLS) packages) || exit 1; \
+	missing=$$(for p in $$packages; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) $$missing; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-# tool -> Debian package that provides it
-REQUIRED_TOOLS = {
-    "qemu-system-x86_64": "qemu-system-x86",
-    "qemu-img": "qemu-utils",
-}
-BUILD_TOOLS = {
-    "mmdebstrap": "mmdebstrap",
-    "mkfs.ext4": "e2fsprogs",
-    "dpkg-deb": "dpkg",
-    "apt-get": "apt",
-}
+from appliance import host_tools
+
 MIN_FREE_IMAGES_GIB = 6.0
 
 
@@ -29,16 +20,23 @@ class Finding:
     fix: str = ""
 
 
-def tool_findings(which: Callable[[str], str | None] = shutil.which) -> list[Finding]:
+def tool_findings(
+    which: Callable[[str], str | None] = shutil.which,
+    matches: Callable[[str], bool] = host_tools.matches,
+    required: Collection[str] = host_tools.REQUIRED_PURPOSES,
+) -> list[Finding]:
+    """Every program (and data package) of the host-tools table: one ok line per purpose that has all it needs,
+    one line per missing thing naming what it is for and its package. Missing for a `required` purpose fails."""
+    absent = host_tools.missing(which=which, matches=matches)
+    incomplete = {purpose for item in absent for purpose in item.purposes}
     findings = []
-    for tools, level in ((REQUIRED_TOOLS, "fail"), (BUILD_TOOLS, "warn")):
-        for tool, package in tools.items():
-            path = which(tool)
-            if path:
-                findings.append(Finding("ok", tool, path))
-            else:
-                role = "needed to run sandboxes" if level == "fail" else "needed to build images"
-                findings.append(Finding(level, tool, f"missing ({role})", f"apt-get install {package}"))
+    for purpose in host_tools.PURPOSES:
+        if purpose not in incomplete:
+            names = [*host_tools.programs(purpose), *(d.package for d in host_tools.data(purpose))]
+            findings.append(Finding("ok", purpose, ", ".join(names)))
+    for item in absent:
+        level = "fail" if set(required).intersection(item.purposes) else "warn"
+        findings.append(Finding(level, item.name, item.line(), host_tools.install_command(item.package)))
     return findings
 
 
@@ -53,14 +51,22 @@ def disk_finding(path: Path, free_bytes: Callable[[Path], int]) -> Finding:
     return Finding("ok", "disk", f"{free_gib:.1f} GiB free at {probe}")
 
 
-def accelerator_findings(kvm_problem: str | None, choice: tuple[str, str] | None) -> list[Finding]:
-    """`choice` is (accelerator, reason) from a real probe boot, or None if no guest image exists to probe with."""
+def accelerator_findings(
+    kvm_problem: str | None, choice: tuple[str, str] | None, jail_kvm_problem: str | None = None
+) -> list[Finding]:
+    """`choice` is (accelerator, reason) from a real probe boot, or None if no guest image exists to probe with.
+    `jail_kvm_problem` is why the jailed VM user cannot open /dev/kvm (service.engine.jail.kvm_jail_problem), or
+    None: the jail itself is in force then, only KVM is lost to it, and the fix is the device's group."""
     findings = []
-    if kvm_problem is None:
-        findings.append(Finding("ok", "kvm device", "/dev/kvm answers the KVM API"))
-    else:
+    if kvm_problem is not None:
         findings.append(Finding("warn", "kvm device", kvm_problem,
                                 "enable VT-x/AMD-V in firmware and load kvm_intel/kvm_amd, or accept TCG"))
+    elif jail_kvm_problem is not None:
+        from service.engine.jail import KVM_GROUP_FIX
+
+        findings.append(Finding("warn", "kvm device", jail_kvm_problem, KVM_GROUP_FIX))
+    else:
+        findings.append(Finding("ok", "kvm device", "/dev/kvm answers the KVM API"))
     if choice is None:
         findings.append(Finding("warn", "accelerator", "not probed: no guest image yet", "appliance build guest"))
     elif choice[0] == "kvm":

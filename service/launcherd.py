@@ -3,8 +3,9 @@ stops it, and attaches networks (engine/network.py) for an API that runs as an u
 engine/launch.py (RemoteLauncher), its request checks engine/launch_checks.py. Run it with `appliance launcher`
 (a systemd unit on a node).
 
-Who may ask: whoever can open the socket (mode 0660, group = the service's group) and is not refused by
-`allowed_uids` (SO_PEERCRED). What they may ask is bounded by the scope (image dirs, run root), never by trust.
+Who may ask: root and the uids in the launcher's own `allowed_uids` (the API's user, from its command line, never
+from a client), checked by SO_PEERCRED on each connection; the socket's mode (0660, the service's group) is only the
+first fence. What they may ask is bounded by the scope (image dirs, run root), never by trust.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class LauncherConfig:
     policy: JailPolicy
     network: NetworkSettings  # isolation.network_range
     client_group: str | None = None  # the socket's group (the API's); None: root's
-    allowed_uids: frozenset[int] = field(default_factory=frozenset)  # empty: anyone the socket mode lets in
+    allowed_uids: frozenset[int] = field(default_factory=frozenset)  # besides root; empty: root alone
 
 
 class Launcher:
@@ -83,11 +84,12 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         uid = _peer_uid(self.connection)
-        allowed = self.server.launcher.config.allowed_uids
-        if allowed and uid not in allowed and uid != 0:
-            self._answer({"ok": False, "error": f"uid {uid} may not use this launcher"})
+        line = self.rfile.readline(MAX_REQUEST + 1)  # read before any answer: the client sees the answer, no EPIPE
+        if uid != 0 and uid not in self.server.launcher.config.allowed_uids:
+            log.warning("launcher: refused a request from uid %d (not root, not in allowed_uids)", uid)
+            self._answer({"ok": False, "error": f"uid {uid} may not use this launcher (it serves "
+                          f"{_uid_list(self.server.launcher.config.allowed_uids)})"})
             return
-        line = self.rfile.readline(MAX_REQUEST + 1)
         try:
             request = json.loads(line)
             if not isinstance(request, dict):
@@ -114,6 +116,10 @@ class _Server(socketserver.ThreadingUnixStreamServer):
     launcher: Launcher
 
 
+def _uid_list(allowed: frozenset[int]) -> str:
+    return ", ".join(["root", *(f"uid {uid}" for uid in sorted(allowed))])
+
+
 def _peer_uid(conn: socket.socket) -> int:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
@@ -135,6 +141,6 @@ def serve(config: LauncherConfig) -> _Server:
     os.chown(path, 0, gid)
     os.chmod(path, 0o660)
     server.launcher = launcher
-    log.info("VMM launcher listening on %s (group %s), VMs as uid %d", path, config.client_group or "root",
-             launcher.jail.identity.uid)
+    log.info("VMM launcher listening on %s (group %s), serving %s, VMs as uid %d", path,
+             config.client_group or "root", _uid_list(config.allowed_uids), launcher.jail.identity.uid)
     return server

@@ -274,7 +274,7 @@ class SandboxManager:
 
     def freeze_record(self, record: SandboxRecord) -> SandboxRecord:
         self._check_frozen_quota(record)
-        sandbox = self._attach(record)
+        sandbox = self._attach_alive(record)
         with _idle_for(record, f"freezing {record.id} failed; it keeps running"):
             self.engine.freeze(sandbox, self.snapshot_dir(record.id), self.config.compress_snapshots,
                                networked=record.network is not None)
@@ -325,7 +325,7 @@ class SandboxManager:
         self._check_limits(owner, adding=n)
         self._check_memory(record, n)
         wanted = None if record.network is None else self._network_request(record.network)
-        sandbox = self._attach(record)
+        sandbox = self._attach_alive(record)
         ids = [new_sandbox_id() for _ in range(n)]
         failure = f"fork of {sandbox_id} failed; it keeps running unchanged"
         with _idle_for(record, failure):
@@ -414,7 +414,7 @@ class SandboxManager:
         if record.state == FROZEN:
             record = self.resume(owner, sandbox_id)
         if record.state == LOST:
-            raise SandboxLostError(f"sandbox {sandbox_id} was lost (its VM stopped); delete it and create a new one")
+            raise _lost(sandbox_id)
         return record
 
     def _attach(self, record: SandboxRecord) -> Sandbox:
@@ -426,6 +426,18 @@ class SandboxManager:
     def _stop_vm(self, record: SandboxRecord) -> None:
         self.attachments.forget(record.id)
         self.engine.stop(Path(record.vm_dir), record.machine)
+
+    def _attach_alive(self, record: SandboxRecord) -> Sandbox:
+        """_attach for a freeze or a fork, which work on the VM itself: a VM that died since the pool keeper last
+        looked makes the sandbox lost (410) here and now, not an internal error half way through."""
+        try:
+            sandbox = self._attach(record)
+            if sandbox.running:
+                return sandbox
+        except (SandboxLost, SandboxClosed):
+            pass
+        self._mark_lost(record)
+        raise _lost(record.id)
 
     def _destroy(self, record: SandboxRecord) -> None:
         self._stop_vm(record)
@@ -441,6 +453,10 @@ class SandboxManager:
     def close(self) -> None:
         self.attachments.close()
         self.registry.close()
+
+
+def _lost(sandbox_id: str) -> SandboxLostError:
+    return SandboxLostError(f"sandbox {sandbox_id} was lost (its VM stopped); delete it and create a new one")
 
 
 def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:

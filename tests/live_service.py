@@ -63,13 +63,22 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def _serve_command() -> list[str]:
-    """`appliance serve`, or the command module itself while the CLI group does not list it yet."""
-    from appliance.cli import main
+def appliance_entry_point() -> Path:
+    """The installed `appliance` command of this venv: what an operator runs. A missing one fails here, in one line,
+    instead of being worked around (a test must not pass while the command a user types is broken)."""
+    entry_point = _VENV_BIN / "appliance"
+    if not os.access(entry_point, os.X_OK):
+        raise RuntimeError(f"no installed `appliance` command at {entry_point}: run `make setup` (pip install -e .)")
+    return entry_point
 
-    if "serve" in main.commands:
-        return [str(_VENV_BIN / "appliance"), "serve"]
-    return [sys.executable, "-m", "appliance.commands.serve"]
+
+def _in_own_mount_namespace(argv: list[str], meminfo: Path) -> list[str]:
+    """`argv` in a mount namespace of its own where `meminfo` is /proc/meminfo: the service sees the host memory that
+    file describes (as a container under lxcfs does), and the test can change it while the service runs."""
+    if os.geteuid() != 0:
+        raise RuntimeError("a service with its own view of /proc/meminfo needs root (unshare --mount)")
+    remount = 'mount --bind "$0" /proc/meminfo && exec "$@"'  # exec: the PID stays the service's own
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", remount, str(meminfo), *argv]
 
 
 @dataclass
@@ -79,6 +88,9 @@ class LiveService:
     max_requests: int = 0  # 0: gunicorn never recycles workers
     env_extra: dict[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 300.0
+    # A file the service reads as /proc/meminfo (its own mount namespace; the file is bind-mounted, so write it in
+    # place, never replace it). None: the host's.
+    meminfo: Path | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="appliance-api-test-"))
@@ -110,7 +122,9 @@ class LiveService:
         return env
 
     def start(self) -> LiveService:
-        argv = [*_serve_command(), "--port", str(self.port), "--workers", str(self.workers)]
+        argv = [str(appliance_entry_point()), "serve", "--port", str(self.port), "--workers", str(self.workers)]
+        if self.meminfo is not None:
+            argv = _in_own_mount_namespace(argv, self.meminfo)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 argv, cwd=self.root, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -166,6 +180,17 @@ class LiveService:
                 db.close()
         except sqlite3.Error:
             return 0
+
+    def cli(self, *argv: str, key: str | None = None, timeout_s: float = 120) -> subprocess.CompletedProcess:
+        """`appliance *argv` as an operator on this node runs it: the installed command, the service's environment
+        (its keys and state dir) and the spec's port; it finds the service and its key by itself. `key`: run as
+        a client with that key instead ($APPLIANCE_API_KEY)."""
+        env = {name: value for name, value in self.env.items() if name not in ("APPLIANCE_URL", "APPLIANCE_API_KEY")}
+        env["APPLIANCE_SERVICE__PORT"] = str(self.port)
+        if key is not None:
+            env["APPLIANCE_API_KEY"] = key
+        return subprocess.run([str(appliance_entry_point()), *argv], cwd=self.root, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout_s)
 
     def headers(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.key}"}

@@ -22,6 +22,7 @@ from typing import Any
 
 from appliance_agent.netconfig import MODULES_DIR as NETWORK_MODULES_DIR
 
+from appliance import host_tools
 from appliance.build import kernel as kernel_stage
 from appliance.build import rootfs
 from appliance.build.common import RECIPE_DIR, BuildError, exclusive, read_list, run, sha256_file, tree_hash
@@ -49,11 +50,8 @@ KERNEL_CMDLINE = " ".join((
 ))
 
 
-# Host tools the build runs, and the Debian package that has each.
-HOST_TOOLS = {
-    "mmdebstrap": "mmdebstrap", "apt-get": "apt", "dpkg-deb": "dpkg", "dpkg-query": "dpkg", "tar": "tar",
-    "mkfs.ext4": "e2fsprogs", "unshare": "util-linux", "chroot": "coreutils",
-}
+# Host tools the build runs -> the Debian package that has each (a view of the one table).
+HOST_TOOLS = host_tools.programs("guest-image")
 
 
 def preflight_problem(euid: int, which: Callable[[str], str | None]) -> str | None:

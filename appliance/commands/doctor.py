@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .. import doctor_checks
+from .. import doctor_checks, host_tools
 from .common import load, open_engine, spec_option
 
 _MARKS = {"ok": ("✓", "green"), "warn": ("!", "yellow"), "fail": ("✗", "red")}
@@ -15,10 +15,14 @@ _MARKS = {"ok": ("✓", "green"), "warn": ("!", "yellow"), "fail": ("✗", "red"
 @spec_option
 def doctor_command(spec_path: Path | None) -> None:
     """What this host can do: KVM or TCG, tools, disk, guest image. Exits non-zero if it cannot run sandboxes."""
-    from service.engine import EngineError, accel
+    from service import settings
+    from service.engine import EngineError, accel, jail
 
     spec = load(spec_path)
-    findings = doctor_checks.tool_findings()
+    jailed = settings.engine_config(spec).isolation is not None
+    # With isolation.jail = 'on', a missing jail tool stops every sandbox; with 'auto' the VMs run unjailed.
+    required = {*host_tools.REQUIRED_PURPOSES, *(("jail",) if spec.isolation.jail == "on" else ())}
+    findings = doctor_checks.tool_findings(required=required)
     findings.append(doctor_checks.disk_finding(spec.paths.images, lambda p: shutil.disk_usage(p).free))
     choice = None
     try:
@@ -34,7 +38,8 @@ def doctor_command(spec_path: Path | None) -> None:
             except accel.AcceleratorUnavailable as exc:
                 fix = "set guest.accelerator = 'auto'"
                 findings.append(doctor_checks.Finding("fail", "accelerator", str(exc), fix))
-    findings += doctor_checks.accelerator_findings(accel.kvm_device_problem(), choice)
+    jail_kvm = jail.kvm_device_jail_problem() if jailed else None
+    findings += doctor_checks.accelerator_findings(accel.kvm_device_problem(), choice, jail_kvm)
     for finding in findings:
         mark, color = _MARKS[finding.level]
         fix = f"  → {finding.fix}" if finding.fix else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import signal
 import threading
 from pathlib import Path
@@ -16,12 +17,15 @@ from .common import load, spec_option
 @click.command("launcher")
 @click.option("--group", "client_group", default=None,
               help="Group that may use the socket (the API's user group; default: root only).")
+@click.option("--allow-user", "allowed_users", multiple=True, metavar="USER",
+              help="A user (name or uid) whose requests are served, besides root: the API's user. Repeatable; "
+              "without it only root is served.")
 @spec_option
-def launcher_command(client_group: str | None, spec_path: Path | None) -> None:
+def launcher_command(client_group: str | None, allowed_users: tuple[str, ...], spec_path: Path | None) -> None:
     """Run the VMM launcher (as root): it starts each sandbox's QEMU jailed, stops it, and attaches networks, on
     request of the API over the socket in the spec's isolation.launcher_socket. Only VMs below the spec's run
-    directory, booting images from its image directory, are started. SIGTERM or Ctrl-C stops it; running VMs
-    stay up."""
+    directory, booting images from its image directory, are started, and only for root and the --allow-user
+    users (checked by the peer's credentials). SIGTERM or Ctrl-C stops it; running VMs stay up."""
     from appliance.spec import guest_image_dir
     from service import settings
     from service.engine.launch_checks import LauncherScope
@@ -29,6 +33,7 @@ def launcher_command(client_group: str | None, spec_path: Path | None) -> None:
 
     if os.geteuid() != 0:
         raise click.ClickException("the launcher switches users and creates namespaces: run it as root")
+    allowed_uids = frozenset(_uid_of(user) for user in allowed_users)
     spec = load(spec_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if spec.isolation.jail == "off":
@@ -38,7 +43,7 @@ def launcher_command(client_group: str | None, spec_path: Path | None) -> None:
     config = LauncherConfig(socket_path=spec.isolation.launcher_socket,
                             scope=LauncherScope(run_root=spec.paths.run_dir, image_roots=roots),
                             policy=settings.jail_policy(spec), client_group=client_group,
-                            network=settings.network_settings(spec))
+                            allowed_uids=allowed_uids, network=settings.network_settings(spec))
     spec.paths.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         server = serve(config)
@@ -53,3 +58,12 @@ def launcher_command(client_group: str | None, spec_path: Path | None) -> None:
     finally:
         server.server_close()
         config.socket_path.unlink(missing_ok=True)
+
+
+def _uid_of(user: str) -> int:
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise click.ClickException(f"--allow-user {user}: no such user") from None

@@ -49,19 +49,23 @@ def shell_command(spec_path: Path | None, quiet: bool) -> None:
             if not cell.strip():
                 continue
             outcome: dict = {}
+            done = threading.Event()
 
-            def run(cell: str = cell, outcome: dict = outcome) -> None:
+            def run(cell: str = cell, outcome: dict = outcome, done: threading.Event = done) -> None:
                 try:
                     outcome["result"] = sandbox.run_code(cell, on_event=print_event)
                 except Exception as exc:  # re-raised below, in the main thread, as a CLI error
                     outcome["error"] = exc
+                finally:
+                    done.set()
 
             # The exec runs in a thread so that Ctrl-C reaches the main thread and becomes an interrupt request.
-            runner = threading.Thread(target=run, daemon=True)
-            runner.start()
-            while runner.is_alive():
+            # We wait on an Event, not Thread.join(): a join interrupted by Ctrl-C can leave is_alive() False while
+            # the thread still runs (CPython 3.11), and the shell then read an outcome that was not there yet.
+            threading.Thread(target=run, daemon=True).start()
+            while not done.is_set():
                 try:
-                    runner.join()
+                    done.wait()
                 except KeyboardInterrupt:
                     sandbox.interrupt()
             if "error" in outcome:

@@ -201,6 +201,33 @@ def warn_once(key: str, message: str) -> None:
         log.warning("ISOLATION NOT ENFORCED: %s", message)
 
 
+# How to give the jailed VM user /dev/kvm: its own group (the jail adds the device's group to the VM user, never
+# root's), read-write for that group, and a udev rule so it survives reboots.
+KVM_DEVICE = Path("/dev/kvm")
+KVM_GROUP_FIX = ('groupadd -r kvm; chgrp kvm /dev/kvm; chmod 660 /dev/kvm (across reboots: a udev rule '
+                 'KERNEL=="kvm", GROUP="kvm", MODE="0660")')
+
+
+def kvm_jail_problem(mode: int, gid: int) -> str | None:
+    """Why the jailed VM user cannot open a /dev/kvm with this mode and group, or None. Pure.
+
+    The jail is still in force either way: what is lost is KVM, so the VMs fall back to TCG (accelerator auto)."""
+    if mode & 0o006 == 0o006 or (gid != 0 and mode & 0o060 == 0o060):
+        return None
+    group = "group root" if gid == 0 else f"group {gid} without read-write for the group"
+    return (f"/dev/kvm is {mode & 0o777:04o} with {group}: the jailed VM user cannot open it, so jailed VMs "
+            "cannot use KVM (they fall back to TCG, 10-30x slower)")
+
+
+def kvm_device_jail_problem(device: Path = KVM_DEVICE) -> str | None:
+    """kvm_jail_problem for the real device; None if there is no device (then KVM is out for everyone)."""
+    try:
+        info = os.stat(device)
+    except OSError:
+        return None
+    return kvm_jail_problem(info.st_mode, info.st_gid)
+
+
 def jail_unavailable() -> str | None:
     """Why this process cannot jail VMs, or None if it can."""
     if os.geteuid() != 0:
@@ -240,10 +267,11 @@ class Jail:
         uid, gid = ensure_user(policy.user)
         groups: tuple[int, ...] = ()
         with contextlib.suppress(OSError):
-            kvm_gid = os.stat("/dev/kvm").st_gid
+            kvm_gid = os.stat(KVM_DEVICE).st_gid
             if kvm_gid != 0:
                 groups = (kvm_gid,)
         self.identity = Identity(uid, gid, groups)
+        self.kvm_problem = kvm_device_jail_problem()
         if layout is None:
             layout = cgroup_layout(Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text())
         self.layout = layout
@@ -257,8 +285,9 @@ class Jail:
         """Make the VM dir and memory file usable by the VM user, create its cgroups; returns the cgroup.procs
         files the launcher joins. The VM dir is root-owned, group VM user, setgid + sticky: QEMU creates its
         sockets and logs there but cannot replace the pidfile or anything else the host wrote."""
-        if machine.accelerator == "kvm" and not self.identity.groups:
-            warn_once("kvm", "/dev/kvm belongs to group root: the jailed VM user cannot open it")
+        if machine.accelerator == "kvm" and self.kvm_problem is not None and "kvm" not in _warned:
+            _warned.add("kvm")  # not warn_once: isolation is in force, only KVM is lost
+            log.warning("KVM NOT USABLE BY THE JAILED VM USER: %s; fix: %s", self.kvm_problem, KVM_GROUP_FIX)
         os.chown(vm_dir, 0, self.identity.gid)
         os.chmod(vm_dir, 0o3770)
         if machine.memory_file is not None and not machine.memory_file.exists():
@@ -340,6 +369,28 @@ def sweep_stale_cgroups(parent: Path, min_age_s: float = 120.0) -> None:
             with contextlib.suppress(OSError):
                 if now - child.stat().st_mtime > min_age_s and not (child / "cgroup.procs").read_text().strip():
                     child.rmdir()
+
+
+def oom_report(vm_dir: Path) -> str | None:
+    """What the host did, if its OOM killer ended this VM's QEMU for reaching the VM's memory cgroup limit; read it
+    before the VM's cgroups are removed (v1: memory.oom_control, v2: memory.events; both count `oom_kill`)."""
+    try:
+        directories = [Path(line) for line in (vm_dir / CGROUP_FILE).read_text().split()]
+    except OSError:
+        return None
+    for directory in directories:
+        for counters, limit_file in (("memory.events", "memory.max"), ("memory.oom_control", "memory.limit_in_bytes")):
+            try:
+                fields = dict(line.split(maxsplit=1) for line in (directory / counters).read_text().splitlines())
+                kills = int(fields.get("oom_kill", "0"))
+                limit = (directory / limit_file).read_text().strip()
+            except (OSError, ValueError):
+                continue
+            if kills > 0:
+                size = f"{int(limit) >> 20} MiB" if limit.isdigit() else limit
+                return (f"the host's OOM killer ended QEMU: the VM reached its host memory limit ({size}: guest "
+                        "memory + isolation.memory_overhead_mib)")
+    return None
 
 
 def remove_vm_cgroups(vm_dir: Path) -> None:

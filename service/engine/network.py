@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import struct
 import subprocess
 import time
@@ -78,7 +79,7 @@ class Attachment:
         return {"mac": self.mac, "address": str(self.slot.guest_ip), "host_address": str(self.slot.ns_ip)}
 
 
-def unavailable(remote: bool = False) -> str | None:
+def unavailable(remote: bool = False, settings: NetworkSettings | None = None) -> str | None:
     """Why this process cannot give sandboxes a network (`remote`: a root launcher does it for us), or None."""
     if remote:
         return None
@@ -86,6 +87,10 @@ def unavailable(remote: bool = False) -> str | None:
         return "sandbox networks need root (network namespaces, nftables): run the VMM launcher, or the service as root"
     if not os.path.exists("/dev/net/tun"):
         return "sandbox networks need /dev/net/tun"
+    settings = settings or NetworkSettings()
+    for tool, package in ((settings.nft, "nftables"), (settings.ip, "iproute2")):
+        if shutil.which(tool) is None:  # else the first create with a policy fails half-way, as a 500
+            return f"sandbox networks need {tool}, which is not on the service's PATH (apt-get install {package})"
     return None
 
 
@@ -105,7 +110,7 @@ def attach(vm: Any, call: Any, resolved: ResolvedPolicy, settings: NetworkSettin
 def attach_host(vm: Any, resolved: ResolvedPolicy, settings: NetworkSettings) -> Attachment:
     """The host side (root): namespace, links, filter, the tap handed to QEMU, its NIC link up. On failure
     nothing is left on the host."""
-    why = unavailable()
+    why = unavailable(settings=settings)
     if why is not None:
         raise NetworkError(why)
     sandbox_range = check_range(settings.sandbox_range)

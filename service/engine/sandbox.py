@@ -130,6 +130,11 @@ class Sandbox:
         return self.vm.dir
 
     @property
+    def running(self) -> bool:
+        """Its QEMU is still alive (whoever started it)."""
+        return self.vm.exited() is None
+
+    @property
     def closed(self) -> bool:
         return self._closed
 

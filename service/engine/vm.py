@@ -208,8 +208,9 @@ class VirtualMachine:
         return self._qmp
 
     def failure_report(self) -> str:
-        """The last useful lines QEMU and the guest console printed, for an error message."""
-        lines: list[str] = []
+        """The host's OOM kill if there was one, then the last useful lines QEMU and the guest console printed."""
+        oom = jails.oom_report(self.dir)
+        lines: list[str] = [oom] if oom else []
         for name in ("qemu.log", "console.log"):
             with contextlib.suppress(OSError):
                 text = (self.dir / name).read_text(errors="replace").strip()

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from qemu.qmp.qmp_client import ExecInterruptedError
 
 from service.engine.jail import limits_for
+from service.engine.launch import DirectLauncher
+from service.engine.vm import VirtualMachine
 from tests.vmtools import qemu_pids_under
 
 pytestmark = pytest.mark.integration
@@ -125,23 +131,48 @@ def test_sockets_reach_the_vm_group_but_not_others(jailed, jailed_engine, run_ro
         client.connect(sock)
 
 
-def test_seccomp_stops_qemu_from_spawning(jailed_engine, run_dir):
-    """spawn=deny: a migration to `exec:` would fork a shell; the filter kills QEMU instead (SIGSYS)."""
-    sandbox = jailed_engine.boot(memory_mib=256)
+@dataclass(frozen=True)
+class SpawnAttempt:
+    seccomp: str  # /proc/<pid>/status "Seccomp" of the live QEMU before the attempt: "2" = filter installed
+    exit_status: int | None  # None: QEMU lives on; else what vm.exited() says (for a jailed QEMU, bwrap's status)
+    helper_ran: bool  # the helper program's file appeared in the VM's own directory
+
+
+def try_to_spawn(vm: VirtualMachine) -> SpawnAttempt:
+    """Ask a live QEMU to run a helper program: an `exec:` migration whose command creates a file in the VM's
+    directory (bound read-write into the jail and writable by the VM user, so only the filter can stop it)."""
+    marker = vm.dir / "spawned-by-qemu"
+    seccomp = status(vm.pid)["Seccomp"]
+    qmp = vm.qmp()
+    qmp.cmd("stop")
+    with contextlib.suppress(ExecInterruptedError):  # the monitor connection drops if QEMU dies in the command
+        qmp.cmd("migrate", uri=f"exec:touch {marker}")
+    deadline = time.monotonic() + 60  # a hang deadline: either outcome comes within milliseconds
+    while vm.exited() is None and not marker.exists():
+        assert time.monotonic() < deadline, "QEMU neither died nor ran the helper"
+        time.sleep(0.01)
+    return SpawnAttempt(seccomp, vm.exited(), marker.exists())
+
+
+def test_seccomp_kills_a_jailed_qemu_that_tries_to_spawn(jailed_engine, run_dir):
+    """spawn=deny: the filter kills QEMU with SIGSYS at the fork, before the helper runs."""
+    vm = jailed_engine.launcher.start(jailed_engine.machine(memory_mib=256), run_dir, die_with_parent=True)
     try:
-        qmp = sandbox.vm.qmp()
-        qmp.cmd("stop")
-        with pytest.raises(Exception):  # noqa: B017 - the monitor connection drops as QEMU dies
-            qmp.cmd("migrate", uri="exec:touch /tmp/escaped")
-            time.sleep(2)
-            qmp.cmd("query-status")
-        deadline = time.monotonic() + 10
-        while sandbox.vm.exited() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert sandbox.vm.exited() is not None
-        assert not Path(f"/proc/{sandbox.vm.pid}/root/tmp/escaped").exists()
+        assert vm.process is not None and vm.process.pid != vm.pid  # our child is the jail (bwrap), QEMU its child
+        # bwrap reports its child's death by signal n as exit status 128 + n (as a shell does)
+        assert try_to_spawn(vm) == SpawnAttempt("2", 128 + signal.SIGSYS, helper_ran=False)
     finally:
-        sandbox.close()
+        vm.stop()
+
+
+def test_the_spawn_check_reports_an_unfiltered_qemu(jailed_engine, run_dir):
+    """Negative control for the test above: the same QEMU without the jail (so without -sandbox) runs the
+    helper and lives on, so that test would see a filter that lets QEMU spawn."""
+    vm = DirectLauncher().start(jailed_engine.machine(memory_mib=256), run_dir, die_with_parent=True)
+    try:
+        assert try_to_spawn(vm) == SpawnAttempt("0", None, helper_ran=True)
+    finally:
+        vm.stop()
 
 
 def test_close_removes_process_cgroups_and_files(jailed_engine):

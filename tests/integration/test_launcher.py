@@ -1,8 +1,10 @@
 """The root VMM launcher serving an unprivileged engine: the deployed shape of a node (the API is not root).
 
-The client runs as a throw-away uid that is not root and holds no capability but CAP_DAC_READ_SEARCH (so it can
-read this checkout wherever CI put it; it grants no power over processes, users or networks). It boots a sandbox,
-clones a template, and gives a sandbox a network, all through the launcher; the test checks from /proc what ran.
+The launcher is the real `appliance launcher` command, started as the node's unit starts it (`--group`,
+`--allow-user`, `--spec`). The client runs as a throw-away uid that is not root and holds no capability but
+CAP_DAC_READ_SEARCH (so it can read this checkout wherever CI put it; it grants no power over processes, users or
+networks). It boots a sandbox, clones a template, and gives a sandbox a network, all through the launcher; the
+test checks from /proc what ran. A second throw-away uid, in the socket's group too, is refused by the peer check.
 """
 
 from __future__ import annotations
@@ -11,26 +13,41 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
-import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service.launcher import LauncherConfig, serve
 
-from service import settings
 from service.engine import LauncherError
 from service.engine.jail import Jail
 from service.engine.launch import RemoteLauncher
-from service.engine.launch_checks import LauncherScope
+from service.engine.machine import MachineConfig, machine_to_json
 from service.engine.netpolicy import NETNS_PREFIX
-from tests.configs import jail_policy, spec_with
-from tests.vmtools import kill_qemus_under
+from tests.configs import jail_policy
+from tests.vmtools import kill_qemus_under, qemu_pids_under
 
 pytestmark = pytest.mark.integration
-CLIENT_UID = 64123  # no passwd entry needed: setpriv takes numbers
+CLIENT_UID = 64123  # the API's user: no passwd entry needed, setpriv and --allow-user take numbers
+OTHER_UID = 64124  # another local user who is in the socket's group but not the API
 REPO = Path(__file__).resolve().parents[2]
+APPLIANCE = Path(sys.executable).parent / "appliance"
+
+# One launcher request as some uid: prints {"answer": ...} or {"error": "..."} (the LauncherError's text).
+REQUEST = r"""
+import json, sys
+from pathlib import Path
+from service.engine import LauncherError
+from service.engine.launch import RemoteLauncher
+sock, op, args = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+try:
+    print(json.dumps({"answer": RemoteLauncher(sock, timeout_s=60).request(op, **args)}))
+except LauncherError as exc:
+    print(json.dumps({"error": str(exc)}))
+"""
 
 CLIENT = r"""
 import json, os, sys
@@ -39,13 +56,13 @@ from dataclasses import replace
 from service import settings
 from service.engine import Engine, network
 from service.engine.netpolicy import parse_policy, resolve
+from tests.configs import spec_with
 
 image, run, sock = (Path(a) for a in sys.argv[1:4])
 def say(**kw):
     print(json.dumps(kw), flush=True)
     sys.stdin.readline()
 
-from tests.configs import spec_with
 spec = spec_with(guest={"accelerator": "tcg", "memory_mib": 512}, paths={"run_dir": run})
 engine = Engine(replace(settings.engine_config(spec, image), isolation=settings.jail_policy(spec),
                         launcher_socket=sock))
@@ -71,8 +88,60 @@ say(step="closed")
 """
 
 
+def as_uid(uid: int, vm_gid: int) -> list[str]:
+    """A command prefix: this uid, in the VM group (so the socket's mode lets it in), no capability but reading."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={vm_gid}",
+            "--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search",
+            "--bounding-set=-all,+dac_read_search", "--"]
+
+
+CLIENT_ENV = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'image-builder/guest/agent'}", "HOME": "/nonexistent"}
+
+
+def request_as(uid: int | None, vm_gid: int, socket_path: Path, op: str, **args) -> dict:
+    """What a client of this uid (None: root) gets for one request, through the real client, in its own process."""
+    prefix = [] if uid is None else as_uid(uid, vm_gid)
+    done = subprocess.run([*prefix, sys.executable, "-c", REQUEST, str(socket_path), op, json.dumps(args)],
+                          capture_output=True, text=True, env=CLIENT_ENV, cwd="/", timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def start_launcher(root: Path, name: str, run: Path, image_dir: Path, *options: str) -> subprocess.Popen:
+    """`appliance launcher` as the node's unit runs it, on its own spec; returns once root's ping is answered."""
+    socket_path = root / f"{name}.sock"
+    spec = root / f"{name}.toml"
+    spec.write_text(f'[isolation]\njail = "on"\nlauncher_socket = "{socket_path}"\n'
+                    f'[paths]\nrun_dir = "{run}"\nguest_image = "{image_dir}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}  # only the spec file counts
+    with open(root / f"{name}.log", "wb") as log:
+        process = subprocess.Popen([str(APPLIANCE), "launcher", "--group", "appliance-vm", *options, "--spec",
+                                    str(spec)], env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            RemoteLauncher(socket_path, timeout_s=10).request("ping")
+            return process
+        except LauncherError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_launcher(process)
+                raise RuntimeError(f"the launcher did not come up: {(root / f'{name}.log').read_text()}") from None
+            time.sleep(0.1)
+
+
+def stop_launcher(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @pytest.fixture(scope="module")
-def setup(image_dir):
+def setup(image_dir) -> Iterator[dict]:
     if os.geteuid() != 0 or shutil.which("bwrap") is None:
         pytest.skip("the launcher needs root and bubblewrap")
     vm_gid = Jail(jail_policy()).identity.gid  # creates the VM user if needed
@@ -81,20 +150,15 @@ def setup(image_dir):
     run = root / "run"
     run.mkdir()
     os.chown(run, CLIENT_UID, CLIENT_UID)
-    socket_path = root / "launcher.sock"
-    config = LauncherConfig(
-        socket_path=socket_path, scope=LauncherScope(run_root=run, image_roots=(image_dir.parent,)),
-        policy=jail_policy(), network=settings.network_settings(spec_with()), client_group="appliance-vm",
-        allowed_uids=frozenset({CLIENT_UID}),
-    )
-    server = serve(config)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    launchers: list[subprocess.Popen] = []
     try:
-        yield {"root": root, "run": run, "socket": socket_path, "vm_gid": vm_gid, "image": image_dir}
+        # the unit's command line: the API's user is the one --allow-user names
+        launchers.append(start_launcher(root, "launcher", run, image_dir, "--allow-user", str(CLIENT_UID)))
+        yield {"root": root, "run": run, "socket": root / "launcher.sock", "vm_gid": vm_gid, "image": image_dir,
+               "launchers": launchers}
     finally:
-        server.shutdown()
-        server.server_close()
+        for process in launchers:
+            stop_launcher(process)
         kill_qemus_under(root)
         for netns in Path("/run/netns").glob(f"{NETNS_PREFIX}*"):
             marker = run / ".netslots" / netns.name.removeprefix(NETNS_PREFIX)
@@ -109,14 +173,10 @@ def proc_status(pid: int) -> dict[str, str]:
 
 
 def test_an_unprivileged_engine_gets_jailed_vms_networks_and_clones_through_the_launcher(setup):
-    argv = [
-        "setpriv", f"--reuid={CLIENT_UID}", f"--regid={CLIENT_UID}", f"--groups={setup['vm_gid']}",
-        "--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search",
-        "--bounding-set=-all,+dac_read_search", "--", sys.executable, "-c", CLIENT,
-        str(setup["image"]), str(setup["run"]), str(setup["socket"]),
-    ]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'image-builder/guest/agent'}", "HOME": "/nonexistent"}
-    client = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd="/")
+    argv = [*as_uid(CLIENT_UID, setup["vm_gid"]), sys.executable, "-c", CLIENT,
+            str(setup["image"]), str(setup["run"]), str(setup["socket"])]
+    client = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=CLIENT_ENV,
+                              cwd="/")
     assert client.stdin is not None and client.stdout is not None
 
     def step() -> dict:
@@ -165,8 +225,6 @@ def test_an_unprivileged_engine_gets_jailed_vms_networks_and_clones_through_the_
 
 def test_the_launcher_refuses_what_is_outside_its_scope(setup, image_dir):
     client = RemoteLauncher(setup["socket"])
-    from service.engine.machine import MachineConfig, machine_to_json
-
     base = MachineConfig(kernel=image_dir / "vmlinuz", initrd=image_dir / "initrd.img",
                          rootfs=image_dir / "rootfs.ext4", accelerator="tcg")
     secret = machine_to_json(base) | {"rootfs": "/etc/shadow"}
@@ -184,3 +242,46 @@ def test_the_launcher_refuses_what_is_outside_its_scope(setup, image_dir):
         client.request("stop", vm_dir="/etc")
     with pytest.raises(LauncherError, match="unknown op"):
         client.request("format_disk")
+
+
+def test_a_peer_of_another_uid_is_refused_and_the_apis_uid_is_served(setup):
+    """SO_PEERCRED, not the socket's mode: OTHER_UID is in the socket's group, yet its start is refused by name and
+    starts nothing; the same request from the uid the launcher's command line allows boots a VM."""
+    machine = machine_to_json(MachineConfig(kernel=setup["image"] / "vmlinuz", initrd=setup["image"] / "initrd.img",
+                                            rootfs=setup["image"] / "rootfs.ext4", accelerator="tcg",
+                                            memory_mib=256))
+    run = setup["run"] / "peers"
+    run.mkdir()
+    start = {"machine": machine, "run_dir": str(run)}
+
+    def other(op: str, **args) -> dict:
+        return request_as(OTHER_UID, setup["vm_gid"], setup["socket"], op, **args)
+
+    def client(op: str, **args) -> dict:
+        return request_as(CLIENT_UID, setup["vm_gid"], setup["socket"], op, **args)
+
+    assert other("start", **start) == {"error": f"the VMM launcher refused start: uid {OTHER_UID} may not use this "
+                                                f"launcher (it serves root, uid {CLIENT_UID})"}
+    assert not list(run.iterdir()) and not qemu_pids_under(setup["root"])
+    for op, args in (("ping", {}), ("stop", {"vm_dir": str(run / "vm-x")})):
+        assert "may not use this launcher" in other(op, **args)["error"]
+
+    served = client("start", **start)
+    assert "error" not in served, served
+    vm_dir, pid = Path(served["answer"]["vm_dir"]), served["answer"]["pid"]
+    try:
+        assert vm_dir.parent == run and pid in qemu_pids_under(setup["root"])
+    finally:
+        assert client("stop", vm_dir=str(vm_dir)) == {"answer": {"ok": True}}
+    assert not vm_dir.exists() and pid not in qemu_pids_under(setup["root"])
+
+
+def test_a_launcher_told_no_user_serves_root_alone(setup):
+    """The default: `appliance launcher` without --allow-user refuses every uid but root, the API's too."""
+    run = setup["root"] / "run-default"
+    run.mkdir()
+    setup["launchers"].append(start_launcher(setup["root"], "default", run, setup["image"]))
+    socket_path = setup["root"] / "default.sock"
+    assert request_as(CLIENT_UID, setup["vm_gid"], socket_path, "ping") == {
+        "error": f"the VMM launcher refused ping: uid {CLIENT_UID} may not use this launcher (it serves root)"}
+    assert set(request_as(None, setup["vm_gid"], socket_path, "ping")["answer"]) == {"ok", "uid", "gid"}

@@ -1,4 +1,5 @@
-"""`appliance sandboxes ...` through the SDK and the real API app (fake manager underneath), in-process."""
+"""`appliance sandboxes ...` through the `appliance` group, the SDK and the real API app (fake manager underneath),
+in-process."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import os
 
 import httpx
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
+from appliance.cli import main
 from appliance.commands import sandboxes
 from service.api import create_app
 from service.settings import hash_key
@@ -17,6 +19,12 @@ from .fakes import FakeManager
 from .test_api import KEY_A, KEY_B, make_config
 
 OWNER_A = hash_key(KEY_A)
+
+
+def appliance_sandboxes(*argv: str) -> Result:
+    """What a user types: `appliance sandboxes ...`, through the real top-level group (a command missing from it
+    fails here with "No such command")."""
+    return CliRunner().invoke(main, ["sandboxes", *argv])
 
 
 @pytest.fixture
@@ -42,7 +50,7 @@ def cli(tmp_path, manager, monkeypatch):
 
     def run(*args: str, key: str | None = KEY_A):
         argv = [*args, "--url", "http://appliance.test"] + (["--key", key] if key else [])
-        return CliRunner().invoke(sandboxes.sandboxes_group, argv)
+        return appliance_sandboxes(*argv)
 
     run.targets = seen
     return run
@@ -116,7 +124,7 @@ def test_several_ids_report_each_failure_and_exit_1(cli, manager):
 
 def test_unreachable_service_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(sandboxes.sandboxes_group, ["list", "--url", "http://127.0.0.1:9", "--key", "k"])
+    result = appliance_sandboxes("list", "--url", "http://127.0.0.1:9", "--key", "k")
     assert result.exit_code == 1
     assert "cannot reach the API at http://127.0.0.1:9" in result.output and result.output.count("\n") == 1
 
@@ -129,15 +137,15 @@ def test_default_url_and_key_come_from_the_spec_and_the_key_file(cli, tmp_path, 
     monkeypatch.setenv("APPLIANCE_SERVICE__HOST", "0.0.0.0")
     monkeypatch.setenv("APPLIANCE_SERVICE__PORT", "9321")
     manager.create(OWNER_A)
-    result = CliRunner().invoke(sandboxes.sandboxes_group, ["list"])
+    result = appliance_sandboxes("list")
     assert result.exit_code == 0, result.output
     assert cli.targets[-1] == sandboxes.Target("http://127.0.0.1:9321", KEY_A)
     monkeypatch.setenv("APPLIANCE_API_KEYS", f"{KEY_B},other")  # the service's own environment wins over the file
-    CliRunner().invoke(sandboxes.sandboxes_group, ["list"])
+    appliance_sandboxes("list")
     assert cli.targets[-1].key == KEY_B
     monkeypatch.setenv("APPLIANCE_URL", "http://from-env:1")
     monkeypatch.setenv("APPLIANCE_API_KEY", KEY_A)
-    CliRunner().invoke(sandboxes.sandboxes_group, ["list"])
+    appliance_sandboxes("list")
     assert cli.targets[-1] == sandboxes.Target("http://from-env:1", KEY_A)
 
 
@@ -147,13 +155,13 @@ def test_missing_key_file_says_where_it_looked(tmp_path, monkeypatch):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("APPLIANCE_PATHS__STATE_DIR", str(tmp_path / "nowhere"))
-    result = CliRunner().invoke(sandboxes.sandboxes_group, ["list"])
+    result = appliance_sandboxes("list")
     assert result.exit_code == 1
     assert str(tmp_path / "nowhere" / "api-key") in result.output and "--key" in result.output
 
 
-def test_registered_in_the_appliance_group_or_ready_to_be():
-    from appliance.cli import main
-
-    command = main.commands.get("sandboxes", sandboxes.sandboxes_group)
-    assert set(command.commands) == {"list", "freeze", "resume", "rm"}
+def test_the_appliance_group_offers_exactly_these_commands():
+    result = appliance_sandboxes("--help")
+    assert result.exit_code == 0, result.output
+    listed = [line.split()[0] for line in result.output.split("Commands:\n", 1)[1].splitlines() if line.strip()]
+    assert sorted(listed) == ["freeze", "list", "resume", "rm"]

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from appliance import host_tools
 from appliance.build import kernel as kernel_stage
 from appliance.build import rootfs
 from appliance.build.common import (
@@ -49,11 +50,8 @@ HOST_RECIPE = RECIPE_DIR / "host"
 FORMATS = ("raw", "qcow2")
 MANIFEST_FORMAT = 1
 KERNEL_CMDLINE = "console=tty0 console=ttyS0,115200n8"
-HOST_TOOLS = {
-    "mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs", "mkfs.vfat": "dosfstools", "mcopy": "mtools",
-    "mmd": "mtools", "sfdisk": "fdisk", "grub-mkimage": "grub-common", "unshare": "util-linux",
-    "chroot": "coreutils", "qemu-img": "qemu-utils", "dpkg-query": "dpkg",
-}
+# Host tools the build runs -> the Debian package that has each (a view of the one table).
+HOST_TOOLS = host_tools.programs("host-image")
 # The appliance's own source: it becomes the wheel the roles install, so a change to it is a new root stage.
 SOURCE_PATHS = ("pyproject.toml", "appliance", "service", "image-builder/guest/agent")
 
@@ -74,9 +72,9 @@ def preflight_problem(euid: int, which: Callable[[str], str | None], fmt: str) -
     missing = sorted({package for tool, package in HOST_TOOLS.items() if which(tool) is None})
     if missing:
         return f"build host: missing host tools; install the Debian packages: {' '.join(missing)}"
-    for target, package in (("x86_64-efi", "grub-efi-amd64-bin"), ("i386-pc", "grub-pc-bin")):
-        if not (disk.GRUB_DIR / target / "linux.mod").exists():
-            return f"build host: no GRUB modules for {target}; install the Debian package {package}"
+    for entry in host_tools.data("host-image"):  # GRUB's module directories
+        if not host_tools.matches(entry.path):
+            return f"build host: no {entry.what}; install the Debian package {entry.package}"
     return None
 
 
