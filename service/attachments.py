@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.engine import Sandbox, SandboxBusy
+from service.engine import Sandbox, SandboxBusy, SandboxLost
 
 from .errors import Busy
 
@@ -95,7 +95,10 @@ class Attachments:
             if handle is not None:  # frozen and resumed by another process since: a new VM in a new directory
                 del self._handles[sandbox_id]
                 _release(handle)
-            port, lock_fd = claim_port(vm_dir, ports)
+            try:
+                port, lock_fd = claim_port(vm_dir, ports)
+            except FileNotFoundError:  # its directory went with its VM (stopped elsewhere, tmpfs wiped)
+                raise SandboxLost(f"the VM of sandbox {sandbox_id} is gone") from None
             try:
                 sandbox = connect(vm_dir, port)
             except BaseException:

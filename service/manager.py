@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,11 @@ def new_sandbox_id() -> str:
 
 
 class SandboxManager:
-    def __init__(self, config: ServiceConfig, engine: Engine | None = None, registry: Registry | None = None) -> None:
+    def __init__(self, config: ServiceConfig, engine: Engine | None = None, registry: Registry | None = None,
+                 host_memory: Callable[[], int | None] | None = None) -> None:
+        """`engine` and `host_memory` (bytes the host can still give, MemAvailable) are injected in tests."""
         self.config = config
+        self.host_memory = host_memory or _mem_available_bytes
         self.engine = engine or Engine(config.engine)
         self.registry = registry or Registry(config.registry_path)
         self.templates = TemplateStore(config.templates_dir)
@@ -365,7 +368,7 @@ class SandboxManager:
 
     def _check_memory(self, record: SandboxRecord, n: int) -> None:
         """Refuse a fork up front when the host cannot hold n more copies (each may touch all of its RAM)."""
-        available = _mem_available_bytes()
+        available = self.host_memory()
         needed = n * (self.engine.memory_mib(record.machine) << 20) // 4  # copy-on-write: a quarter each
         if available is not None and needed > available:
             raise InsufficientStorage(

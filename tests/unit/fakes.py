@@ -1,7 +1,10 @@
-"""A stand-in for service.sandboxes.SandboxManager: same methods, same errors, no VMs.
+"""A fake of the engine façade (service/engine/engine.py), for testing the real SandboxManager and the API above it
+without VMs. It keeps no rules of its own: owners, limits, states, quotas, locks and error mapping are the real
+manager's; the registry, the template store and the locks are real files under a temporary directory.
 
-Python code really runs (in this process, one namespace per sandbox), so state persists between execs the way
-it does in a sandbox; a few magic snippets trigger the failures a real sandbox can produce.
+What it fakes is a VM: a directory (where the real locks live) and a Python namespace in this process, so state
+persists between execs and is copied by a fork and kept by a freeze, as in a sandbox. A few magic snippets make
+the failures a real sandbox can produce; knobs on the engine make its operations fail the way a real one can.
 """
 
 from __future__ import annotations
@@ -9,192 +12,87 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
-import hashlib
 import io
 import itertools
-import threading
-import time
-from collections.abc import Iterable, Iterator
+import json
+import pickle
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from service.errors import (
-    Busy,
-    InsufficientStorage,
-    Invalid,
-    LimitReached,
-    NotFound,
-    NotReady,
-    SandboxLostError,
-    ServiceError,
+from appliance_agent.frames import PAYLOAD_KEY
+
+from service.engine import (
+    EngineError,
+    NetworkRequest,
+    NetworkUnavailable,
+    SandboxBusy,
+    SandboxClosed,
+    SandboxLost,
+    SnapshotMismatch,
+    Template,
 )
-from service.registry import FROZEN, LOST, RUNNING, SandboxRecord
+from service.engine.machine import MachineConfig, machine_to_json
+from service.engine.netpolicy import parse_policy, resolve
+from service.manager import SandboxManager
+from service.registry import Registry
+from service.settings import ServiceConfig
+from service.template_store import TemplateStore
 
-BUSY_CODE = "# busy"  # the sandbox reports it is already running code
+BUSY_CODE = "# busy"  # the agent answers that it is already running code
 LOST_CODE = "# lose the vm"  # the VM dies after printing a line
-CRASH_CODE = "# crash the service"  # the manager raises something unexpected mid-exec
+CRASH_CODE = "# crash the service"  # something unexpected is raised mid-exec
 CHUNKS_CODE = "# three chunks"  # stdout in three events, then a display, then a value
+FAKE_MEMORY_MIB = 256
 
 
-class FakeRegistry:
-    def __init__(self, manager: FakeManager) -> None:
-        self._manager = manager
+@dataclass
+class _Vm:
+    """A running fake VM: what its guest holds."""
 
-    def counts_by_state(self) -> dict[str, int]:
-        counts = {"pooled": 0, "running": 0, "frozen": 0, "lost": 0}
-        for record in self._manager.records.values():
-            counts[record.state] += 1
-        return counts
+    directory: Path
+    machine: dict[str, Any]
+    namespace: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+    alive: bool = True
 
 
-class FakeManager:
-    def __init__(self, max_per_key: int = 3, max_fork: int = 64, max_frozen: int = 2) -> None:
-        self.records: dict[str, SandboxRecord] = {}
-        self.namespaces: dict[str, dict[str, Any]] = {}
-        self.files: dict[tuple[str, str], bytes] = {}
-        self.not_ready: str | None = None
-        self.max_per_key = max_per_key  # running sandboxes per key, as service.max_sandboxes_per_key
-        self.max_fork = max_fork
-        self.max_frozen = max_frozen  # the frozen quota, counted in sandboxes instead of bytes
-        self.busy: set[str] = set()  # sandboxes that report they are running code (fork/freeze refused)
-        self.fork_memory_short = False  # the host lacks memory for the copies: 507
-        self.fail_next_fork = False  # the fork fails half way (after the checks): 500, nothing left behind
-        self.unrestorable: set[str] = set()  # frozen sandboxes whose snapshot this host refuses: 422
-        self.interrupts: list[str] = []
-        self.create_calls: list[dict[str, Any]] = []
-        self.upload_chunk_sizes: list[int] = []
-        self.registry = FakeRegistry(self)
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+@dataclass(frozen=True)
+class FakeEngineConfig:
+    vcpus: int = 1
+    memory_mib: int = FAKE_MEMORY_MIB
 
-    # ---- lifecycle ----
-    def readiness(self) -> str | None:
-        return self.not_ready
 
-    def create(
-        self, owner, vcpus=None, memory_mib=None, timeout_s=None, metadata=None, persistent=False,
-        network_policy=None,
-    ) -> SandboxRecord:
-        self.create_calls.append(
-            {"vcpus": vcpus, "memory_mib": memory_mib, "timeout_s": timeout_s, "persistent": persistent,
-             "network": network_policy}
-        )
-        if self.not_ready:
-            raise NotReady(self.not_ready, retry_after=2)
-        self._check_limits(owner)
-        now = time.time()
-        record = SandboxRecord(
-            id=f"sb-{next(self._ids):016x}",
-            owner=owner,
-            state=RUNNING,
-            vm_dir="/nonexistent",
-            template_id="tpl-fake",
-            machine={"vcpus": vcpus or 1, "memory_mib": memory_mib or 1024},
-            timeout_s=timeout_s or 900.0,
-            metadata=metadata or {},
-            created_at=now,
-            last_active_at=now,
-            persistent=persistent,
-            network=None if network_policy is None else {**network_policy, "mac": "02:00:00:00:00:01",
-                                                         "address": "100.96.0.14"},
-        )
-        self.records[record.id] = record
-        self.namespaces[record.id] = {}
-        return record
+class FakeSandbox:
+    """The Sandbox handle the manager holds: exec, calls, interrupt, detach, close."""
 
-    def _check_limits(self, owner: str, adding: int = 1) -> None:
-        running = sum(1 for r in self.records.values() if r.owner == owner and r.state == RUNNING)
-        if running + adding > self.max_per_key:
-            raise LimitReached(
-                f"this key already holds {running} of {self.max_per_key} sandboxes (service.max_sandboxes_per_key)",
-                retry_after=5,
-            )
+    def __init__(self, engine: FakeEngine, vm: _Vm) -> None:
+        self._engine = engine
+        self._vm = vm
+        self.closed = False
 
-    def get(self, owner: str, sandbox_id: str) -> SandboxRecord:
-        record = self.records.get(sandbox_id)
-        if record is None or record.owner != owner:
-            raise NotFound(f"no sandbox {sandbox_id!r}")
-        return record
+    @property
+    def vm_dir(self) -> Path:
+        return self._vm.directory
 
-    def list(self, owner: str, state: str | None = None) -> list[SandboxRecord]:
-        return [r for r in self.records.values() if r.owner == owner and (state is None or r.state == state)]
+    @property
+    def running(self) -> bool:
+        return self._vm.alive
 
-    def delete(self, owner: str, sandbox_id: str) -> None:
-        self.get(owner, sandbox_id)
-        del self.records[sandbox_id]
-        self.namespaces.pop(sandbox_id, None)
-
-    def _running(self, owner: str, sandbox_id: str) -> SandboxRecord:
-        record = self.get(owner, sandbox_id)
-        if record.state == FROZEN:
-            record = self.resume(owner, sandbox_id)
-        if record.state == LOST:
-            raise SandboxLostError(f"sandbox {sandbox_id} was lost")
-        return record
-
-    # ---- fork, freeze, resume ----
-    def fork(self, owner: str, sandbox_id: str, n: int) -> list[SandboxRecord]:
-        if not 1 <= n <= self.max_fork:
-            raise Invalid(f"n must be between 1 and {self.max_fork} (service.max_fork)")
-        source = self._running(owner, sandbox_id)
-        self._check_limits(owner, adding=n)
-        if self.fork_memory_short:
-            raise InsufficientStorage(f"fork of {n} needs about {n * 256} MiB of host memory; 100 MiB is available")
-        if sandbox_id in self.busy:
-            raise Busy("the sandbox is running code; wait for it or interrupt it first")
-        if self.fail_next_fork:
-            self.fail_next_fork = False
-            raise ServiceError(f"fork of {sandbox_id} failed; it keeps running unchanged: injected")
-        clones = []
-        for _ in range(n):
-            now = time.time()
-            clone = copy.copy(source)
-            clone.id, clone.created_at, clone.last_active_at = f"sb-{next(self._ids):016x}", now, now
-            clone.template_id = f"tpl-fork-{sandbox_id}"
-            clone.metadata = {**source.metadata, "forked_from": sandbox_id}
-            self.records[clone.id] = clone
-            self.namespaces[clone.id] = _copy_namespace(self.namespaces[sandbox_id])
-            clones.append(clone)
-        return clones
-
-    def freeze(self, owner: str, sandbox_id: str) -> SandboxRecord:
-        record = self.get(owner, sandbox_id)
-        if record.state == FROZEN:
-            return record
-        record = self._running(owner, sandbox_id)
-        if sandbox_id in self.busy:
-            raise Busy("the sandbox is running code; wait for it or interrupt it first")
-        if sum(1 for r in self.records.values() if r.state == FROZEN) >= self.max_frozen:
-            raise InsufficientStorage("frozen sandboxes use the whole quota (service.frozen_quota_bytes)")
-        record.state, record.template_id = FROZEN, None
-        return record
-
-    def resume(self, owner: str, sandbox_id: str) -> SandboxRecord:
-        record = self.get(owner, sandbox_id)
-        if record.state != FROZEN:
-            return record
-        self._check_limits(owner)
-        if sandbox_id in self.unrestorable:
-            raise Invalid(f"sandbox {sandbox_id} cannot be resumed on this host: snapshot made by another QEMU")
-        record.state, record.last_active_at = RUNNING, time.time()
-        return record
-
-    # ---- code ----
-    def exec_events(self, owner, sandbox_id, code, language="python", timeout_s=None) -> Iterator[dict[str, Any]]:
-        record = self._running(owner, sandbox_id)
+    def exec_events(self, code: str, timeout_s: float | None = None, language: str = "python") -> Iterator[dict]:
+        self._check()
         if code == BUSY_CODE:
-            raise Busy("the sandbox is already running code; wait for it or interrupt it")
-        return self._events(record, code, language)
+            raise SandboxBusy()
+        return self._events(code, language)
 
-    def _events(self, record: SandboxRecord, code: str, language: str) -> Iterator[dict[str, Any]]:
+    def _events(self, code: str, language: str) -> Iterator[dict[str, Any]]:
         if code == LOST_CODE:
             yield {"ev": "stdout", "data": "about to die\n"}
-            record.state = LOST
-            yield {
-                "ev": "done",
-                "error": {"name": "SandboxLost", "value": "the VM stopped", "traceback": ""},
-                "lost": True,
-            }
-            return
+            self._vm.alive = False
+            raise SandboxLost("sandbox lost: the VM stopped")
         if code == CRASH_CODE:
             yield {"ev": "stdout", "data": "partial\n"}
             raise RuntimeError("boom: something the service did not expect")
@@ -202,100 +100,223 @@ class FakeManager:
             for i in range(3):
                 yield {"ev": "stdout", "data": f"chunk {i}\n"}
             yield {"ev": "display", "data": {"text/plain": "<Figure>", "image/png": "iVBORw0KGgo="}}
-            yield {
-                "ev": "done",
-                "value": {"text/plain": "42"},
-                "error": None,
-                "exit_code": None,
-                "truncated_bytes": 0,
-                "worker_restarted": False,
-                "worker_exit": None,
-                "duration_s": 0.001,
-            }
+            yield _done(value={"text/plain": "42"})
             return
         if language == "bash":
             yield {"ev": "stdout", "data": f"bash: {code}\n"}
-            yield {
-                "ev": "done",
-                "value": None,
-                "error": None,
-                "exit_code": 0,
-                "truncated_bytes": 0,
-                "worker_restarted": False,
-                "worker_exit": None,
-                "duration_s": 0.001,
-            }
+            yield _done(exit_code=0)
             return
-        yield from self._python(record, code)
+        yield from _run_python(self._vm.namespace, code)
 
-    def _python(self, record: SandboxRecord, code: str) -> Iterator[dict[str, Any]]:
-        namespace = self.namespaces[record.id]
-        out = io.StringIO()
-        value, error = None, None
-        try:
-            tree = ast.parse(code)
-            last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    def interrupt(self) -> None:
+        self._engine.interrupts.append(self._vm.directory.name.removeprefix("vm-"))
+
+    def call(self, op: str, timeout_s: float = 10.0, payload: bytes = b"", **args: Any) -> dict[str, Any]:
+        self._check()
+        files, path = self._vm.files, args.get("path", "")
+        if op == "file_write":
+            self._engine.upload_chunk_sizes.append(len(payload))
+            files[path] = (files.get(path, b"") if args.get("append") else b"") + payload
+            return {"ev": "ok"}
+        if op == "file_read":
+            if path not in files:
+                return {"ev": "error", "code": "not_found", "message": f"no file {path!r}"}
+            data, offset = files[path], args["offset"]
+            chunk = data[offset: offset + args["max"]]
+            return {"ev": "ok", "size": len(data), PAYLOAD_KEY: chunk, "eof": offset + len(chunk) >= len(data)}
+        if op == "list_dir":
+            prefix = path.rstrip("/") + "/"
+            entries = [{"name": name[len(prefix):], "type": "file", "size": len(data), "mtime": 0.0}
+                       for name, data in sorted(files.items())
+                       if name.startswith(prefix) and "/" not in name[len(prefix):]]
+            return {"ev": "ok", "entries": entries}
+        return {"ev": "ok"}
+
+    def detach(self) -> None:
+        self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+        self._engine.stop(self._vm.directory, self._vm.machine)
+
+    def _check(self) -> None:
+        if self.closed:
+            raise SandboxClosed("the sandbox is closed")
+        if not self._vm.alive:
+            raise SandboxLost("sandbox lost: the VM is not running")
+
+
+class FakeEngine:
+    def __init__(self, run_dir: Path) -> None:
+        self.config = FakeEngineConfig()
+        self.templates_dir = run_dir / "templates"
+        self.sandboxes_dir = run_dir / "sandboxes"
+        self.vms: dict[Path, _Vm] = {}  # every running VM, whichever manager ("process") started it
+        self.interrupts: list[str] = []  # sandbox ids whose code was interrupted
+        self.upload_chunk_sizes: list[int] = []
+        self.fail_next_fork = False  # the fork fails half way: nothing new may be left behind
+        self.unrestorable: set[str] = set()  # sandbox ids whose snapshot this "host" refuses
+        self.network_unavailable: str | None = None
+        self._ids = itertools.count(1)
+
+    # ---- templates ----
+    def publish_template(self, store: TemplateStore, warm: dict[str, Any] | None = None) -> Template:
+        """A warm template as the pool keeper publishes it (its files, its pointer)."""
+        template = self._template(warm or {})
+        store.publish(template)
+        return template
+
+    def unpublish_template(self, store: TemplateStore) -> None:
+        (store.directory / "current.json").unlink(missing_ok=True)
+
+    def _template(self, namespace: dict[str, Any]) -> Template:
+        directory = self.templates_dir / f"tpl-{secrets.token_hex(4)}"
+        directory.mkdir(parents=True)
+        machine = MachineConfig(kernel=Path("/fake/vmlinuz"), initrd=Path("/fake/initrd"), rootfs=Path("/fake/root"),
+                                accelerator="tcg", memory_mib=self.config.memory_mib, agent_ports=4,
+                                memory_file=directory / "memory", memory_shared=False)
+        (directory / "memory").write_bytes(pickle.dumps(_plain(namespace)))
+        (directory / "devstate").write_bytes(b"")
+        (directory / "template.json").write_text(json.dumps(machine_to_json(machine)))
+        return Template(directory, machine)
+
+    def _start(self, vm_id: str, machine: dict[str, Any], namespace: dict[str, Any],
+               files: dict[str, bytes] | None = None) -> FakeSandbox:
+        directory = self.sandboxes_dir / f"vm-{vm_id}"
+        directory.mkdir(parents=True)
+        vm = _Vm(directory, machine, namespace, dict(files or {}))
+        self.vms[directory] = vm
+        return FakeSandbox(self, vm)
+
+    # ---- the façade ----
+    def clone(self, template: Template, vm_id: str) -> FakeSandbox:
+        namespace = pickle.loads((template.directory / "memory").read_bytes())
+        return self._start(vm_id, machine_to_json(template.machine), namespace)
+
+    def boot(self, vcpus: int | None = None, memory_mib: int | None = None, die_with_parent: bool = False,
+             detach: bool = False, vm_id: str | None = None, agent_ports: int = 1) -> FakeSandbox:
+        machine = {"vcpus": vcpus or 1, "memory_mib": memory_mib or self.config.memory_mib, "agent_ports": agent_ports}
+        return self._start(vm_id or f"boot-{next(self._ids)}", machine, {})
+
+    def fork(self, sandbox: FakeSandbox, vm_ids: list[str], networked: bool) -> tuple[Template, list[FakeSandbox]]:
+        source = self.vms[sandbox.vm_dir]
+        if self.fail_next_fork:
+            self.fail_next_fork = False
+            raise EngineError("injected: the copies did not start")
+        template = self._template({})
+        return template, [self._start(vm_id, source.machine, _copy_namespace(source.namespace), source.files)
+                          for vm_id in vm_ids]
+
+    def freeze(self, sandbox: FakeSandbox, directory: Path, compress: bool, networked: bool) -> None:
+        vm = self.vms[sandbox.vm_dir]
+        directory.mkdir(parents=True)
+        with open(directory / "state", "wb") as state:  # as large as the guest's RAM, as a full stream can be
+            pickle.dump((vm.machine, _plain(vm.namespace), vm.files), state)
+            state.truncate(vm.machine["memory_mib"] << 20)
+        self.stop(vm.directory, vm.machine)
+
+    def resume(self, directory: Path, vm_id: str) -> FakeSandbox:
+        sandbox_id = directory.name
+        if sandbox_id in self.unrestorable:
+            raise SnapshotMismatch("snapshot made by another QEMU")
+        with open(directory / "state", "rb") as state:
+            machine, namespace, files = pickle.load(state)
+        return self._start(vm_id, machine, namespace, files)
+
+    def connect(self, vm_dir: Path, machine_json: dict[str, Any], port: int) -> FakeSandbox:
+        vm = self.vms.get(vm_dir)
+        if vm is None or not vm.alive:
+            raise SandboxLost(f"the VM in {vm_dir.name} is not running")
+        return FakeSandbox(self, vm)
+
+    def is_running(self, vm_dir: Path, machine_json: dict[str, Any]) -> bool:
+        vm = self.vms.get(vm_dir)
+        return vm is not None and vm.alive
+
+    def stop(self, vm_dir: Path, machine_json: dict[str, Any]) -> None:
+        vm = self.vms.pop(vm_dir, None)
+        if vm is not None:
+            vm.alive = False
+        shutil.rmtree(vm_dir, ignore_errors=True)
+
+    @staticmethod
+    def machine_json(sandbox: FakeSandbox) -> dict[str, Any]:
+        return sandbox._vm.machine
+
+    @staticmethod
+    def memory_mib(machine_json: dict[str, Any]) -> int:
+        return int(machine_json["memory_mib"])
+
+    @staticmethod
+    def agent_ports(machine_json: dict[str, Any]) -> int:
+        return int(machine_json.get("agent_ports", 4))
+
+    def network_request(self, requested: dict[str, Any] | None) -> NetworkRequest | None:
+        policy = parse_policy(None if requested is None else {"egress": requested.get("egress")})
+        if policy is None:
+            return None
+        if self.network_unavailable is not None:
+            raise NetworkUnavailable(self.network_unavailable)
+        return NetworkRequest(policy, resolve(policy, resolver=lambda name: ["203.0.113.7"]))
+
+    def give_network(self, sandbox: FakeSandbox, request: NetworkRequest, settings: Any) -> dict[str, Any]:
+        return {**request.policy.to_json(), "mac": "02:00:00:00:00:01", "address": "100.96.0.14",
+                "host_address": "100.96.0.13"}
+
+    def remove_network_leftovers(self) -> list[str]:
+        return []
+
+
+def _done(value: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
+          exit_code: int | None = None) -> dict[str, Any]:
+    return {"ev": "done", "value": value, "error": error, "exit_code": exit_code, "truncated_bytes": 0,
+            "worker_restarted": False, "worker_exit": None, "duration_s": 0.001}
+
+
+def _run_python(namespace: dict[str, Any], code: str) -> Iterator[dict[str, Any]]:
+    """The REPL's contract: stdout, then the value of a trailing expression or the error."""
+    out = io.StringIO()
+    value, error = None, None
+    try:
+        tree = ast.parse(code)
+        last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        if last is not None:
+            tree.body.pop()
+        with contextlib.redirect_stdout(out):
+            exec(compile(tree, "<cell>", "exec"), namespace)
             if last is not None:
-                tree.body.pop()
-            with contextlib.redirect_stdout(out):
-                exec(compile(tree, "<cell>", "exec"), namespace)
-                if last is not None:
-                    result = eval(compile(ast.Expression(last.value), "<cell>", "eval"), namespace)
-                    if result is not None:
-                        value = {"text/plain": repr(result)}
-        except Exception as exc:
-            error = {"name": type(exc).__name__, "value": str(exc), "traceback": f"{type(exc).__name__}: {exc}"}
-        if out.getvalue():
-            yield {"ev": "stdout", "data": out.getvalue()}
-        yield {
-            "ev": "done",
-            "value": value,
-            "error": error,
-            "exit_code": None,
-            "truncated_bytes": 0,
-            "worker_restarted": False,
-            "worker_exit": None,
-            "duration_s": 0.001,
-        }
+                result = eval(compile(ast.Expression(last.value), "<cell>", "eval"), namespace)
+                if result is not None:
+                    value = {"text/plain": repr(result)}
+    except Exception as exc:
+        error = {"name": type(exc).__name__, "value": str(exc), "traceback": f"{type(exc).__name__}: {exc}"}
+    if out.getvalue():
+        yield {"ev": "stdout", "data": out.getvalue()}
+    yield _done(value=value, error=error)
 
-    def interrupt(self, owner: str, sandbox_id: str) -> None:
-        self._running(owner, sandbox_id)
-        self.interrupts.append(sandbox_id)
 
-    # ---- files ----
-    def write_file(self, owner: str, sandbox_id: str, path: str, chunks: Iterable[bytes]) -> dict[str, Any]:
-        self._running(owner, sandbox_id)
-        digest, data = hashlib.sha256(), bytearray()
-        for chunk in chunks:
-            self.upload_chunk_sizes.append(len(chunk))
-            digest.update(chunk)
-            data += chunk
-        self.files[(sandbox_id, path)] = bytes(data)
-        return {"path": path, "size": len(data), "sha256": digest.hexdigest()}
-
-    def read_file(self, owner: str, sandbox_id: str, path: str) -> tuple[int, Iterator[bytes]]:
-        self._running(owner, sandbox_id)
-        if (sandbox_id, path) not in self.files:
-            raise NotFound(f"no file {path!r} in sandbox {sandbox_id}")
-        data = self.files[(sandbox_id, path)]
-        return len(data), (data[i : i + 1000] for i in range(0, len(data), 1000))
-
-    def list_dir(self, owner: str, sandbox_id: str, path: str) -> list[dict[str, Any]]:
-        self._running(owner, sandbox_id)
-        prefix = path.rstrip("/") + "/"
-        return [
-            {"name": name[len(prefix) :], "type": "file", "size": len(data), "mtime": 0.0}
-            for (sid, name), data in sorted(self.files.items())
-            if sid == sandbox_id and name.startswith(prefix) and "/" not in name[len(prefix) :]
-        ]
+def _plain(namespace: dict[str, Any]) -> dict[str, Any]:
+    """What of a namespace a snapshot keeps here (a real one keeps the whole process; tests use plain values)."""
+    return {name: value for name, value in namespace.items() if name != "__builtins__"}
 
 
 def _copy_namespace(namespace: dict[str, Any]) -> dict[str, Any]:
     """What a fork does to a process: every object copied (modules, which cannot be, are shared)."""
     copied = {}
     for name, value in namespace.items():
+        if name == "__builtins__":
+            continue
         try:
             copied[name] = copy.deepcopy(value)
         except TypeError:
             copied[name] = value
     return copied
+
+
+def fake_manager(config: ServiceConfig, warm: dict[str, Any] | None = None) -> tuple[SandboxManager, FakeEngine]:
+    """The real manager over a fake engine, with a published warm template (so creates are served), its registry
+    and template store real files under the config's directories."""
+    engine = FakeEngine(config.run_dir)
+    manager = SandboxManager(config, engine=engine, registry=Registry(config.registry_path))  # type: ignore[arg-type]
+    engine.publish_template(manager.templates, warm)
+    return manager, engine

@@ -1,10 +1,12 @@
-"""The execution API through falcon.testing against a fake manager: routes, validation, errors, auth, streaming."""
+"""The execution API through falcon.testing, on the real manager over a fake engine (no VMs): routes, validation,
+errors, auth, streaming, and the manager's rules as a client meets them."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import falcon
@@ -15,10 +17,12 @@ import pytest
 
 from service.api import create_app
 from service.api.openapi import openapi_document
+from service.attachments import take_code_lock
+from service.manager import SandboxManager
 from service.settings import ServiceConfig
 from tests.configs import service_config
 
-from .fakes import BUSY_CODE, CHUNKS_CODE, CRASH_CODE, LOST_CODE, FakeManager
+from .fakes import BUSY_CODE, CHUNKS_CODE, CRASH_CODE, LOST_CODE, FakeEngine, fake_manager
 
 KEY_A, KEY_B = "key-a", "key-b"
 A = {"Authorization": f"Bearer {KEY_A}"}
@@ -26,20 +30,44 @@ B = {"Authorization": f"Bearer {KEY_B}"}
 
 
 def make_config(tmp: Path, **service) -> ServiceConfig:
-    """Small body limits so the tests can cross them; `service` overrides more of the spec's [service]."""
-    limits = {"max_body_bytes": 4096, "max_code_bytes": 1024, "max_file_bytes": 64 << 10}
+    """Small limits so the tests can cross them (3 sandboxes per key, room for 2 frozen ones of the fake engine's
+    256 MiB); `service` overrides more of the spec's [service]."""
+    limits = {"max_body_bytes": 4096, "max_code_bytes": 1024, "max_file_bytes": 64 << 10,
+              "max_sandboxes_per_key": 3, "frozen_quota_bytes": 600 << 20}
     return service_config(tmp / "image", [KEY_A, KEY_B], paths={"run_dir": tmp / "run", "state_dir": tmp / "state"},
                           service=limits | service)
 
 
 @pytest.fixture
-def manager() -> FakeManager:
-    return FakeManager(max_per_key=3)
+def config(tmp_path) -> ServiceConfig:
+    return make_config(tmp_path)
 
 
 @pytest.fixture
-def app(tmp_path, manager) -> falcon.App:
-    return create_app(make_config(tmp_path), manager)
+def fake(config) -> tuple[SandboxManager, FakeEngine]:
+    manager, engine = fake_manager(config)
+    yield manager, engine
+    manager.close()
+
+
+@pytest.fixture
+def manager(fake) -> SandboxManager:
+    return fake[0]
+
+
+@pytest.fixture
+def engine(fake) -> FakeEngine:
+    return fake[1]
+
+
+@pytest.fixture
+def app(config, manager) -> falcon.App:
+    return create_app(config, manager)
+
+
+def states(manager: SandboxManager) -> dict[str, str]:
+    """Every sandbox the registry holds (any key), and its state."""
+    return {record.id: record.state for record in manager.registry.list()}
 
 
 @pytest.fixture
@@ -79,16 +107,19 @@ def test_create_show_list_delete(client, manager):
     assert_error(client.simulate_get(f"/v1/sandboxes/{sandbox['id']}", headers=A), 404, "not_found")
 
 
-def test_create_with_empty_body_uses_defaults(client, manager):
-    assert client.simulate_post("/v1/sandboxes", headers=A).status_code == 201
-    assert manager.create_calls == [
-        {"vcpus": None, "memory_mib": None, "timeout_s": None, "persistent": False, "network": None}]
+def test_create_with_empty_body_uses_defaults(client, config, engine):
+    created = client.simulate_post("/v1/sandboxes", headers=A)
+    assert created.status_code == 201
+    sandbox = created.json
+    assert sandbox["template_id"] and sandbox["memory_mib"] == engine.config.memory_mib  # a clone of the template
+    assert sandbox["timeout_s"] == config.sandbox_timeout_s and sandbox["persistent"] is False
+    assert sandbox["network"] is None and sandbox["metadata"] == {}
 
 
-def test_create_passes_size(client, manager):
-    client.simulate_post("/v1/sandboxes", json={"vcpus": 2, "memory_mib": 2048}, headers=A)
-    assert manager.create_calls[-1] == {
-        "vcpus": 2, "memory_mib": 2048, "timeout_s": None, "persistent": False, "network": None}
+def test_create_passes_size(client):
+    sandbox = client.simulate_post("/v1/sandboxes", json={"vcpus": 2, "memory_mib": 2048}, headers=A).json
+    assert sandbox["vcpus"] == 2 and sandbox["memory_mib"] == 2048
+    assert sandbox["template_id"] is None  # another size than the template's: a boot of its own
 
 
 def test_other_keys_sandbox_is_not_found_everywhere(client, sandbox_id):
@@ -217,12 +248,12 @@ def test_limit_reached_is_429_with_retry_after(client):
     assert client.simulate_post("/v1/sandboxes", headers=B).status_code == 201  # the limit is per key
 
 
-def test_not_ready_is_503_with_retry_after(client, manager):
-    manager.not_ready = "no warm template yet"
+def test_not_ready_is_503_with_retry_after(client, manager, engine):
+    engine.unpublish_template(manager.templates)  # the pool keeper has not warmed its template yet
     for result in (client.simulate_get("/v1/readyz"), client.simulate_post("/v1/sandboxes", headers=A)):
-        assert "warm template" in assert_error(result, 503, "not_ready")["message"]
+        assert "warm" in assert_error(result, 503, "not_ready")["message"]
         assert int(result.headers["retry-after"]) > 0
-    manager.not_ready = None
+    engine.publish_template(manager.templates)
     assert client.simulate_get("/v1/readyz").json == {"status": "ready"}
 
 
@@ -337,7 +368,7 @@ def test_streaming_errors_before_the_first_event_are_plain_errors(client, sandbo
     assert_error(result, 409, "sandbox_busy")
 
 
-def test_client_leaving_a_stream_interrupts_the_code(app, manager, sandbox_id):
+def test_client_leaving_a_stream_interrupts_the_code(app, engine, sandbox_id):
     env = falcon.testing.create_environ(
         method="POST",
         path=f"/v1/sandboxes/{sandbox_id}/exec",
@@ -347,13 +378,13 @@ def test_client_leaving_a_stream_interrupts_the_code(app, manager, sandbox_id):
     body = app(env, lambda status, headers: None)
     assert json.loads(next(iter(body)))["type"] == "stdout"
     body.close()  # what the server does when the client disconnects
-    assert manager.interrupts == [sandbox_id]
+    assert engine.interrupts == [sandbox_id]
 
 
-def test_interrupt(client, manager, sandbox_id):
+def test_interrupt(client, engine, sandbox_id):
     result = client.simulate_post(f"/v1/sandboxes/{sandbox_id}/interrupt", headers=A)
     assert result.status_code == 202 and result.json == {"id": sandbox_id, "interrupted": True}
-    assert manager.interrupts == [sandbox_id]
+    assert engine.interrupts == [sandbox_id]
 
 
 # ---- fork, freeze, resume -----------------------------------------------------------------------------------------
@@ -390,12 +421,15 @@ def test_fork_n_must_be_a_positive_integer(client, sandbox_id, n):
     assert error["field"] == "n"
 
 
-def test_fork_n_over_max_fork_is_422_naming_the_setting(tmp_path, manager):
-    client = falcon.testing.TestClient(create_app(make_config(tmp_path, max_fork=4), manager))
+def test_fork_n_over_max_fork_is_422_naming_the_setting(tmp_path):
+    config = make_config(tmp_path / "small", max_fork=4)
+    manager, _ = fake_manager(config)
+    client = falcon.testing.TestClient(create_app(config, manager))
     sandbox_id = client.simulate_post("/v1/sandboxes", headers=A).json["id"]
     error = assert_error(fork(client, sandbox_id, {"n": 5}), 422, "invalid")
     assert error["field"] == "n" and "max_fork" in error["message"]
-    assert len(manager.records) == 1
+    assert list(states(manager)) == [sandbox_id]
+    manager.close()
 
 
 def test_fork_unknown_field_is_422(client, sandbox_id):
@@ -406,29 +440,36 @@ def test_fork_over_the_sandbox_limit_is_429_with_retry_after(client, manager, sa
     result = fork(client, sandbox_id, {"n": 3})  # 1 + 3 > 3 per key
     assert "max_sandboxes_per_key" in assert_error(result, 429, "limit_reached")["message"]
     assert int(result.headers["retry-after"]) > 0
-    assert list(manager.records) == [sandbox_id]
+    assert list(states(manager)) == [sandbox_id]
     assert fork(client, sandbox_id, {"n": 2}).status_code == 201  # exactly up to the limit is fine
 
 
 def test_fork_without_host_memory_is_507(client, manager, sandbox_id):
-    manager.fork_memory_short = True
+    manager.host_memory = lambda: 100 << 20  # two copies of a 256 MiB guest need about 128 MiB
     assert "host memory" in assert_error(fork(client, sandbox_id, {"n": 2}), 507, "insufficient_storage")["message"]
-    assert list(manager.records) == [sandbox_id]
+    assert list(states(manager)) == [sandbox_id]
+    manager.host_memory = lambda: 200 << 20
+    assert fork(client, sandbox_id, {"n": 2}).status_code == 201
 
 
 def test_fork_or_freeze_while_code_runs_is_409(client, manager, sandbox_id):
-    manager.busy.add(sandbox_id)
-    assert_error(fork(client, sandbox_id), 409, "sandbox_busy")
-    assert_error(client.simulate_post(f"/v1/sandboxes/{sandbox_id}/freeze", headers=A), 409, "sandbox_busy")
-    assert manager.records[sandbox_id].state == "running"
+    running = take_code_lock(Path(manager.registry.get(sandbox_id).vm_dir))  # another worker's exec holds it
+    try:
+        assert_error(fork(client, sandbox_id), 409, "sandbox_busy")
+        assert_error(client.simulate_post(f"/v1/sandboxes/{sandbox_id}/freeze", headers=A), 409, "sandbox_busy")
+        assert states(manager) == {sandbox_id: "running"}
+    finally:
+        os.close(running)
+    assert fork(client, sandbox_id).status_code == 201
 
 
-def test_failed_fork_is_500_and_leaves_the_source_as_it_was(client, manager, sandbox_id):
+def test_failed_fork_is_500_and_leaves_the_source_as_it_was(client, manager, engine, sandbox_id):
     client.simulate_post(f"/v1/sandboxes/{sandbox_id}/exec", json={"code": "x = 1"}, headers=A)
-    manager.fail_next_fork = True
+    templates_before = sorted(engine.templates_dir.iterdir())
+    engine.fail_next_fork = True
     error = assert_error(fork(client, sandbox_id, {"n": 2}), 500, "internal")
     assert "keeps running unchanged" in error["message"]
-    assert list(manager.records) == [sandbox_id]
+    assert list(states(manager)) == [sandbox_id] and sorted(engine.templates_dir.iterdir()) == templates_before
     assert client.simulate_post(f"/v1/sandboxes/{sandbox_id}/exec", json={"code": "x"}, headers=A).json["text"] == "1"
 
 
@@ -448,9 +489,11 @@ def test_freeze_resume_and_exec_resumes_a_frozen_sandbox(client, manager, sandbo
 
 
 def test_fork_of_a_frozen_sandbox_resumes_it_first(client, manager, sandbox_id):
+    client.simulate_post(f"/v1/sandboxes/{sandbox_id}/exec", json={"code": "x = 7"}, headers=A)
     client.simulate_post(f"/v1/sandboxes/{sandbox_id}/freeze", headers=A)
-    assert fork(client, sandbox_id).status_code == 201
-    assert manager.records[sandbox_id].state == "running"
+    (kid,) = fork(client, sandbox_id).json["sandboxes"]
+    assert states(manager) == {sandbox_id: "running", kid["id"]: "running"}
+    assert client.simulate_post(f"/v1/sandboxes/{kid['id']}/exec", json={"code": "x"}, headers=A).json["text"] == "7"
 
 
 def test_frozen_quota_exceeded_is_507_and_the_sandbox_keeps_running(client, manager):
@@ -459,10 +502,10 @@ def test_frozen_quota_exceeded_is_507_and_the_sandbox_keeps_running(client, mana
         assert client.simulate_post(f"/v1/sandboxes/{sandbox_id}/freeze", headers=A).status_code == 200
     result = client.simulate_post(f"/v1/sandboxes/{ids[2]}/freeze", headers=A)
     assert "quota" in assert_error(result, 507, "insufficient_storage")["message"]
-    assert manager.records[ids[2]].state == "running"
+    assert states(manager)[ids[2]] == "running"
 
 
-def test_resume_over_the_limit_is_429_and_unrestorable_is_422(client, manager):
+def test_resume_over_the_limit_is_429_and_unrestorable_is_422(client, manager, engine):
     ids = [client.simulate_post("/v1/sandboxes", headers=A).json["id"] for _ in range(3)]
     client.simulate_post(f"/v1/sandboxes/{ids[0]}/freeze", headers=A)
     client.simulate_post("/v1/sandboxes", headers=A)  # takes the freed place: 3 running again
@@ -470,10 +513,10 @@ def test_resume_over_the_limit_is_429_and_unrestorable_is_422(client, manager):
     assert_error(client.simulate_post(f"/v1/sandboxes/{ids[0]}/exec", json={"code": "1"}, headers=A), 429,
                  "limit_reached")
     client.simulate_delete(f"/v1/sandboxes/{ids[1]}", headers=A)
-    manager.unrestorable.add(ids[0])
+    engine.unrestorable.add(ids[0])
     error = assert_error(client.simulate_post(f"/v1/sandboxes/{ids[0]}/resume", headers=A), 422, "invalid")
     assert "cannot be resumed" in error["message"] and "field" not in error
-    assert manager.records[ids[0]].state == "frozen"
+    assert states(manager)[ids[0]] == "frozen"
 
 
 def test_freeze_of_a_lost_sandbox_is_410(client, sandbox_id):
@@ -507,7 +550,7 @@ def test_list_with_an_unknown_state_is_422(client, state):
 def test_create_persistent(client, manager):
     created = client.simulate_post("/v1/sandboxes", json={"persistent": True, "timeout_s": 300}, headers=A)
     assert created.status_code == 201 and created.json["persistent"] is True and created.json["timeout_s"] == 300
-    assert manager.create_calls[-1]["persistent"] is True
+    assert manager.registry.get(created.json["id"]).persistent is True
     plain = client.simulate_post("/v1/sandboxes", json={}, headers=A)
     assert plain.json["persistent"] is False
 
@@ -521,7 +564,7 @@ def test_create_persistent_must_be_a_boolean(client, value):
 def test_create_with_a_network_policy_shows_it_with_the_identity(client, manager):
     policy = {"egress": {"allow": ["10.1.2.0/24", "db.internal:5432"]}}
     created = client.simulate_post("/v1/sandboxes", json={"network": policy}, headers=A)
-    assert created.status_code == 201 and manager.create_calls[-1]["network"] == policy
+    assert created.status_code == 201 and manager.registry.get(created.json["id"]).network["egress"] == policy["egress"]
     assert created.json["network"]["egress"] == policy["egress"] and created.json["network"]["mac"]
     assert client.simulate_post("/v1/sandboxes", json={}, headers=A).json["network"] is None
 
@@ -534,13 +577,13 @@ def test_create_with_a_network_policy_shows_it_with_the_identity(client, manager
 def test_a_malformed_network_policy_is_refused_naming_the_field(client, manager, network, words):
     error = assert_error(client.simulate_post("/v1/sandboxes", json={"network": network}, headers=A), 422, "invalid")
     assert error["field"] == "network" and words in error["message"]
-    assert manager.create_calls == []  # refused before the manager was asked
+    assert states(manager) == {}  # nothing was created
 
 
 def test_other_keys_cannot_fork_freeze_or_resume(client, manager, sandbox_id):
     for action in ("fork", "freeze", "resume"):
         assert_error(client.simulate_post(f"/v1/sandboxes/{sandbox_id}/{action}", headers=B), 404, "not_found")
-    assert len(manager.records) == 1 and manager.records[sandbox_id].state == "running"
+    assert states(manager) == {sandbox_id: "running"}
 
 
 def test_lifecycle_latency_is_measured(client, sandbox_id):
@@ -571,13 +614,17 @@ def test_file_round_trip_and_listing(client, manager, sandbox_id):
     }
 
 
-def test_upload_is_handed_on_in_chunks(tmp_path, manager):
-    client = falcon.testing.TestClient(create_app(make_config(tmp_path, max_file_bytes=8 << 20), manager))
+def test_upload_is_handed_on_in_chunks(tmp_path):
+    config = make_config(tmp_path / "big", max_file_bytes=8 << 20)
+    manager, engine = fake_manager(config)
+    client = falcon.testing.TestClient(create_app(config, manager))
     sandbox_id = client.simulate_post("/v1/sandboxes", headers=A).json["id"]
     data = b"z" * (3 << 20)
     result = client.simulate_put(f"/v1/sandboxes/{sandbox_id}/files", params={"path": "/f"}, body=data, headers=A)
     assert result.json["size"] == len(data)
-    assert len(manager.upload_chunk_sizes) >= 3 and max(manager.upload_chunk_sizes) <= 1 << 20
+    assert len(engine.upload_chunk_sizes) >= 3 and max(engine.upload_chunk_sizes) <= 1 << 20
+    assert client.simulate_get(f"/v1/sandboxes/{sandbox_id}/files", params={"path": "/f"}, headers=A).content == data
+    manager.close()
 
 
 def test_file_path_is_required(client, sandbox_id):

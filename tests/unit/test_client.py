@@ -1,9 +1,11 @@
-"""The SDK against the real API app (fake manager underneath), in-process through httpx's WSGI transport."""
+"""The SDK against the real API app and manager (a fake engine underneath), in-process through httpx's WSGI
+transport."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -20,21 +22,34 @@ from appliance.client import (
 )
 from appliance.client.tools import OPENAI_TOOL, run_tool_call
 from service.api import create_app
+from service.manager import SandboxManager
 
-from .fakes import BUSY_CODE, CHUNKS_CODE, FakeManager
-from .test_api import KEY_A, KEY_B, make_config
-
-
-@pytest.fixture
-def manager() -> FakeManager:
-    return FakeManager(max_per_key=2)
+from .fakes import BUSY_CODE, CHUNKS_CODE, FakeEngine, fake_manager
+from .test_api import KEY_A, KEY_B, make_config, states
 
 
 @pytest.fixture
-def connect(tmp_path, manager, monkeypatch):
+def fake(tmp_path) -> tuple[SandboxManager, FakeEngine]:
+    manager, engine = fake_manager(make_config(tmp_path, max_file_bytes=16 << 20, max_sandboxes_per_key=2))
+    yield manager, engine
+    manager.close()
+
+
+@pytest.fixture
+def manager(fake) -> SandboxManager:
+    return fake[0]
+
+
+@pytest.fixture
+def engine(fake) -> FakeEngine:
+    return fake[1]
+
+
+@pytest.fixture
+def connect(manager, monkeypatch):
     monkeypatch.delenv("APPLIANCE_URL", raising=False)
     monkeypatch.setenv("APPLIANCE_API_KEY", KEY_A)
-    app = create_app(make_config(tmp_path, max_file_bytes=16 << 20), manager)
+    app = create_app(manager.config, manager)
 
     def make(**kwargs) -> Sandbox:
         http = httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://appliance.test")
@@ -45,13 +60,13 @@ def connect(tmp_path, manager, monkeypatch):
 
 def test_run_code_keeps_state_and_context_manager_deletes(connect, manager):
     with connect(metadata={"who": "test"}) as sb:
-        assert sb.id in manager.records and sb.info["metadata"] == {"who": "test"}
+        assert sb.id in states(manager) and sb.info["metadata"] == {"who": "test"}
         assert sb.run_code("x = 41").text is None
         result = sb.run_code("print('hello'); x + 1")
         assert (result.text, result.stdout, result.error, result.ok) == ("42", "hello\n", None, True)
         failed = sb.run_code("1/0")
         assert failed.error.name == "ZeroDivisionError" and not failed.ok
-    assert sb.id not in manager.records
+    assert sb.id not in states(manager)
 
 
 def test_streaming_yields_events_then_the_execution(connect):
@@ -105,11 +120,12 @@ def test_connect_and_errors_carry_the_api_code(connect, manager, monkeypatch):
         connect()
 
 
-def test_create_waits_while_the_service_warms_up(connect, manager, monkeypatch):
-    manager.not_ready = "warming"
-    monkeypatch.setattr("appliance.client.sandbox.time.sleep", lambda s: setattr(manager, "not_ready", None))
-    assert connect().id in manager.records
-    manager.not_ready = "warming"
+def test_create_waits_while_the_service_warms_up(connect, manager, engine, monkeypatch):
+    engine.unpublish_template(manager.templates)  # the pool keeper is still warming its template
+    # While the SDK waits to retry, the keeper publishes it.
+    monkeypatch.setattr("appliance.client.sandbox.time.sleep", lambda s: engine.publish_template(manager.templates))
+    assert connect().id in states(manager)
+    engine.unpublish_template(manager.templates)
     with pytest.raises(NotReadyError):
         connect(ready_timeout=0)
 
@@ -125,7 +141,7 @@ def test_tool_call_through_the_sdk(connect):
 
 
 def test_fork_returns_independent_sandboxes_and_the_source_is_unchanged(connect, manager):
-    manager.max_per_key = 4
+    manager.config = replace(manager.config, max_sandboxes_per_key=4)
     with connect() as sb:
         sb.run_code("x = [41]")
         kids = sb.fork(2)
@@ -139,7 +155,7 @@ def test_fork_returns_independent_sandboxes_and_the_source_is_unchanged(connect,
         assert grandkid.run_code("x").text == "[41, 0]"
         for kid in (*kids, grandkid):
             kid.close()
-    assert manager.records == {}
+    assert states(manager) == {}
 
 
 def test_fork_errors_are_typed(connect, manager):
@@ -150,17 +166,18 @@ def test_fork_errors_are_typed(connect, manager):
         with pytest.raises(InvalidRequestError) as invalid:
             sb.fork(0)
         assert invalid.value.field == "n"
-        manager.fork_memory_short = True
+        manager.config = replace(manager.config, max_sandboxes_per_key=3)
+        manager.host_memory = lambda: 10 << 20  # a copy of a 256 MiB guest needs about 64 MiB
         with pytest.raises(InsufficientStorageError) as short:
             sb.fork(1)
         assert short.value.status == 507 and short.value.code == "insufficient_storage"
-        assert list(manager.records) == [sb.id]
+        assert list(states(manager)) == [sb.id]
 
 
-def test_copies_keep_working_after_the_source_is_closed(tmp_path, manager, monkeypatch):
+def test_copies_keep_working_after_the_source_is_closed(manager, monkeypatch):
     # Without a client passed in, each sandbox (a copy too) owns its connection: closing one closes only its own.
     monkeypatch.setenv("APPLIANCE_API_KEY", KEY_A)
-    app = create_app(make_config(tmp_path), manager)
+    app = create_app(manager.config, manager)
     real_client = httpx.Client
     made: list[httpx.Client] = []
 
@@ -181,7 +198,8 @@ def test_copies_keep_working_after_the_source_is_closed(tmp_path, manager, monke
 
 def test_persistent_sandbox_freeze_connect_and_transparent_resume(connect, manager):
     sb = connect(persistent=True, idle_freeze_s=300)
-    assert manager.create_calls[-1]["persistent"] is True and manager.create_calls[-1]["timeout_s"] == 300
+    record = manager.registry.get(sb.id)
+    assert record.persistent is True and record.timeout_s == 300
     assert sb.info["persistent"] is True
     sb.run_code("x = 41")
     assert sb.freeze()["state"] == "frozen" and sb.state == "frozen"

@@ -1,10 +1,11 @@
-"""`appliance sandboxes ...` through the `appliance` group, the SDK and the real API app (fake manager underneath),
-in-process."""
+"""`appliance sandboxes ...` through the `appliance` group, the SDK, the real API app and manager (a fake engine
+underneath), in-process."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,10 +14,12 @@ from click.testing import CliRunner, Result
 from appliance.cli import main
 from appliance.commands import sandboxes
 from service.api import create_app
+from service.attachments import take_code_lock
+from service.manager import SandboxManager
 from service.settings import hash_key
 
-from .fakes import FakeManager
-from .test_api import KEY_A, KEY_B, make_config
+from .fakes import fake_manager
+from .test_api import KEY_A, KEY_B, make_config, states
 
 OWNER_A = hash_key(KEY_A)
 
@@ -28,8 +31,10 @@ def appliance_sandboxes(*argv: str) -> Result:
 
 
 @pytest.fixture
-def manager() -> FakeManager:
-    return FakeManager(max_per_key=4)
+def manager(tmp_path) -> SandboxManager:
+    manager, _ = fake_manager(make_config(tmp_path, max_sandboxes_per_key=4))
+    yield manager
+    manager.close()
 
 
 @pytest.fixture
@@ -39,7 +44,7 @@ def cli(tmp_path, manager, monkeypatch):
         if name.startswith("APPLIANCE_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
-    app = create_app(make_config(tmp_path), manager)
+    app = create_app(manager.config, manager)
     seen: list[sandboxes.Target] = []
 
     def client(target: sandboxes.Target) -> httpx.Client:
@@ -93,12 +98,12 @@ def test_freeze_resume_rm(cli, manager):
     a, b = manager.create(OWNER_A), manager.create(OWNER_A)
     result = cli("freeze", a.id, b.id)
     assert result.exit_code == 0 and result.output.splitlines() == [f"{a.id} frozen", f"{b.id} frozen"]
-    assert manager.records[a.id].state == manager.records[b.id].state == "frozen"
+    assert states(manager) == {a.id: "frozen", b.id: "frozen"}
     result = cli("resume", a.id)
     assert result.exit_code == 0 and result.output == f"{a.id} running\n"
     result = cli("rm", a.id, b.id)
     assert result.exit_code == 0 and result.output.splitlines() == [f"{a.id} deleted", f"{b.id} deleted"]
-    assert manager.records == {}
+    assert states(manager) == {}
 
 
 def test_errors_are_one_line_without_traceback(cli, manager):
@@ -106,8 +111,9 @@ def test_errors_are_one_line_without_traceback(cli, manager):
     missing = cli("freeze", "sb-0000000000000999")
     assert missing.exit_code == 1
     assert missing.output.startswith("Error: sb-0000000000000999: no sandbox") and missing.output.count("\n") == 1
-    manager.busy.add(record.id)
+    running = take_code_lock(Path(record.vm_dir))  # an exec in another worker holds the sandbox
     busy = cli("freeze", record.id)
+    os.close(running)
     assert busy.exit_code == 1 and "running code" in busy.output and "Traceback" not in busy.output
     wrong_key = cli("list", key="nope")
     assert wrong_key.exit_code == 1 and "not valid" in wrong_key.output and wrong_key.output.count("\n") == 1
@@ -119,7 +125,7 @@ def test_several_ids_report_each_failure_and_exit_1(cli, manager):
     assert result.exit_code == 1
     assert f"{record.id} deleted" in result.output
     assert "Error: sb-0000000000000999: no sandbox" in result.output and "1 of 2 sandboxes failed" in result.output
-    assert manager.records == {}
+    assert states(manager) == {}
 
 
 def test_unreachable_service_is_one_line(tmp_path, monkeypatch):
@@ -130,7 +136,7 @@ def test_unreachable_service_is_one_line(tmp_path, monkeypatch):
 
 
 def test_default_url_and_key_come_from_the_spec_and_the_key_file(cli, tmp_path, monkeypatch, manager):
-    state = tmp_path / "state"
+    state = tmp_path / "keys"
     state.mkdir()
     (state / "api-key").write_text(KEY_A + "\n")
     monkeypatch.setenv("APPLIANCE_PATHS__STATE_DIR", str(state))

@@ -1,0 +1,296 @@
+"""The real SandboxManager's rules against a fake engine (tests/unit/fakes.py): owners, limits, states, the pool
+hand-out, fork/freeze/resume policy, what two processes sharing a registry see, and engine failures mapped to
+service errors. The API tests (test_api.py) meet the same rules through HTTP; these are the ones HTTP hides."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from service.attachments import take_code_lock
+from service.errors import Busy, Invalid, LimitReached, NetworkUnavailable, NotFound, NotReady, ServiceError
+from service.manager import SandboxManager
+from service.registry import FROZEN, LOST, POOLED, RUNNING, Registry, SandboxRecord
+
+from .fakes import LOST_CODE, FakeEngine, fake_manager
+from .test_api import make_config
+
+OWNER, OTHER = "owner-hash", "other-hash"
+
+
+@pytest.fixture
+def fake(tmp_path) -> tuple[SandboxManager, FakeEngine]:
+    manager, engine = fake_manager(make_config(tmp_path, max_sandboxes_per_key=3, max_sandboxes=5),
+                                   warm={"warm": 41})
+    yield manager, engine
+    manager.close()
+
+
+@pytest.fixture
+def manager(fake) -> SandboxManager:
+    return fake[0]
+
+
+@pytest.fixture
+def engine(fake) -> FakeEngine:
+    return fake[1]
+
+
+def second_process(manager: SandboxManager, engine: FakeEngine) -> SandboxManager:
+    """Another API worker: its own manager, attachments and registry connection; the same VMs and files."""
+    return SandboxManager(manager.config, engine=engine, registry=Registry(manager.config.registry_path))
+
+
+def run(manager: SandboxManager, sandbox_id: str, code: str, owner: str = OWNER) -> str | None:
+    return manager.exec(owner, sandbox_id, code).text
+
+
+def pool_one(manager: SandboxManager, engine: FakeEngine) -> SandboxRecord:
+    """What the pool keeper does: a clone of the published template, registered as pooled."""
+    template = manager.templates.current()
+    assert template is not None
+    sandbox = engine.clone(template, "pooled-1")
+    sandbox.detach()
+    record = SandboxRecord(id="sb-pooled", owner=None, state=POOLED, vm_dir=str(sandbox.vm_dir),
+                           template_id=template.template_id, machine=engine.machine_json(sandbox), timeout_s=60)
+    manager.registry.add(record)
+    return record
+
+
+# ---- creating ------------------------------------------------------------------------------------------------
+
+
+def test_a_create_starts_from_the_warm_template(manager):
+    record = manager.create(OWNER)
+    assert record.state == RUNNING and record.owner == OWNER and record.template_id
+    assert run(manager, record.id, "warm + 1") == "42"
+
+
+def test_a_create_hands_out_a_pooled_clone_first(manager, engine):
+    pooled = pool_one(manager, engine)
+    record = manager.create(OWNER, metadata={"who": "me"})
+    assert record.id == pooled.id and record.owner == OWNER and record.metadata == {"who": "me"}
+    assert manager.registry.count(states=(POOLED,)) == 0
+    assert manager.create(OWNER).id != pooled.id  # the pool is empty now: a fresh clone
+
+
+def test_an_unusable_pooled_clone_is_dropped_and_a_fresh_one_made(manager, engine):
+    pooled = pool_one(manager, engine)
+    engine.stop(Path(pooled.vm_dir), pooled.machine)  # its VM died while it waited in the pool
+    record = manager.create(OWNER)
+    assert record.id != pooled.id and manager.registry.get(pooled.id) is None
+    assert run(manager, record.id, "warm") == "41"
+
+
+def test_no_create_before_a_template_is_warm(manager, engine):
+    engine.unpublish_template(manager.templates)
+    assert manager.readiness() is not None
+    with pytest.raises(NotReady):
+        manager.create(OWNER)
+    other_size = manager.create(OWNER, memory_mib=512)  # a size of its own boots without the template
+    assert other_size.template_id is None and other_size.machine["memory_mib"] == 512
+
+
+def test_limits_per_key_and_per_host(manager):
+    for _ in range(3):
+        manager.create(OWNER)
+    with pytest.raises(LimitReached, match="max_sandboxes_per_key"):
+        manager.create(OWNER)
+    manager.create(OTHER)
+    manager.create(OTHER)
+    with pytest.raises(LimitReached, match="max_sandboxes") as host_full:
+        manager.create("third-key")  # 5 running on the host, whoever holds them
+    assert "max_sandboxes_per_key" not in str(host_full.value)
+
+
+def test_a_frozen_sandbox_does_not_count_until_it_is_resumed(manager):
+    ids = [manager.create(OWNER).id for _ in range(3)]
+    manager.freeze(OWNER, ids[0])
+    manager.create(OWNER)
+    with pytest.raises(LimitReached):
+        manager.resume(OWNER, ids[0])
+    with pytest.raises(LimitReached):  # an exec resumes first, so it is refused the same way
+        manager.exec(OWNER, ids[0], "1")
+    assert manager.get(OWNER, ids[0]).state == FROZEN
+
+
+def test_another_keys_sandbox_does_not_exist_for_it(manager):
+    record = manager.create(OWNER)
+    for call in (manager.get, manager.delete, manager.freeze, manager.resume, manager.interrupt):
+        with pytest.raises(NotFound):
+            call(OTHER, record.id)
+    with pytest.raises(NotFound):
+        manager.fork(OTHER, record.id, 1)
+    assert manager.list(OTHER) == [] and [r.id for r in manager.list(OWNER)] == [record.id]
+
+
+def test_a_network_policy_is_checked_before_anything_starts(manager, engine):
+    with pytest.raises(Invalid, match="egress"):
+        manager.create(OWNER, network_policy={"egress": "everything"})
+    engine.network_unavailable = "no nftables here"
+    with pytest.raises(NetworkUnavailable, match="no nftables"):
+        manager.create(OWNER, network_policy={"egress": "none"})
+    assert manager.registry.list() == [] and engine.vms == {}
+
+
+# ---- fork, freeze, resume ----------------------------------------------------------------------------------------
+
+
+def test_fork_copies_state_and_its_template_goes_with_the_last_copy(manager):
+    source = manager.create(OWNER)
+    run(manager, source.id, "x = [1]")
+    kids = manager.fork(OWNER, source.id, 2)
+    assert [kid.metadata["forked_from"] for kid in kids] == [source.id, source.id]
+    run(manager, kids[0].id, "x.append(2)")
+    assert [run(manager, kid.id, "x") for kid in kids] == ["[1, 2]", "[1]"] and run(manager, source.id, "x") == "[1]"
+    template_dir = manager.config.templates_dir / kids[0].template_id
+    manager.delete(OWNER, kids[0].id)
+    assert template_dir.exists()  # the other copy still maps it
+    manager.delete(OWNER, kids[1].id)
+    assert not template_dir.exists()
+
+
+def test_fork_counts_the_copies_against_the_limits(manager):
+    source = manager.create(OWNER)
+    with pytest.raises(LimitReached):
+        manager.fork(OWNER, source.id, 3)
+    assert len(manager.fork(OWNER, source.id, 2)) == 2
+
+
+def test_fork_needs_a_quarter_of_each_copys_memory_from_the_host(manager):
+    source = manager.create(OWNER)
+    manager.host_memory = lambda: (2 * 256 << 20) // 4 - 1
+    with pytest.raises(ServiceError, match="host memory") as short:
+        manager.fork(OWNER, source.id, 2)
+    assert short.value.status == 507
+    manager.host_memory = lambda: None  # unknown (no /proc/meminfo): not refused on a guess
+    assert len(manager.fork(OWNER, source.id, 2)) == 2
+
+
+def test_a_failed_fork_leaves_the_source_running_and_nothing_new(manager, engine):
+    source = manager.create(OWNER)
+    run(manager, source.id, "x = 1")
+    engine.fail_next_fork = True
+    with pytest.raises(ServiceError, match="keeps running unchanged"):
+        manager.fork(OWNER, source.id, 2)
+    assert [r.id for r in manager.registry.list()] == [source.id] and run(manager, source.id, "x") == "1"
+
+
+def test_freeze_and_resume_keep_state_and_are_idempotent(manager):
+    record = manager.create(OWNER)
+    run(manager, record.id, "x = 41")
+    assert manager.freeze(OWNER, record.id).state == FROZEN
+    assert manager.freeze(OWNER, record.id).state == FROZEN  # again: nothing to do
+    snapshot = manager.snapshot_dir(record.id)
+    assert snapshot.is_dir()
+    assert manager.resume(OWNER, record.id).state == RUNNING
+    assert not snapshot.exists()  # a resumed sandbox's snapshot is gone
+    assert manager.resume(OWNER, record.id).state == RUNNING
+    assert run(manager, record.id, "x + 1") == "42"
+
+
+def test_freeze_refuses_past_the_frozen_quota_and_the_sandbox_keeps_running(manager):
+    ids = [manager.create(OWNER).id for _ in range(3)]  # quota: 600 MiB, each snapshot up to 256 MiB
+    manager.freeze(OWNER, ids[0])
+    manager.freeze(OWNER, ids[1])
+    with pytest.raises(ServiceError, match="quota") as full:
+        manager.freeze(OWNER, ids[2])
+    assert full.value.status == 507 and manager.get(OWNER, ids[2]).state == RUNNING
+    assert run(manager, ids[2], "1") == "1"
+
+
+def test_an_unrestorable_snapshot_stays_frozen(manager, engine):
+    record = manager.create(OWNER)
+    manager.freeze(OWNER, record.id)
+    engine.unrestorable.add(record.id)
+    with pytest.raises(Invalid, match="cannot be resumed"):
+        manager.resume(OWNER, record.id)
+    assert manager.get(OWNER, record.id).state == FROZEN and manager.snapshot_dir(record.id).is_dir()
+
+
+def test_a_lost_sandbox_is_reported_lost_and_cannot_be_forked_or_frozen(manager):
+    record = manager.create(OWNER)
+    lost = manager.exec(OWNER, record.id, LOST_CODE)
+    assert lost.error["name"] == "SandboxLost"
+    assert manager.get(OWNER, record.id).state == LOST
+    for call in (lambda: manager.freeze(OWNER, record.id), lambda: manager.fork(OWNER, record.id, 1),
+                 lambda: manager.exec(OWNER, record.id, "1")):
+        with pytest.raises(ServiceError) as gone:
+            call()
+        assert gone.value.status == 410
+    manager.delete(OWNER, record.id)
+    assert manager.list(OWNER) == []
+
+
+def test_a_vm_that_died_unnoticed_makes_fork_and_freeze_410(manager, engine):
+    record = manager.create(OWNER)
+    engine.stop(Path(record.vm_dir), record.machine)  # killed from outside; the keeper has not looked yet
+    with pytest.raises(ServiceError) as gone:
+        manager.freeze(OWNER, record.id)
+    assert gone.value.status == 410 and manager.get(OWNER, record.id).state == LOST
+
+
+# ---- several processes -----------------------------------------------------------------------------------------
+
+
+def test_code_runs_one_at_a_time_across_processes(manager, engine):
+    record = manager.create(OWNER)
+    other = second_process(manager, engine)
+    held = take_code_lock(Path(record.vm_dir))  # an exec in another worker
+    try:
+        for call in (lambda m: m.exec(OWNER, record.id, "1"), lambda m: m.fork(OWNER, record.id, 1),
+                     lambda m: m.freeze(OWNER, record.id)):
+            for process in (manager, other):
+                with pytest.raises(Busy):
+                    call(process)
+    finally:
+        os.close(held)
+    assert run(other, record.id, "2") == "2"
+    other.close()
+
+
+def test_a_sandbox_resumed_by_another_process_is_reached_at_its_new_vm(manager, engine):
+    record = manager.create(OWNER)
+    run(manager, record.id, "x = 5")  # this process is attached to the first VM
+    other = second_process(manager, engine)
+    other.freeze(OWNER, record.id)
+    other.resume(OWNER, record.id)
+    assert manager.get(OWNER, record.id).vm_dir != record.vm_dir
+    assert run(manager, record.id, "x") == "5"  # re-attached to the new VM, not the stale connection
+    other.close()
+
+
+def test_each_process_takes_its_own_agent_port(manager, engine):
+    record = manager.create(OWNER)
+    workers = [second_process(manager, engine) for _ in range(2)]
+    for worker in workers:
+        run(worker, record.id, "1")
+    locks = sorted(p.name for p in Path(record.vm_dir).glob("agent-*.lock"))
+    assert locks == ["agent-1.lock", "agent-2.lock"]
+    run(manager, record.id, "1")  # port 3
+    fourth = second_process(manager, engine)
+    with pytest.raises(Busy, match="every connection"):  # 4 ports, port 0 belongs to whoever started the VM
+        run(fourth, record.id, "1")
+    for worker in (*workers, fourth):
+        worker.close()
+
+
+def test_delete_removes_the_vm_the_snapshot_and_the_record(manager, engine):
+    running, frozen = manager.create(OWNER), manager.create(OWNER)
+    manager.freeze(OWNER, frozen.id)
+    manager.delete(OWNER, running.id)
+    manager.delete(OWNER, frozen.id)
+    assert engine.vms == {} and manager.registry.list() == []
+    assert not manager.snapshot_dir(frozen.id).exists()
+    with pytest.raises(NotFound):
+        manager.get(OWNER, running.id)
+
+
+def test_config_changes_apply_to_the_next_call(manager):
+    manager.config = replace(manager.config, max_sandboxes_per_key=1)
+    manager.create(OWNER)
+    with pytest.raises(LimitReached):
+        manager.create(OWNER)
