@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from service.manager import SandboxManager
 from tests.unit.agent_harness import AgentProcess
+from tests.unit.fakes import FakeEngine, fake_manager, make_config
 
 
 @pytest.fixture
@@ -30,3 +33,39 @@ def agent_factory() -> Iterator[Callable[..., AgentProcess]]:
 def agent(agent_factory: Callable[..., AgentProcess]) -> AgentProcess:
     """One guest agent on this host, ready for requests."""
     return agent_factory()
+
+
+# The real manager over a fake engine (tests/unit/fakes.py). A module changes the service's settings by defining
+# its own `service_overrides` (spec [service] keys), and the template's warm state by its own `warm_namespace`.
+
+
+@pytest.fixture
+def service_overrides() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+def warm_namespace() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+def config(tmp_path, service_overrides):
+    return make_config(tmp_path, **service_overrides)
+
+
+@pytest.fixture
+def fake(config, warm_namespace) -> Iterator[tuple[SandboxManager, FakeEngine]]:
+    manager, engine = fake_manager(config, warm_namespace)
+    yield manager, engine
+    manager.close()
+
+
+@pytest.fixture
+def manager(fake) -> SandboxManager:
+    return fake[0]
+
+
+@pytest.fixture
+def engine(fake) -> FakeEngine:
+    return fake[1]

@@ -41,12 +41,14 @@ from service.manager import SandboxManager
 from service.registry import Registry
 from service.settings import ServiceConfig
 from service.template_store import TemplateStore
+from tests.configs import service_config
 
 BUSY_CODE = "# busy"  # the agent answers that it is already running code
 LOST_CODE = "# lose the vm"  # the VM dies after printing a line
 CRASH_CODE = "# crash the service"  # something unexpected is raised mid-exec
 CHUNKS_CODE = "# three chunks"  # stdout in three events, then a display, then a value
 FAKE_MEMORY_MIB = 256
+KEY_A, KEY_B = "key-a", "key-b"
 
 
 @dataclass
@@ -311,6 +313,20 @@ def _copy_namespace(namespace: dict[str, Any]) -> dict[str, Any]:
         except TypeError:
             copied[name] = value
     return copied
+
+
+def make_config(tmp: Path, **service: Any) -> ServiceConfig:
+    """The service's config for tests, keys KEY_A and KEY_B, with small limits the tests can cross (3 sandboxes
+    per key, room for 2 frozen ones of this engine's 256 MiB); `service` overrides more of the spec's [service]."""
+    limits = {"max_body_bytes": 4096, "max_code_bytes": 1024, "max_file_bytes": 64 << 10,
+              "max_sandboxes_per_key": 3, "frozen_quota_bytes": 600 << 20}
+    return service_config(tmp / "image", [KEY_A, KEY_B], paths={"run_dir": tmp / "run", "state_dir": tmp / "state"},
+                          service=limits | service)
+
+
+def states(manager: SandboxManager) -> dict[str, str]:
+    """Every sandbox the registry holds (any key), and its state."""
+    return {record.id: record.state for record in manager.registry.list()}
 
 
 def fake_manager(config: ServiceConfig, warm: dict[str, Any] | None = None) -> tuple[SandboxManager, FakeEngine]:

@@ -18,56 +18,16 @@ import pytest
 from service.api import create_app
 from service.api.openapi import openapi_document
 from service.attachments import take_code_lock
-from service.manager import SandboxManager
-from service.settings import ServiceConfig
-from tests.configs import service_config
 
-from .fakes import BUSY_CODE, CHUNKS_CODE, CRASH_CODE, LOST_CODE, FakeEngine, fake_manager
+from .fakes import BUSY_CODE, CHUNKS_CODE, CRASH_CODE, KEY_A, KEY_B, LOST_CODE, fake_manager, make_config, states
 
-KEY_A, KEY_B = "key-a", "key-b"
 A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}
-
-
-def make_config(tmp: Path, **service) -> ServiceConfig:
-    """Small limits so the tests can cross them (3 sandboxes per key, room for 2 frozen ones of the fake engine's
-    256 MiB); `service` overrides more of the spec's [service]."""
-    limits = {"max_body_bytes": 4096, "max_code_bytes": 1024, "max_file_bytes": 64 << 10,
-              "max_sandboxes_per_key": 3, "frozen_quota_bytes": 600 << 20}
-    return service_config(tmp / "image", [KEY_A, KEY_B], paths={"run_dir": tmp / "run", "state_dir": tmp / "state"},
-                          service=limits | service)
-
-
-@pytest.fixture
-def config(tmp_path) -> ServiceConfig:
-    return make_config(tmp_path)
-
-
-@pytest.fixture
-def fake(config) -> tuple[SandboxManager, FakeEngine]:
-    manager, engine = fake_manager(config)
-    yield manager, engine
-    manager.close()
-
-
-@pytest.fixture
-def manager(fake) -> SandboxManager:
-    return fake[0]
-
-
-@pytest.fixture
-def engine(fake) -> FakeEngine:
-    return fake[1]
 
 
 @pytest.fixture
 def app(config, manager) -> falcon.App:
     return create_app(config, manager)
-
-
-def states(manager: SandboxManager) -> dict[str, str]:
-    """Every sandbox the registry holds (any key), and its state."""
-    return {record.id: record.state for record in manager.registry.list()}
 
 
 @pytest.fixture

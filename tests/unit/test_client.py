@@ -22,27 +22,13 @@ from appliance.client import (
 )
 from appliance.client.tools import OPENAI_TOOL, run_tool_call
 from service.api import create_app
-from service.manager import SandboxManager
 
-from .fakes import BUSY_CODE, CHUNKS_CODE, FakeEngine, fake_manager
-from .test_api import KEY_A, KEY_B, make_config, states
+from .fakes import BUSY_CODE, CHUNKS_CODE, KEY_A, KEY_B, states
 
 
 @pytest.fixture
-def fake(tmp_path) -> tuple[SandboxManager, FakeEngine]:
-    manager, engine = fake_manager(make_config(tmp_path, max_file_bytes=16 << 20, max_sandboxes_per_key=2))
-    yield manager, engine
-    manager.close()
-
-
-@pytest.fixture
-def manager(fake) -> SandboxManager:
-    return fake[0]
-
-
-@pytest.fixture
-def engine(fake) -> FakeEngine:
-    return fake[1]
+def service_overrides() -> dict:
+    return {"max_file_bytes": 16 << 20, "max_sandboxes_per_key": 2}
 
 
 @pytest.fixture

@@ -15,28 +15,19 @@ from service.errors import Busy, Invalid, LimitReached, NetworkUnavailable, NotF
 from service.manager import SandboxManager
 from service.registry import FROZEN, LOST, POOLED, RUNNING, Registry, SandboxRecord
 
-from .fakes import LOST_CODE, FakeEngine, fake_manager
-from .test_api import make_config
+from .fakes import LOST_CODE, FakeEngine
 
 OWNER, OTHER = "owner-hash", "other-hash"
 
 
 @pytest.fixture
-def fake(tmp_path) -> tuple[SandboxManager, FakeEngine]:
-    manager, engine = fake_manager(make_config(tmp_path, max_sandboxes_per_key=3, max_sandboxes=5),
-                                   warm={"warm": 41})
-    yield manager, engine
-    manager.close()
+def service_overrides() -> dict:
+    return {"max_sandboxes_per_key": 3, "max_sandboxes": 5}
 
 
 @pytest.fixture
-def manager(fake) -> SandboxManager:
-    return fake[0]
-
-
-@pytest.fixture
-def engine(fake) -> FakeEngine:
-    return fake[1]
+def warm_namespace() -> dict:
+    return {"warm": 41}
 
 
 def second_process(manager: SandboxManager, engine: FakeEngine) -> SandboxManager:

@@ -15,11 +15,9 @@ from appliance.cli import main
 from appliance.commands import sandboxes
 from service.api import create_app
 from service.attachments import take_code_lock
-from service.manager import SandboxManager
 from service.settings import hash_key
 
-from .fakes import fake_manager
-from .test_api import KEY_A, KEY_B, make_config, states
+from .fakes import KEY_A, KEY_B, states
 
 OWNER_A = hash_key(KEY_A)
 
@@ -31,10 +29,8 @@ def appliance_sandboxes(*argv: str) -> Result:
 
 
 @pytest.fixture
-def manager(tmp_path) -> SandboxManager:
-    manager, _ = fake_manager(make_config(tmp_path, max_sandboxes_per_key=4))
-    yield manager
-    manager.close()
+def service_overrides() -> dict:
+    return {"max_sandboxes_per_key": 4}
 
 
 @pytest.fixture
