@@ -278,7 +278,7 @@ class SandboxManager:
     def freeze_record(self, record: SandboxRecord) -> SandboxRecord:
         self._check_frozen_quota(record)
         sandbox = self._attach_alive(record)
-        with _idle_for(record, f"freezing {record.id} failed; it keeps running"):
+        with _code_locked(record, f"freezing {record.id} failed; it keeps running"):
             self.engine.freeze(sandbox, self.snapshot_dir(record.id), self.config.compress_snapshots,
                                networked=record.network is not None)
         self.attachments.forget(record.id)
@@ -331,7 +331,7 @@ class SandboxManager:
         sandbox = self._attach_alive(record)
         ids = [new_sandbox_id() for _ in range(n)]
         failure = f"fork of {sandbox_id} failed; it keeps running unchanged"
-        with _idle_for(record, failure):
+        with _code_locked(record, failure):
             template, clones = self.engine.fork(sandbox, ids, networked=record.network is not None)
         try:  # each clone: the parent's policy, its own namespace, MAC and address
             networks = [None if wanted is None else self._give_network(clone, wanted) for clone in clones]
@@ -475,7 +475,7 @@ def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
 
 
 @contextlib.contextmanager
-def _idle_for(record: SandboxRecord, failure: str) -> Iterator[None]:
+def _code_locked(record: SandboxRecord, failure: str) -> Iterator[None]:
     """Hold the code lock for a fork or freeze; engine failures become service errors that start with `failure`."""
     lock_fd = attachments.take_code_lock(Path(record.vm_dir))
     try:

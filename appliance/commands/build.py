@@ -5,7 +5,8 @@ from pathlib import Path
 import click
 
 from ..progress import Progress
-from .common import load, quiet_option, spec_option
+from ..spec import load_spec
+from .options import quiet_option, spec_option
 
 
 @click.group("build")
@@ -21,7 +22,7 @@ def build_guest(spec_path: Path | None, quiet: bool, force: bool) -> None:
     """Kernel + initramfs + read-only rootfs + manifest, cached by spec hash."""
     from ..build.guest import build_guest_image
 
-    spec = load(spec_path)
+    spec = load_spec(spec_path)
     image_dir = build_guest_image(spec, force=force, progress=Progress(quiet=quiet))
     click.echo(str(image_dir))
 
@@ -42,7 +43,7 @@ def build_host(spec_path: Path | None, quiet: bool, output: Path, fmt: str, site
     """A bootable GPT disk image (UEFI and BIOS) that comes up as a ready appliance node."""
     from ..build.host.image import build_host_image
 
-    spec = load(spec_path)
+    spec = load_spec(spec_path)
     image = build_host_image(spec, output, fmt=fmt, site_config=site_config, force=force,
                              progress=Progress(quiet=quiet), verbose=verbose)
     size = image.manifest["disk"]

@@ -5,7 +5,8 @@ from pathlib import Path
 import click
 
 from ..progress import Progress
-from .common import load, quiet_option, spec_option
+from ..spec import load_spec
+from .options import quiet_option, spec_option
 
 
 @click.command("bundle")
@@ -34,7 +35,7 @@ def bundle_command(spec_path: Path | None, quiet: bool, output: Path | None, ver
             with progress.phase("verify", verify_path.name):
                 manifest = bundle.verify_bundle(verify_path)
         else:
-            spec = load(spec_path)
+            spec = load_spec(spec_path)
             if image_dir is None:
                 from ..spec import guest_image_dir
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from .common import quiet_option
+from .options import quiet_option
 
 
 @click.command("deploy")

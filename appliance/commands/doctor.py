@@ -6,7 +6,9 @@ from pathlib import Path
 import click
 
 from .. import doctor_checks, host_tools
-from .common import load, open_engine, spec_option
+from ..spec import load_spec
+from .options import spec_option
+from .terminal import open_engine
 
 _MARKS = {"ok": ("✓", "green"), "warn": ("!", "yellow"), "fail": ("✗", "red")}
 
@@ -18,7 +20,7 @@ def doctor_command(spec_path: Path | None) -> None:
     from service import settings
     from service.engine import EngineError, accel, jail
 
-    spec = load(spec_path)
+    spec = load_spec(spec_path)
     jailed = settings.engine_config(spec).isolation is not None
     # With isolation.jail = 'on', a missing jail tool stops every sandbox; with 'auto' the VMs run unjailed.
     required = {*host_tools.REQUIRED_PURPOSES, *(("jail",) if spec.isolation.jail == "on" else ())}

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from .common import load, spec_option
+from ..spec import load_spec
+from .options import spec_option
 
 
 @click.command("launcher")
@@ -34,7 +35,7 @@ def launcher_command(client_group: str | None, allowed_users: tuple[str, ...], s
     if os.geteuid() != 0:
         raise click.ClickException("the launcher switches users and creates namespaces: run it as root")
     allowed_uids = frozenset(_uid_of(user) for user in allowed_users)
-    spec = load(spec_path)
+    spec = load_spec(spec_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if spec.isolation.jail == "off":
         raise click.ClickException("isolation.jail is 'off' in the spec: there is nothing for a launcher to do")

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import click
 
-from .common import boot_sandbox, load, print_event, print_outcome, quiet_option, spec_option
+from ..spec import load_spec
+from .options import quiet_option, spec_option
+from .terminal import boot_sandbox, print_event, print_outcome
 
 
 @click.command("run")
@@ -20,7 +22,7 @@ def run_command(script, code: str | None, timeout: float | None, language: str, 
     if (script is None) == (code is None):
         raise click.UsageError("give either a script file or -c CODE")
     source = code if code is not None else script.read()
-    spec = load(spec_path)
+    spec = load_spec(spec_path)
     with boot_sandbox(spec, quiet) as sandbox:
         try:
             result = sandbox.run_code(source, timeout_s=timeout, language=language, on_event=print_event)

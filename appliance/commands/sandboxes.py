@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import load, spec_option
+from ..spec import load_spec
+from .options import spec_option
 
 if TYPE_CHECKING:
     import httpx
@@ -51,7 +52,7 @@ def connection_options(command: Callable) -> Callable:
 def resolve_target(url: str | None, key: str | None, spec_path: Path | None) -> Target:
     if url and key:
         return Target(url.rstrip("/"), key)
-    spec = load(spec_path)
+    spec = load_spec(spec_path)
     if not url:
         host = spec.service.host
         host = "127.0.0.1" if host in ("", "0.0.0.0") else "[::1]" if host == "::" else host

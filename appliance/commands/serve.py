@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
-from .common import load, open_engine, spec_option
+from ..spec import load_spec
+from .options import spec_option
+from .terminal import open_engine
 
 
 def gunicorn_argv(config_file: Path) -> list[str]:
@@ -29,7 +31,7 @@ def serve_command(host: str | None, port: int | None, workers: int | None, spec_
     """
     from service import settings
 
-    spec = load(spec_path, service={"host": host, "port": port, "workers": workers})
+    spec = load_spec(spec_path, {"service": {"host": host, "port": port, "workers": workers}})
     open_engine(spec)  # no guest image: fail here in one line, not later in the pool keeper's log
     try:
         _, created = settings.resolve_api_keys(spec)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from .common import boot_sandbox, load, print_event, print_outcome, quiet_option, spec_option
+from ..spec import load_spec
+from .options import quiet_option, spec_option
+from .terminal import boot_sandbox, print_event, print_outcome
 
 
 def read_cell(prompt=input) -> str | None:
@@ -35,7 +37,7 @@ def shell_command(spec_path: Path | None, quiet: bool) -> None:
     """An interactive Python prompt whose namespace lives in one microVM. Ctrl-C interrupts, Ctrl-D leaves."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input()
-    spec = load(spec_path)
+    spec = load_spec(spec_path)
     with boot_sandbox(spec, quiet) as sandbox:
         while True:
             try:

@@ -22,7 +22,7 @@ import falcon
 
 from service.settings import ServiceConfig
 
-from . import errors
+from . import error_responses
 from .docs import Docs
 from .exec import Exec, Interrupt
 from .files import FileList, Files
@@ -45,7 +45,7 @@ def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None) -
     app.req_options.auto_parse_qs_csv = False
     app.req_options.strip_url_path_trailing_slash = True
     app.resp_options.secure_cookies_by_default = False
-    errors.install(app)
+    error_responses.install(app)
 
     sandbox = "/v1/sandboxes/{sandbox_id}"
     app.add_route("/v1/sandboxes", SandboxCollection(manager, config.max_body_bytes, metrics))

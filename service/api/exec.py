@@ -23,7 +23,7 @@ from service.engine import ExecResult
 from service.errors import SandboxLostError, TooLarge
 
 from .metrics import Metrics
-from .validation import ExecRequest, parse, read_json
+from .request_models import ExecRequest, parse, read_json
 
 log = logging.getLogger("appliance.api")
 NDJSON = "application/x-ndjson"

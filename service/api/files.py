@@ -12,8 +12,8 @@ import falcon
 
 from service.errors import TooLarge
 
-from .bodies import body_stream
-from .errors import InvalidField
+from .body_streams import body_stream
+from .error_responses import InvalidField
 
 CHUNK = 1 << 20
 

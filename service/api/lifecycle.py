@@ -10,10 +10,10 @@ import time
 
 import falcon
 
-from .errors import InvalidField
+from .error_responses import InvalidField
 from .metrics import Metrics
+from .request_models import ForkRequest, parse, read_json
 from .sandboxes import sandbox_json
-from .validation import ForkRequest, parse, read_json
 
 
 class Fork:

@@ -11,7 +11,7 @@ from typing import Any
 
 import falcon
 
-from .validation import VISIBLE_STATES, CreateSandbox, ExecRequest, ForkRequest
+from .request_models import VISIBLE_STATES, CreateSandbox, ExecRequest, ForkRequest
 
 API_VERSION = "1.0.0"
 

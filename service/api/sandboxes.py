@@ -11,9 +11,9 @@ import falcon
 from service.engine import netpolicy
 from service.registry import RUNNING, SandboxRecord
 
-from .errors import InvalidField
+from .error_responses import InvalidField
 from .metrics import Metrics
-from .validation import VISIBLE_STATES, CreateSandbox, parse, read_json
+from .request_models import VISIBLE_STATES, CreateSandbox, parse, read_json
 
 DEFAULT_TEMPLATE = "default"
 

@@ -14,7 +14,7 @@ import falcon
 
 from service.errors import Invalid, ServiceError
 
-from .bodies import discard_unread
+from .body_streams import discard_unread
 
 log = logging.getLogger("appliance.api")
 

@@ -1,26 +1,11 @@
-"""Options and helpers shared by several commands, defined once."""
+"""A sandbox on this machine for `run` and `shell` (and the engine for `doctor` and `serve`): booting it, and its
+output on the terminal as it arrives."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from ..spec import ApplianceSpec, load_spec
-
-spec_option = click.option(
-    "--spec",
-    "spec_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Spec file (default: ./appliance.toml, or $APPLIANCE_CONFIG).",
-)
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print no progress.")
-
-
-def load(spec_path: Path | None, **overrides: dict) -> ApplianceSpec:
-    """The spec with CLI flags laid over it; SpecError becomes a one-line CLI error in cli.py."""
-    return load_spec(spec_path, overrides or None)
+from ..spec import ApplianceSpec
 
 
 def open_engine(spec: ApplianceSpec):

@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import BadRequest, TooLarge
 
-from .bodies import is_chunked
-from .errors import InvalidField
+from .body_streams import is_chunked
+from .error_responses import InvalidField
 
 Model = TypeVar("Model", bound=BaseModel)
 
