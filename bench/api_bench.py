@@ -24,6 +24,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tables import ms, percentile  # bench/, the script's own directory
+
 from tests.live_service import LiveService
 
 
@@ -34,16 +36,8 @@ class Row:
     server: list[float] = field(default_factory=list)
 
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 def fmt(samples: list[float], q: float) -> str:
-    if not samples:
-        return "-"
-    value = percentile(samples, q)
-    return f"{value * 1000:.2f} ms" if value < 1 else f"{value:.2f} s"
+    return ms(percentile(samples, q)) if samples else "-"
 
 
 def server_seconds(response: httpx.Response) -> float:

@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from tables import print_rows  # bench/, the script's own directory
+from tables import ms, percentile, print_rows  # bench/, the script's own directory
 
 from appliance.spec import load_spec
 from service import settings
@@ -36,15 +36,6 @@ for line in sys.stdin:
         exec(code, ns); result = None
     sys.stdout.write(json.dumps(result) + "\n"); sys.stdout.flush()
 """
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def time_calls(fn, calls: int) -> list[float]:

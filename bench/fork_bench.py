@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tables import ms, p50  # bench/, the script's own directory
+
 from appliance.spec import load_spec
 from service import settings
 from service.engine import Engine, Sandbox
@@ -45,14 +47,6 @@ class Row:
     target: str = ""
     verdict: str = ""
     note: str = ""
-
-
-def p50(samples: list[float]) -> float:
-    return statistics.median(samples)
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
 def verdict(ok: bool) -> str:

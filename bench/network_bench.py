@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tables import print_rows  # bench/, the script's own directory
+from tables import ms, p50, print_rows  # bench/, the script's own directory
 
 from appliance.spec import guest_image_dir, load_spec
 from service import settings
@@ -43,7 +43,7 @@ POLICIES = {"none (baseline)": None, "egress none": {"egress": "none"},
 
 
 def p50_ms(samples: list[float]) -> str:
-    return f"{statistics.median(samples) * 1000:.0f} ms"
+    return ms(p50(samples))
 
 
 def wait_pool(manager: SandboxManager, thread: threading.Thread) -> None:
