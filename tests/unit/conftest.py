@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import falcon
+import falcon.testing
 import pytest
 
+from service.api import create_app
 from service.manager import SandboxManager
 from tests.unit.agent_harness import AgentProcess
+from tests.unit.api_helpers import A
 from tests.unit.fakes import FakeEngine, fake_manager, make_config
 
 
@@ -69,3 +73,21 @@ def manager(fake) -> SandboxManager:
 @pytest.fixture
 def engine(fake) -> FakeEngine:
     return fake[1]
+
+
+# The API app around that manager, and one sandbox of key A.
+
+
+@pytest.fixture
+def app(config, manager) -> falcon.App:
+    return create_app(config, manager)
+
+
+@pytest.fixture
+def client(app) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(app)
+
+
+@pytest.fixture
+def sandbox_id(client) -> str:
+    return client.simulate_post("/v1/sandboxes", json={}, headers=A).json["id"]

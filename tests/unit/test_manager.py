@@ -1,6 +1,6 @@
 """The real SandboxManager's rules against a fake engine (tests/unit/fakes.py): owners, limits, states, the pool
 hand-out, fork/freeze/resume policy, what two processes sharing a registry see, and engine failures mapped to
-service errors. The API tests (test_api.py) meet the same rules through HTTP; these are the ones HTTP hides."""
+service errors. The API tests (test_api_*.py) meet the same rules through HTTP; these are the ones HTTP hides."""
 
 from __future__ import annotations
 
