@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from appliance_agent.netconfig import MODULES_DIR as NETWORK_MODULES_DIR
+from appliance_agent.protocol import NETWORK_MODULES_DIR
 
 from appliance import host_tools
 from appliance.build import kernel as kernel_stage

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance_agent.netconfig import HOSTNAME  # what the guest accepts as a host name is what a policy may name
+from appliance_agent.protocol import HOSTNAME  # what the guest accepts as a host name is what a policy may name
 
 IPv4Net = ipaddress.IPv4Network
 MAX_ALLOW = 64

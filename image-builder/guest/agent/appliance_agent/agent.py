@@ -14,7 +14,7 @@ import time
 
 from appliance_agent import __version__, arguments, children, codegroups, files, frames, protocol, sysops
 from appliance_agent.arguments import BadRequest, ExecArgs
-from appliance_agent.arguments import error as _error
+from appliance_agent.arguments import error as error_result
 from appliance_agent.arguments import seconds as _seconds
 from appliance_agent.channel import HostChannel, Outbox
 from appliance_agent.children import Child, WorkerProcess
@@ -101,7 +101,7 @@ class Agent:
             write_fd,
             reconnecting=reconnecting,
             on_line=lambda line, payload: self._on_line(channel, line, payload),
-            on_bad_stream=lambda reason: self._error(channel, 0, ErrorCode.BAD_REQUEST, reason),
+            on_bad_stream=lambda reason: self._send_error(channel, 0, ErrorCode.BAD_REQUEST, reason),
             on_connect=lambda: self._hello(channel),
             on_closed=lambda gone: self._channel_closed(channel, gone),
         )
@@ -176,14 +176,14 @@ class Agent:
     # -- host messages -------------------------------------------------------------------------------------
 
     @staticmethod
-    def _error(channel: HostChannel, request_id: int, code: str, message: str) -> None:
+    def _send_error(channel: HostChannel, request_id: int, code: str, message: str) -> None:
         channel.send(protocol.event(request_id, "error", code=code, message=message))
 
     def _on_line(self, channel: HostChannel, line: bytes, payload: bytes | None = None) -> None:
         try:
             message = protocol.decode(line)
         except protocol.ProtocolError as exc:
-            self._error(channel, 0, ErrorCode.BAD_REQUEST, str(exc))
+            self._send_error(channel, 0, ErrorCode.BAD_REQUEST, str(exc))
             return
         if payload is not None:
             message[frames.PAYLOAD_KEY] = payload
@@ -192,24 +192,24 @@ class Agent:
         handler = self._ops.get(op) if isinstance(op, str) else None
         if handler is None:
             if "op" in message:
-                self._error(channel, request_id, ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+                self._send_error(channel, request_id, ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
             else:
-                self._error(channel, request_id, ErrorCode.BAD_REQUEST, "a request needs an 'op'")
+                self._send_error(channel, request_id, ErrorCode.BAD_REQUEST, "a request needs an 'op'")
             return
         try:
             handler(channel, request_id, message)
         except BadRequest as exc:
-            self._error(channel, request_id, ErrorCode.BAD_REQUEST, str(exc))
+            self._send_error(channel, request_id, ErrorCode.BAD_REQUEST, str(exc))
         except Exception as exc:
             sysops.log(f"internal error serving {op}:\n{sysops.format_exc()}")
-            self._error(channel, request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._send_error(channel, request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _op_file(self, channel: HostChannel, request_id: int, message: dict[str, Any]) -> None:
         """File operations run here, between events: they are quick, bounded I/O on the guest's RAM disk."""
         try:
             reply, data = files.HANDLERS[message["op"]](message)
         except files.FileOpError as exc:
-            self._error(channel, request_id, exc.code, exc.message)
+            self._send_error(channel, request_id, exc.code, exc.message)
             return
         channel.send_encoded(frames.encode(protocol.event(request_id, "ok", **reply), data))
 
@@ -245,7 +245,7 @@ class Agent:
         try:
             sysops.set_clock(unix_ns)
         except (OSError, OverflowError) as exc:
-            self._error(channel, request_id, ErrorCode.INTERNAL, f"cannot set the clock: {exc}")
+            self._send_error(channel, request_id, ErrorCode.INTERNAL, f"cannot set the clock: {exc}")
             return
         channel.send(protocol.event(request_id, "ok"))
 
@@ -255,7 +255,7 @@ class Agent:
         try:
             reply = netconfig.HANDLERS[message["op"]](message)
         except (netconfig.NetConfigError, OSError) as exc:
-            self._error(channel, request_id, ErrorCode.INTERNAL, f"{message['op']} failed: {exc}")
+            self._send_error(channel, request_id, ErrorCode.INTERNAL, f"{message['op']} failed: {exc}")
             return
         channel.send(protocol.event(request_id, "ok", **reply))
 
@@ -270,7 +270,7 @@ class Agent:
 
     def _op_exec(self, channel: HostChannel, request_id: int, message: dict[str, Any]) -> None:
         if self._exec is not None:
-            self._error(channel, request_id, ErrorCode.BUSY, f"exec {self._exec.request_id} is still running")
+            self._send_error(channel, request_id, ErrorCode.BUSY, f"exec {self._exec.request_id} is still running")
             return
         args = ExecArgs(message)
         language, timeout_s = args.language, args.timeout_s
@@ -280,7 +280,7 @@ class Agent:
             try:
                 source = children.start_bash(args.code, self._groups.procs_file(codegroups.BASH))
             except OSError as exc:
-                self._error(channel, request_id, ErrorCode.INTERNAL, f"cannot start bash: {exc}")
+                self._send_error(channel, request_id, ErrorCode.INTERNAL, f"cannot start bash: {exc}")
                 return
             self._watch_output(source)
         else:
@@ -374,7 +374,7 @@ class Agent:
         worker.held = [data for data in worker.held if data is not running.worker_request]
         if running.timed_out:
             timeout = _seconds(running.timeout_s or 0)
-            error = _error("TimeoutError", f"execution exceeded {timeout} s before the Python process was ready")
+            error = error_result("TimeoutError", f"execution exceeded {timeout} s before the Python process was ready")
         else:
             error = {"name": "KeyboardInterrupt", "value": "", "traceback": "KeyboardInterrupt\n"}
         self._finish(running, error=error)
@@ -500,11 +500,12 @@ class Agent:
         code = os.waitstatus_to_exitcode(status)
         error = None
         if running.timed_out:
-            error = _error("TimeoutError", f"bash command exceeded {_seconds(running.timeout_s or 0)} s and was killed")
+            error = error_result("TimeoutError",
+                                 f"bash command exceeded {_seconds(running.timeout_s or 0)} s and was killed")
         elif code > 0:
-            error = _error("CalledProcessError", f"bash exited with code {code}")
+            error = error_result("CalledProcessError", f"bash exited with code {code}")
         elif code < 0:
-            error = _error("CalledProcessError", f"bash {sysops.describe_status(status)}")
+            error = error_result("CalledProcessError", f"bash {sysops.describe_status(status)}")
         self._finish(running, error=error, exit_code=code)
         self._retire(running.source)
 
@@ -619,7 +620,7 @@ class Agent:
         running = self._exec
         if running is not None and running.source is worker:
             self._drain(worker)
-            self._finish(running, error=_error("WorkerExited", text), restarted=True, worker_exit=text)
+            self._finish(running, error=error_result("WorkerExited", text), restarted=True, worker_exit=text)
         else:
             self._lost_note = text
             sysops.log(text)
@@ -643,7 +644,7 @@ class Agent:
         running = self._exec
         if running is not None and running.source is worker:
             self._drain(worker)
-            self._finish(running, error=_error(error_name, error_value), restarted=True, worker_exit=text)
+            self._finish(running, error=error_result(error_name, error_value), restarted=True, worker_exit=text)
         else:
             self._lost_note = text
         self._drop_worker(worker)

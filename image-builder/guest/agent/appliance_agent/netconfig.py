@@ -18,17 +18,16 @@ import time
 from typing import Any
 
 from appliance_agent.arguments import BadRequest
+from appliance_agent.protocol import HOSTNAME, NETWORK_MODULES_DIR
 
-# Where the image builder puts the on-demand modules, relative to the root; `order` lists them in load order.
-MODULES_DIR = "usr/lib/appliance/modules"
+# The on-demand modules (protocol.NETWORK_MODULES_DIR); `order` there lists them in load order.
+MODULES_DIR = NETWORK_MODULES_DIR
 _SYS_FINIT_MODULE = 313  # x86_64
 _HOSTS_MARK = "# appliance: allowed hosts (resolved on the host at creation)"
 _BASE_HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 MAX_HOSTS = 256
 
 

@@ -47,6 +47,7 @@ How the agent fills these in (appliance_agent.agent):
 from __future__ import annotations
 
 import json
+import re
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: importing `typing` costs the guest agent boot time under TCG
@@ -69,6 +70,11 @@ DEFAULT_GRACE_S = 2.0
 TRUNCATION_MARKER = "\n[output truncated: {omitted} bytes omitted]\n"
 
 NET_OPS = ("net_config", "net_prepare")  # served by netconfig.py, imported on first use
+# Where the image builder puts the NIC's on-demand kernel modules (relative to the guest root), for net_prepare.
+NETWORK_MODULES_DIR = "usr/lib/appliance/modules"
+# A host name the guest accepts in its /etc/hosts, and so what a sandbox's network policy may name.
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 # file_write, file_read and list_dir carry raw payloads: see frames.py.
 OPS = frozenset(
     {"ping", "exec", "interrupt", "reseed", "set_clock", "restart_worker", "file_write", "file_read", "list_dir",
