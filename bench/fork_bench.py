@@ -32,7 +32,7 @@ from tables import ms, p50  # bench/, the script's own directory
 from appliance.spec import load_spec
 from service import settings
 from service.engine import Engine, Sandbox
-from service.engine.snapshot import Snapshot, fork, freeze, resume
+from service.engine.snapshot import fork
 from tests.vmtools import kill_qemus_under
 
 GIB = 1 << 30
@@ -132,8 +132,8 @@ def bench_idle_pss(source: Sandbox, n: int, templates: Path, run_dir: Path, laun
                     f"(MemTotal {total / GIB:.1f} GiB − 2 GiB for the host − template) / private per copy"))
 
 
-def bench_freeze_resume(source: Sandbox, dirty_mib: int, runs: int, snapshots: Path, run_dir: Path, launcher,
-                        image_id: str, compress: bool, rows: list[Row]) -> Sandbox:
+def bench_freeze_resume(engine: Engine, source: Sandbox, dirty_mib: int, runs: int, snapshots: Path,
+                        compress: bool, rows: list[Row]) -> Sandbox:
     """Freeze/resume cycles of `source` (which is consumed); returns the last resumed sandbox."""
     result = source.run_code(f"ballast = np.ones({dirty_mib << 20} // 8)\n"
                              "m = dict(l.split(':') for l in open('/proc/meminfo'))\n"
@@ -145,11 +145,11 @@ def bench_freeze_resume(source: Sandbox, dirty_mib: int, runs: int, snapshots: P
     for run in range(runs):
         directory = snapshots / f"snap-{run}"
         started = time.perf_counter()
-        snapshot = freeze(current, directory, image_id, compress=compress)
+        engine.freeze(current, directory, compress, networked=False)
         freezes.append(time.perf_counter() - started)
-        sizes.append(snapshot.size_bytes)
+        sizes.append((directory / "state").stat().st_size)
         started = time.perf_counter()
-        current = resume(Snapshot.load(directory), run_dir, LIMITS, image_id, launcher=launcher)
+        current = engine.resume(directory, f"resumed-{compress:d}-{run}")
         answer = current.run_code("int(ballast[-1])")
         resumes.append(time.perf_counter() - started)
         assert answer.text == "1", answer.error
@@ -195,11 +195,9 @@ def main() -> None:
         launcher = engine.launcher  # copies and resumed VMs start as the source did
         bench_forks(source, sizes, args.runs, root / "templates", root / "clones", launcher, rows)
         bench_idle_pss(source, max(sizes), root / "templates", root / "clones", launcher, args.idle_s, rows)
-        last = bench_freeze_resume(source, args.dirty_mib, args.runs, snapshots, root / "resumed", launcher,
-                                   engine.image.image_id, False, rows)
+        last = bench_freeze_resume(engine, source, args.dirty_mib, args.runs, snapshots, False, rows)
         if args.compressed:
-            last = bench_freeze_resume(last, args.dirty_mib, 1, snapshots, root / "resumed", launcher,
-                                       engine.image.image_id, True, rows)
+            last = bench_freeze_resume(engine, last, args.dirty_mib, 1, snapshots, True, rows)
         rollup = smaps_rollup(last.vm.pid)
         rows.append(Row("memory of a resumed sandbox", f"{rollup['Pss'] >> 10} MiB", "", "",
                         f"Pss of its QEMU ({engine.config.memory_mib} MiB guest, {args.dirty_mib} MiB dirtied)"))

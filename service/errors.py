@@ -44,6 +44,18 @@ class NetworkUnavailable(ServiceError):
     code, status = "network_unavailable", 422
 
 
+class SnapshotIncompatible(ServiceError):
+    """A frozen sandbox made by another QEMU release, machine type, accelerator or guest image."""
+
+    code, status = "snapshot_incompatible", 422
+
+
+class SnapshotInvalid(ServiceError):
+    """A frozen sandbox whose metadata fails authentication (altered, or from another deployment)."""
+
+    code, status = "snapshot_invalid", 422
+
+
 class LimitReached(ServiceError):
     code, status = "limit_reached", 429
 

@@ -33,6 +33,7 @@ from service.engine import (
     SandboxClosed,
     SandboxLost,
     SnapshotMismatch,
+    SnapshotTampered,
 )
 
 from . import attachments
@@ -45,6 +46,8 @@ from .errors import (
     NotReady,
     SandboxLostError,
     ServiceError,
+    SnapshotIncompatible,
+    SnapshotInvalid,
 )
 from .errors import NetworkUnavailable as NetworkUnavailableError
 from .registry import FROZEN, LOST, POOLED, RUNNING, Registry, SandboxRecord
@@ -301,7 +304,10 @@ class SandboxManager:
             try:
                 sandbox = self.engine.resume(directory, _fresh_vm_id(sandbox_id))
             except SnapshotMismatch as exc:
-                raise Invalid(f"sandbox {sandbox_id} cannot be resumed on this host: {exc}") from None
+                raise SnapshotIncompatible(f"sandbox {sandbox_id} cannot be resumed on this host: {exc}") from None
+            except SnapshotTampered as exc:
+                log.error("refused to resume %s: %s", sandbox_id, exc)
+                raise SnapshotInvalid(f"sandbox {sandbox_id} cannot be resumed: {exc}; it stays frozen") from None
             except (EngineError, OSError) as exc:
                 raise ServiceError(f"resuming {sandbox_id} failed; it stays frozen: {exc}") from None
             try:

@@ -39,6 +39,7 @@ __all__ = [
 
 API_KEYS_ENV = "APPLIANCE_API_KEYS"
 KEY_FILE_NAME = "api-key"
+SECRET_FILE_NAME = "deployment.secret"
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,13 @@ def engine_config(spec: ApplianceSpec, image_dir: Path | None = None) -> EngineC
         limits=exec_limits(spec),
         isolation=_isolation(spec, launcher_socket),
         launcher_socket=launcher_socket,
+        secret_file=secret_file(spec),
     )
+
+
+def secret_file(spec: ApplianceSpec) -> Path:
+    """The deployment's secret (service/engine/deployment_secret.py), in the state directory."""
+    return spec.paths.state_dir / SECRET_FILE_NAME
 
 
 def hash_key(key: str) -> str:

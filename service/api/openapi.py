@@ -37,7 +37,8 @@ _ERROR_TEXT = {
     410: "The sandbox's VM stopped (code sandbox_lost): delete it and create a new one.",
     413: "The body (or the code, or the upload) is larger than the service's limit (code too_large).",
     422: "A field is invalid (code invalid); error.field names it. Also: a frozen sandbox this host cannot "
-    "restore (made by another QEMU version or guest image); it stays frozen.",
+    "restore (code snapshot_incompatible: made by another QEMU release, machine type or guest image) or whose "
+    "metadata fails authentication (code snapshot_invalid); it stays frozen.",
     429: "A limit on sandboxes per key or per host is reached (code limit_reached); see Retry-After. A fork "
     "counts each copy; frozen sandboxes do not count.",
     500: "The service failed (code internal). A failed fork, freeze or resume leaves the sandbox as it was "

@@ -19,7 +19,7 @@ from .errors import (
 from .netpolicy import PolicyError
 from .network import NetworkError, NetworkSettings
 from .sandbox import ExecLimits, ExecResult, Sandbox
-from .snapshot import SnapshotError, SnapshotMismatch
+from .snapshot import SnapshotError, SnapshotMismatch, SnapshotTampered
 from .template import Template, TemplateError
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "SandboxLost",
     "SnapshotError",
     "SnapshotMismatch",
+    "SnapshotTampered",
     "Template",
     "TemplateError",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import accel, network, snapshot
+from . import accel, deployment_secret, network, snapshot
 from .channel import AgentChannel
 from .errors import BootFailed, NetworkUnavailable, SandboxLost
 from .image import GuestImage
@@ -42,6 +42,7 @@ class EngineConfig:
     limits: ExecLimits
     isolation: JailPolicy | None  # None: QEMU runs as the service's user, unjailed
     launcher_socket: Path | None  # not root: jailing goes through the root launcher listening here
+    secret_file: Path  # the deployment's secret (deployment_secret.py): authenticates snapshot metadata
 
     @property
     def templates_dir(self) -> Path:
@@ -67,6 +68,7 @@ class Engine:
         self.image = GuestImage.load(config.image_dir)
         self._accelerator: accel.AcceleratorChoice | None = None
         self._launcher = launcher
+        self._secret: bytes | None = None
 
     # ---- what this engine runs on ------------------------------------------------------------------------------
 
@@ -155,13 +157,22 @@ class Engine:
     def freeze(self, sandbox: Sandbox, directory: Path, compress: bool, networked: bool) -> None:
         """Write the sandbox's whole state to `directory` and stop its VM; on failure it keeps running."""
         with self._quiet_nic(sandbox, networked):
-            snapshot.freeze(sandbox, directory, self.image.image_id, compress=compress)
+            snapshot.freeze(sandbox, directory, self.image.image_id, self.secret, compress=compress)
 
     def resume(self, directory: Path, vm_id: str) -> Sandbox:
-        """A detached sandbox from a frozen one (SnapshotMismatch if this host cannot restore it faithfully)."""
-        frozen = snapshot.Snapshot.load(directory)
-        return snapshot.resume(frozen, self.config.sandboxes_dir, self.config.limits, self.image.image_id,
-                               self.launcher, vm_id=vm_id, detach=True)
+        """A detached sandbox from a frozen one: SnapshotTampered if its metadata fails authentication,
+        SnapshotMismatch if this host cannot restore it faithfully. The machine is this engine's own, in the
+        snapshot's size."""
+        frozen = snapshot.Snapshot.load(directory, self.secret)
+        return snapshot.resume(frozen, self.machine(**frozen.shape()), self.config.sandboxes_dir, self.config.limits,
+                               self.image.image_id, self.launcher, vm_id=vm_id, detach=True)
+
+    @property
+    def secret(self) -> bytes:
+        """The deployment's secret, read (or made, on a first start) when first needed."""
+        if self._secret is None:
+            self._secret = deployment_secret.read_or_create(self.config.secret_file)
+        return self._secret
 
     # ---- sandboxes other processes started --------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from typing import Any
 from appliance_agent.protocol import agent_port_name
 
 QEMU_BINARY = "qemu-system-x86_64"
+MACHINE_TYPE = "microvm"  # recorded in snapshots: state restores only onto the same machine type
 # Debian's kernels are built with HZ=250; lpj must match the TSC rate we announce, or udelay() is wrong.
 GUEST_KERNEL_HZ = 250
 # QEMU's own seccomp filter (jailed VMs): no obsolete syscalls, no set*uid/capset, no fork/exec, no scheduler or
@@ -95,7 +96,7 @@ def build_qemu_command(config: MachineConfig, paths: RuntimePaths) -> list[str]:
     """The full argv for one sandbox VM. The only place a QEMU command line is assembled."""
     # RAM is always a named backend object ("ram"), so its RAM block has the same name whether it is anonymous
     # or a file: a state saved by one kind restores onto the other (freeze a clone, resume into plain RAM).
-    machine = "microvm,x-option-roms=off,rtc=on,pcie=off,memory-backend=ram"
+    machine = f"{MACHINE_TYPE},x-option-roms=off,rtc=on,pcie=off,memory-backend=ram"
     if config.memory_file is None:
         backend = f"memory-backend-ram,id=ram,size={config.memory_mib}M"
     else:

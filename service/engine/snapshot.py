@@ -13,10 +13,14 @@ that stream into a new shared RAM file and saves its device state next to it. Th
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -28,15 +32,19 @@ from typing import Any
 
 from .errors import EngineError
 from .launch import VmmLauncher
-from .machine import MachineConfig, machine_from_json, machine_to_json
+from .machine import MACHINE_TYPE, QEMU_BINARY, MachineConfig, machine_to_json
 from .sandbox import ExecLimits, Sandbox
 from .template import STATE_FILE as TEMPLATE_STATE
 from .template import Template, pass_fd, pass_file, restore, save_device_state, wait_migration
 from .vm import VirtualMachine
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 STATE, META = "state", "snapshot.json"
 _BANDWIDTH = 8 << 30
+_META_MAX = 64 << 10
+# What a snapshot decides about the machine it is resumed into: its size, within these bounds. Everything else of
+# the QEMU command line (the program, kernel, disk, options) comes from the resuming service's own configuration.
+_SHAPE_BOUNDS = {"vcpus": (1, 64), "memory_mib": (64, 262144), "agent_ports": (1, 30)}
 
 
 class SnapshotError(EngineError):
@@ -44,13 +52,26 @@ class SnapshotError(EngineError):
 
 
 class SnapshotMismatch(SnapshotError):
-    """The snapshot was made by another QEMU, for another machine or image: restoring it is refused."""
+    """The snapshot was made by another QEMU release, machine type, accelerator or guest image: refused."""
+
+
+class SnapshotTampered(SnapshotError):
+    """The snapshot's metadata is malformed or fails authentication: altered, or from another deployment."""
 
 
 @cache
-def qemu_version(binary: str = "qemu-system-x86_64") -> str:
+def qemu_release(binary: str = QEMU_BINARY) -> str:
+    """QEMU's major.minor ("10.0"): what migration compatibility follows (a package's security update keeps it)."""
     output = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
-    return output.splitlines()[0].strip()
+    match = re.search(r"version (\d+)\.(\d+)", output)
+    if match is None:
+        raise SnapshotError(f"cannot tell the QEMU version from {output.splitlines()[:1]}")
+    return f"{match.group(1)}.{match.group(2)}"
+
+
+def _signature(meta: dict[str, Any], key: bytes) -> str:
+    canonical = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, b"appliance-snapshot-v2\0" + canonical, hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -59,61 +80,82 @@ class Snapshot:
     meta: dict[str, Any]
 
     @classmethod
-    def load(cls, directory: Path) -> Snapshot:
+    def load(cls, directory: Path, key: bytes) -> Snapshot:
+        """The snapshot in `directory`, its metadata authenticated with the deployment's key and checked."""
         try:
-            meta = json.loads((directory / META).read_text())
-        except (OSError, ValueError) as exc:
-            raise SnapshotError(f"no complete snapshot at {directory}: {exc}") from None
-        if not (directory / STATE).is_file():
-            raise SnapshotError(f"snapshot {directory} has no state file")
-        return cls(directory, meta)
+            with open(directory / META, "rb") as handle:
+                data = handle.read(_META_MAX + 1)
+            state = os.lstat(directory / STATE)
+        except OSError as exc:
+            raise SnapshotError(f"no complete snapshot at {directory}: {exc.strerror}") from None
+        if len(data) > _META_MAX or not stat.S_ISREG(state.st_mode):
+            raise SnapshotTampered(f"snapshot {directory.name} is not one this service wrote")
+        try:
+            meta = json.loads(data)
+            signature = meta.pop("hmac")
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise SnapshotTampered(f"snapshot {directory.name} has malformed metadata") from None
+        if not isinstance(signature, str) or not hmac.compare_digest(signature, _signature(meta, key)):
+            raise SnapshotTampered(f"snapshot {directory.name} fails authentication: its metadata was altered, or "
+                                   "it was made by another deployment")
+        snapshot = cls(directory, meta)
+        snapshot.shape()  # types and bounds, even of a signed file
+        return snapshot
 
-    @property
-    def machine(self) -> MachineConfig:
-        return machine_from_json(self.meta["machine"])
+    def shape(self) -> dict[str, Any]:
+        """vcpus, memory_mib, agent_ports and nic, checked: the only machine facts a snapshot contributes."""
+        shape: dict[str, Any] = {}
+        for name, (low, high) in _SHAPE_BOUNDS.items():
+            value = self.meta.get(name)
+            if type(value) is not int or not low <= value <= high:
+                raise SnapshotTampered(f"snapshot {self.directory.name}: {name} {value!r} is out of bounds")
+            shape[name] = value
+        if type(self.meta.get("nic")) is not bool or type(self.meta.get("compressed")) is not bool:
+            raise SnapshotTampered(f"snapshot {self.directory.name}: nic and compressed must be booleans")
+        shape["nic"] = self.meta["nic"]
+        return shape
 
     @property
     def size_bytes(self) -> int:
         return (self.directory / STATE).stat().st_size
 
-    def check_restorable(self, image_id: str) -> None:
-        """Refuse, with the reason, a snapshot this host cannot restore faithfully."""
+    def check_restorable(self, machine: MachineConfig, image_id: str) -> None:
+        """Refuse, with the reason, a snapshot that `machine` on this host cannot restore faithfully."""
         if self.meta.get("format") != SNAPSHOT_FORMAT:
             raise SnapshotMismatch(f"snapshot format {self.meta.get('format')} is not {SNAPSHOT_FORMAT}")
-        machine = self.machine
-        here = qemu_version(machine.qemu_binary)
-        if self.meta.get("qemu_version") != here:
-            raise SnapshotMismatch(f"snapshot made by {self.meta.get('qemu_version')!r}, this host has {here!r}")
-        if self.meta.get("image_id") != image_id:
-            raise SnapshotMismatch(
-                f"snapshot made on guest image {self.meta.get('image_id')}, the installed image is {image_id}"
-            )
-        for path in (machine.kernel, machine.initrd, machine.rootfs):
-            if not path.is_file():
-                raise SnapshotMismatch(f"snapshot needs {path}, which is gone")
+        facts = (("QEMU release", "qemu_release", qemu_release()), ("machine type", "machine_type", MACHINE_TYPE),
+                 ("accelerator", "accelerator", machine.accelerator), ("guest image", "image_id", image_id))
+        for what, name, here in facts:
+            if self.meta.get(name) != here:
+                raise SnapshotMismatch(f"snapshot made with {what} {self.meta.get(name)!r}; this host has {here!r}")
 
 
-def freeze(sandbox: Sandbox, directory: Path, image_id: str, compress: bool = False,
+def freeze(sandbox: Sandbox, directory: Path, image_id: str, key: bytes, compress: bool = False,
            fail_after_stream: Callable[[], None] | None = None) -> Snapshot:
     """Write the sandbox's full state to `directory` and stop its VM. If anything fails, the VM keeps running
     and `directory` is untouched. `fail_after_stream` is a test hook to inject a failure at the worst moment."""
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    partial.mkdir(mode=0o700, parents=True)
     vm = sandbox.vm
-    machine = replace(vm.config, memory_file=None, memory_shared=True)  # a resumed VM gets its own RAM
     try:
         with sandbox.exclusive():
             _stream_full_state(vm, partial / STATE, compress)
         meta = {
             "format": SNAPSHOT_FORMAT,
-            "qemu_version": qemu_version(vm.config.qemu_binary),
-            "machine": machine_to_json(machine),
+            "qemu_release": qemu_release(),
+            "machine_type": MACHINE_TYPE,
+            "accelerator": vm.config.accelerator,
             "image_id": image_id,
+            "vcpus": vm.config.vcpus,
+            "memory_mib": vm.config.memory_mib,
+            "agent_ports": vm.config.agent_ports,
+            "nic": vm.config.nic,
             "compressed": compress,
             "created_at": time.time(),
         }
-        (partial / META).write_text(json.dumps(meta, indent=2))
+        _write_synced(partial / META, json.dumps({**meta, "hmac": _signature(meta, key)}, indent=2).encode())
+        _fsync_path(partial)
         if fail_after_stream is not None:
             fail_after_stream()
         if directory.exists():
@@ -124,6 +166,7 @@ def freeze(sandbox: Sandbox, directory: Path, image_id: str, compress: bool = Fa
             shutil.rmtree(old, ignore_errors=True)
         else:
             partial.rename(directory)
+        _fsync_path(directory.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         with contextlib.suppress(Exception):
@@ -133,13 +176,33 @@ def freeze(sandbox: Sandbox, directory: Path, image_id: str, compress: bool = Fa
     return Snapshot(directory, meta)
 
 
-def resume(snapshot: Snapshot, run_dir: Path, limits: ExecLimits, image_id: str, launcher: VmmLauncher,
-           timeout_s: float = 60.0, vm_id: str | None = None, detach: bool = False) -> Sandbox:
-    """A running sandbox from a snapshot, reseeded and with the clock set. The snapshot stays until deleted."""
-    snapshot.check_restorable(image_id)
-    reader = ["zstd", "-dc", str(snapshot.directory / STATE)] if snapshot.meta.get("compressed") else None
-    return restore(snapshot.machine, snapshot.directory / STATE, run_dir, limits, timeout_s, launcher, vm_id=vm_id,
-                   detach=detach, reader=reader, ignore_shared=False)
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_path(path: Path) -> None:
+    """A file's data, or a directory's entries, on disk before the rename that makes the snapshot count."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resume(snapshot: Snapshot, machine: MachineConfig, run_dir: Path, limits: ExecLimits, image_id: str,
+           launcher: VmmLauncher, timeout_s: float = 60.0, vm_id: str | None = None, detach: bool = False) -> Sandbox:
+    """A running sandbox from a snapshot, reseeded and with the clock set. `machine` is the resuming engine's own
+    (Engine.machine for the snapshot's shape): nothing of the command line comes from the snapshot's files.
+    The snapshot stays until deleted."""
+    snapshot.check_restorable(machine, image_id)
+    state = snapshot.directory / STATE
+    reader = ["zstd", "-dc", "--", str(state)] if snapshot.meta["compressed"] else None
+    return restore(machine, state, run_dir, limits, timeout_s, launcher, vm_id=vm_id, detach=detach, reader=reader,
+                   ignore_shared=False)
 
 
 def fork(

@@ -48,7 +48,8 @@ def run_dir(run_root, request) -> Path:
 @pytest.fixture(scope="session")
 def engine(spec, image_dir, run_root) -> Engine:
     try:
-        return Engine(replace(settings.engine_config(spec, image_dir), run_dir=run_root / "engine"))
+        return Engine(replace(settings.engine_config(spec, image_dir), run_dir=run_root / "engine",
+                              secret_file=run_root / "deployment.secret"))
     except ImageNotFound as exc:
         pytest.fail(str(exc))
 
@@ -68,4 +69,5 @@ def jailed_engine(spec, image_dir, run_root) -> Engine:
     if os.geteuid() != 0 or shutil.which("bwrap") is None:
         pytest.skip("the VMM jail needs root and bubblewrap (apt-get install bubblewrap)")
     config = settings.engine_config(spec, image_dir)
-    return Engine(replace(config, run_dir=run_root / "jailed", isolation=settings.jail_policy(spec)))
+    return Engine(replace(config, run_dir=run_root / "jailed", isolation=settings.jail_policy(spec),
+                          secret_file=run_root / "deployment.secret"))

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from service.errors import InsufficientStorage, Invalid, LimitReached, NotFound
+from service.errors import InsufficientStorage, Invalid, LimitReached, NotFound, SnapshotInvalid
 from service.manager import SandboxManager
 from service.pool import PoolKeeper
 from service.registry import FROZEN, POOLED, RUNNING
@@ -112,14 +112,14 @@ def test_freeze_survives_a_restart_with_tmpfs_cleared(manager, service_config):
         fresh.close()
 
 
-def test_mismatched_snapshot_is_refused_and_stays_frozen(manager):
+def test_an_altered_snapshot_is_refused_and_stays_frozen(manager):
     record = manager.create(OWNER)
     manager.freeze(OWNER, record.id)
     meta_file = manager.snapshot_dir(record.id) / "snapshot.json"
     meta = json.loads(meta_file.read_text())
     meta["image_id"] = "feedfacefeedface"
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(Invalid, match="guest image"):
+    with pytest.raises(SnapshotInvalid, match="fails authentication"):
         manager.resume(OWNER, record.id)
     assert manager.get(OWNER, record.id).state == FROZEN
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
-from service.engine.snapshot import Snapshot, SnapshotMismatch, fork, freeze, resume
+from service.engine import SnapshotMismatch, SnapshotTampered
+from service.engine.snapshot import META, _signature, fork, freeze
 from tests.configs import exec_limits
 from tests.vmtools import qemu_pids_under
 
@@ -27,29 +29,47 @@ CHECK = "(x, round(float(model.predict([[10.0]])[0]), 6), open('/data/notes.txt'
 @pytest.fixture
 def source(engine):
     sandbox = engine.boot(memory_mib=512)
-    assert sandbox.run_code(SETUP).error is None
+    assert sandbox.run_code(SETUP, timeout_s=300).error is None  # the first sklearn import is slow under TCG
     yield sandbox
     sandbox.close()
 
 
 def test_freeze_then_resume_keeps_process_state(engine, source, run_dir):
     expected = source.run_code(CHECK).text
-    snapshot = freeze(source, run_dir / "snap", engine.image.image_id, compress=True)
+    engine.freeze(source, run_dir / "snap", compress=True, networked=False)
     assert source.closed and qemu_pids_under(source.vm.dir) == []
-    reloaded = Snapshot.load(run_dir / "snap")  # as after a service restart: only what is on disk
-    with resume(reloaded, run_dir, LIMITS, engine.image.image_id, launcher=engine.launcher) as again:
+    assert (run_dir / "snap" / "state").stat().st_size > 0
+    with engine.resume(run_dir / "snap", "resumed") as again:  # only what is on disk, as after a restart
         assert again.run_code(CHECK).text == expected
-        assert abs(float(again.run_code("import time; time.time()").text) - time.time()) < 1.0
-    assert snapshot.size_bytes > 0
+        assert abs(float(again.run_code("import time; time.time()").text) - time.time()) < 1.0  # clock set
 
 
-def test_snapshot_of_another_image_is_refused(engine, source, run_dir):
-    snapshot = freeze(source, run_dir / "snap", engine.image.image_id)
+def resign(engine, directory, **changes) -> None:
+    """Change a snapshot's metadata as this deployment would have written it (validly signed)."""
+    meta = json.loads((directory / META).read_text())
+    meta.pop("hmac")
+    meta.update(changes)
+    (directory / META).write_text(json.dumps({**meta, "hmac": _signature(meta, engine.secret)}))
+
+
+def test_what_this_host_cannot_restore_or_did_not_write_is_refused_and_runs_nothing(engine, source, run_dir):
+    engine.freeze(source, run_dir / "snap", compress=False, networked=False)
+    before = sorted(engine.config.sandboxes_dir.glob("vm-*"))
+    resign(engine, run_dir / "snap", image_id="0123456789abcdef")
     with pytest.raises(SnapshotMismatch, match="guest image"):
-        resume(snapshot, run_dir, LIMITS, image_id="0123456789abcdef")
-    snapshot.meta["qemu_version"] = "QEMU emulator version 1.0"
-    with pytest.raises(SnapshotMismatch, match=r"QEMU emulator version 1\.0"):
-        resume(snapshot, run_dir, LIMITS, engine.image.image_id, launcher=engine.launcher)
+        engine.resume(run_dir / "snap", "other-image")
+    resign(engine, run_dir / "snap", image_id=engine.image.image_id, qemu_release="1.0")
+    with pytest.raises(SnapshotMismatch, match=r"QEMU release '1\.0'"):
+        engine.resume(run_dir / "snap", "other-qemu")
+    resign(engine, run_dir / "snap", qemu_release=json.loads((run_dir / "snap" / META).read_text())["qemu_release"])
+    meta = json.loads((run_dir / "snap" / META).read_text())
+    marker = run_dir / "ran"
+    meta["qemu_binary"] = f"/bin/sh -c 'touch {marker}'"  # what a tampered file asks for: never read
+    meta["memory_mib"] = 256
+    (run_dir / "snap" / META).write_text(json.dumps(meta))
+    with pytest.raises(SnapshotTampered, match="fails authentication"):
+        engine.resume(run_dir / "snap", "tampered")
+    assert sorted(engine.config.sandboxes_dir.glob("vm-*")) == before and not marker.exists()
 
 
 def test_failed_freeze_leaves_the_sandbox_running_and_no_snapshot(engine, source, run_dir):
@@ -57,7 +77,7 @@ def test_failed_freeze_leaves_the_sandbox_running_and_no_snapshot(engine, source
         raise RuntimeError("injected failure after the state was written")
 
     with pytest.raises(RuntimeError, match="injected"):
-        freeze(source, run_dir / "snap", engine.image.image_id, fail_after_stream=crash)
+        freeze(source, run_dir / "snap", engine.image.image_id, engine.secret, fail_after_stream=crash)
     assert not (run_dir / "snap").exists() and not (run_dir / "snap.partial").exists()
     assert source.run_code("x").text == "41"
 

@@ -33,6 +33,7 @@ from service.engine import (
     SandboxClosed,
     SandboxLost,
     SnapshotMismatch,
+    SnapshotTampered,
     Template,
 )
 from service.engine.machine import MachineConfig, machine_to_json
@@ -157,7 +158,8 @@ class FakeEngine:
         self.interrupts: list[str] = []  # sandbox ids whose code was interrupted
         self.upload_chunk_sizes: list[int] = []
         self.fail_next_fork = False  # the fork fails half way: nothing new may be left behind
-        self.unrestorable: set[str] = set()  # sandbox ids whose snapshot this "host" refuses
+        self.unrestorable: set[str] = set()  # sandbox ids whose snapshot this "host" cannot restore
+        self.tampered: set[str] = set()  # sandbox ids whose snapshot fails authentication
         self.network_unavailable: str | None = None
         self._ids = itertools.count(1)
 
@@ -220,7 +222,9 @@ class FakeEngine:
     def resume(self, directory: Path, vm_id: str) -> FakeSandbox:
         sandbox_id = directory.name
         if sandbox_id in self.unrestorable:
-            raise SnapshotMismatch("snapshot made by another QEMU")
+            raise SnapshotMismatch("snapshot made with QEMU release '7.2'; this host has '10.0'")
+        if sandbox_id in self.tampered:
+            raise SnapshotTampered(f"snapshot {sandbox_id} fails authentication")
         with open(directory / "state", "rb") as state:
             machine, namespace, files = pickle.load(state)
         return self._start(vm_id, machine, namespace, files)

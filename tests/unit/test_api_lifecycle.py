@@ -136,8 +136,13 @@ def test_resume_over_the_limit_is_429_and_unrestorable_is_422(client, manager, e
                  "limit_reached")
     client.simulate_delete(f"/v1/sandboxes/{ids[1]}", headers=A)
     engine.unrestorable.add(ids[0])
-    error = assert_error(client.simulate_post(f"/v1/sandboxes/{ids[0]}/resume", headers=A), 422, "invalid")
-    assert "cannot be resumed" in error["message"] and "field" not in error
+    resume = client.simulate_post(f"/v1/sandboxes/{ids[0]}/resume", headers=A)
+    error = assert_error(resume, 422, "snapshot_incompatible")
+    assert "cannot be resumed" in error["message"] and "QEMU release" in error["message"] and "field" not in error
+    engine.unrestorable.clear()
+    engine.tampered.add(ids[0])
+    error = assert_error(client.simulate_post(f"/v1/sandboxes/{ids[0]}/resume", headers=A), 422, "snapshot_invalid")
+    assert "fails authentication" in error["message"] and "stays frozen" in error["message"]
     assert states(manager)[ids[0]] == "frozen"
 
 

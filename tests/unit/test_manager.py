@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 from service.attachments import take_code_lock
-from service.errors import Busy, Invalid, LimitReached, NetworkUnavailable, NotFound, NotReady, ServiceError
+from service.errors import (
+    Busy,
+    Invalid,
+    LimitReached,
+    NetworkUnavailable,
+    NotFound,
+    NotReady,
+    ServiceError,
+    SnapshotIncompatible,
+    SnapshotInvalid,
+)
 from service.manager import SandboxManager
 from service.registry import FROZEN, LOST, POOLED, RUNNING, Registry, SandboxRecord
 
@@ -197,9 +207,14 @@ def test_an_unrestorable_snapshot_stays_frozen(manager, engine):
     record = manager.create(OWNER)
     manager.freeze(OWNER, record.id)
     engine.unrestorable.add(record.id)
-    with pytest.raises(Invalid, match="cannot be resumed"):
+    with pytest.raises(SnapshotIncompatible, match="cannot be resumed"):
+        manager.resume(OWNER, record.id)
+    engine.unrestorable.clear()
+    engine.tampered.add(record.id)
+    with pytest.raises(SnapshotInvalid, match="fails authentication"):
         manager.resume(OWNER, record.id)
     assert manager.get(OWNER, record.id).state == FROZEN and manager.snapshot_dir(record.id).is_dir()
+    assert len(engine.vms) == 0  # nothing was started for either
 
 
 def test_a_lost_sandbox_is_reported_lost_and_cannot_be_forked_or_frozen(manager):
