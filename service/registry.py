@@ -8,6 +8,7 @@ pooled clone.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -69,7 +70,14 @@ class SandboxRecord:
 
 class Registry:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Made 0600 before SQLite opens it (its -wal and -shm files take the same mode): it holds key hashes,
+        # whatever the process's umask.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
         self.path = path
         # One connection per thread: API workers serve requests on several threads, and a connection's
         # transaction is shared by every thread using it (BEGIN in one thread fails while another is in one).

@@ -181,9 +181,11 @@ def service_config(spec: ApplianceSpec, keys: list[str], image_dir: Path | None 
 
 
 def load_service_config(spec_path: Path | None = None) -> ServiceConfig:
-    """What an API worker and the pool keeper start with."""
+    """What an API worker and the pool keeper start with. The keys leave this process's environment once read:
+    nothing it starts later inherits them."""
     spec = load(spec_path)
     keys, _ = resolve_api_keys(spec)
+    os.environ.pop(API_KEYS_ENV, None)
     return service_config(spec, keys)
 
 

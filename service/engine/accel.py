@@ -8,10 +8,12 @@ sandbox on a host pays for the probe.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,18 +88,39 @@ def verdict_cache_file(run_dir: Path) -> Path:
 def cached_choice(cache_file: Path, key: str, decide: Callable[[], AcceleratorChoice]) -> AcceleratorChoice:
     """Reuse a verdict made earlier in this host boot for the same key (kernel image); else decide and store."""
     full_key = f"{_boot_id()}:{key}"
-    try:
-        stored = json.loads(cache_file.read_text())
-        if stored.get("key") == full_key:
-            return AcceleratorChoice(stored["name"], stored["reason"])
-    except (OSError, ValueError, KeyError):
-        pass
+    stored = _read_own(cache_file)
+    if stored is not None and stored.get("key") == full_key and stored.get("name") in ("kvm", "tcg"):
+        return AcceleratorChoice(stored["name"], str(stored.get("reason", "")))
     choice = decide()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": full_key, **asdict(choice)}))
-    tmp.replace(cache_file)
+    with contextlib.suppress(OSError):  # a cache we cannot write (another user's file in its place) costs a probe
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps({"key": full_key, **asdict(choice)}))
+        try:
+            tmp.replace(cache_file)
+        finally:
+            tmp.unlink(missing_ok=True)
     return choice
+
+
+def _read_own(path: Path) -> dict | None:
+    """The cache's content, only if it is a small regular file of this user that nobody else may write: it lives
+    in a world-writable tmpfs, where anyone could plant one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd) as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            return None
+        try:
+            stored = json.loads(handle.read(4096))
+        except ValueError:
+            return None
+    return stored if isinstance(stored, dict) else None
 
 
 def host_tsc_khz(cpuinfo: str | None = None) -> int | None:

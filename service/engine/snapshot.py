@@ -36,7 +36,7 @@ from .machine import MACHINE_TYPE, QEMU_BINARY, MachineConfig, machine_to_json
 from .sandbox import ExecLimits, Sandbox
 from .template import STATE_FILE as TEMPLATE_STATE
 from .template import Template, pass_fd, pass_file, restore, save_device_state, wait_migration
-from .vm import VirtualMachine
+from .vm import CHILD_ENV, VirtualMachine
 
 SNAPSHOT_FORMAT = 2
 STATE, META = "state", "snapshot.json"
@@ -62,7 +62,7 @@ class SnapshotTampered(SnapshotError):
 @cache
 def qemu_release(binary: str = QEMU_BINARY) -> str:
     """QEMU's major.minor ("10.0"): what migration compatibility follows (a package's security update keeps it)."""
-    output = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    output = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True, env=CHILD_ENV).stdout
     match = re.search(r"version (\d+)\.(\d+)", output)
     if match is None:
         raise SnapshotError(f"cannot tell the QEMU version from {output.splitlines()[:1]}")
@@ -297,7 +297,7 @@ def _stream_full_state(vm: VirtualMachine, target: Path, compress: bool) -> None
         # the writer's memory cgroup, and a jailed QEMU's limit has no room for a copy of its whole RAM (it
         # would be OOM-killed mid-fork, losing the source).
         writer = ["zstd", "-1", "-q", "-T2"] if compress else ["cat"]
-        writing = subprocess.Popen(writer, stdin=subprocess.PIPE, stdout=fd)
+        writing = subprocess.Popen(writer, stdin=subprocess.PIPE, stdout=fd, env=CHILD_ENV)
         assert writing.stdin is not None
         uri = pass_fd(qmp, writing.stdin.fileno(), "state-out")
         writing.stdin.close()

@@ -25,7 +25,7 @@ from .errors import BootFailed, EngineError
 from .launch import VmmLauncher
 from .machine import MachineConfig, machine_from_json, machine_to_json
 from .sandbox import ExecLimits, Sandbox
-from .vm import VirtualMachine
+from .vm import CHILD_ENV, VirtualMachine
 
 log = logging.getLogger(__name__)
 MEMORY_FILE, STATE_FILE, META_FILE = "memory", "devstate", "template.json"
@@ -159,7 +159,7 @@ def restore(
         if ignore_shared:
             qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
         if reader is not None:
-            reading = subprocess.Popen(reader, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+            reading = subprocess.Popen(reader, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=CHILD_ENV)
             assert reading.stdout is not None
             uri = pass_fd(qmp, reading.stdout.fileno(), "state-in")
             reading.stdout.close()

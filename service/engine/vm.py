@@ -22,6 +22,9 @@ from .errors import BootFailed
 from .machine import MachineConfig, RuntimePaths, build_qemu_command
 
 _PR_SET_PDEATHSIG = 1
+# The whole environment of every program the engine starts (QEMU, the jail's tools, zstd): nothing of the
+# service's own, whose API keys a VMM escape would otherwise hand over.
+CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 _UNIX_PATH_MAX = 108
 
 
@@ -99,6 +102,7 @@ class VirtualMachine:
                 start_new_session=True,
                 preexec_fn=_die_with_parent if die_with_parent else None,
                 close_fds=True,
+                env=CHILD_ENV,
             )
         except OSError as exc:
             shutil.rmtree(vm_dir, ignore_errors=True)
@@ -145,6 +149,7 @@ class VirtualMachine:
                 process = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                     preexec_fn=_die_with_parent if die_with_parent else None, close_fds=True, pass_fds=(info_write,),
+                    env=CHILD_ENV,
                     umask=0o007,  # sockets and logs group-accessible: service processes in the VM group connect
                 )
             os.close(info_write)

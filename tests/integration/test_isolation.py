@@ -154,6 +154,28 @@ def try_to_spawn(vm: VirtualMachine) -> SpawnAttempt:
     return SpawnAttempt(seccomp, vm.exited(), marker.exists())
 
 
+def environment(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().partition("=")[::2] for entry in entries if entry)
+
+
+@pytest.mark.parametrize("launcher", ["jailed", "direct"])
+def test_no_process_the_engine_starts_inherits_the_services_secrets(jailed_engine, run_dir, monkeypatch, launcher):
+    """QEMU (and the jail's tools) start with an environment of their own: a VMM escape finds no API key."""
+    monkeypatch.setenv("APPLIANCE_API_KEYS", "a-tenant-key")
+    monkeypatch.setenv("APPLIANCE_SERVICE__WARM_CODE", "print('spec in the environment')")
+    start = jailed_engine.launcher.start if launcher == "jailed" else DirectLauncher().start
+    vm = start(jailed_engine.machine(memory_mib=256), run_dir, die_with_parent=True)
+    try:
+        pids = {vm.pid, vm.process.pid} if vm.process is not None else {vm.pid}  # QEMU, and bwrap above it
+        for pid in pids:
+            env = environment(pid)
+            assert "PATH" in env and not [name for name in env if name.startswith("APPLIANCE_")], (pid, env)
+            assert "a-tenant-key" not in "".join(env.values())
+    finally:
+        vm.stop()
+
+
 def test_seccomp_kills_a_jailed_qemu_that_tries_to_spawn(jailed_engine, run_dir):
     """spawn=deny: the filter kills QEMU with SIGSYS at the fork, before the helper runs."""
     vm = jailed_engine.launcher.start(jailed_engine.machine(memory_mib=256), run_dir, die_with_parent=True)

@@ -1,3 +1,6 @@
+import json
+import os
+
 import pytest
 
 from service.engine import accel
@@ -52,3 +55,24 @@ def test_tsc_from_cpuinfo_prefers_nominal_rate():
     assert accel.host_tsc_khz(cpuinfo) == 2_900_000
     assert accel.host_tsc_khz("model name\t: Intel(R) Xeon(R) Processor\ncpu MHz\t\t: 2600.000\n") == 2_600_000
     assert accel.host_tsc_khz("nothing here") is None
+
+
+def test_a_cache_file_planted_by_someone_else_is_not_believed(tmp_path):
+    cache = tmp_path / "cache.json"
+    decided = []
+
+    def decide():
+        decided.append(1)
+        return accel.AcceleratorChoice("tcg", "probed")
+
+    accel.cached_choice(cache, "image-a", decide)
+    key = json.loads(cache.read_text())["key"]
+    for planted in ("other owner", "group-writable"):
+        cache.unlink()
+        cache.write_text(json.dumps({"key": key, "name": "kvm", "reason": "planted"}))
+        if planted == "other owner":
+            os.chown(cache, 4242, 4242)
+        else:
+            cache.chmod(0o666)
+        assert accel.cached_choice(cache, "image-a", decide).reason == "probed"
+    assert len(decided) == 3

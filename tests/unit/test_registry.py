@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from service.registry import FROZEN, RUNNING, Registry, SandboxRecord
@@ -28,4 +29,18 @@ def test_list_filters_by_owner_and_state(tmp_path):
     assert [r.id for r in registry.list(owner="a", state=FROZEN)] == ["sb-1"]
     assert [r.id for r in registry.list(state=FROZEN)] == ["sb-1", "sb-2"]
     assert registry.count("a") == 1  # limits count running sandboxes only
+    registry.close()
+
+
+def test_the_registry_is_private_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        registry = Registry(tmp_path / "state" / "registry.sqlite3")
+        registry.add(SandboxRecord(id="sb-1", owner="o", state=RUNNING, vm_dir="/x", template_id=None, machine={},
+                                   timeout_s=60))
+    finally:
+        os.umask(old)
+    files = sorted(tmp_path.glob("state/registry.sqlite3*"))
+    assert files and {f.stat().st_mode & 0o777 for f in files} == {0o600}  # the WAL and shm files too
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
     registry.close()

@@ -1,3 +1,4 @@
+import os
 import tomllib
 from pathlib import Path
 
@@ -88,3 +89,14 @@ def test_image_hash_ignores_vm_size_but_not_packages():
     assert base.content_hash() == base.model_copy(update={"vcpus": 4, "memory_mib": 4096}).content_hash()
     changed = base.model_copy(update={"apt_packages": ["jq"]})
     assert changed.content_hash() != base.content_hash()
+
+
+def test_a_service_process_drops_the_keys_from_its_environment_once_read(tmp_path, monkeypatch):
+    from service import settings
+
+    monkeypatch.setenv("APPLIANCE_API_KEYS", "k1,k2")
+    monkeypatch.setenv("APPLIANCE_PATHS__STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.chdir(tmp_path)
+    config = settings.load_service_config()
+    assert config.key_hashes == {settings.hash_key("k1"), settings.hash_key("k2")}
+    assert "APPLIANCE_API_KEYS" not in os.environ
