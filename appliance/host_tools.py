@@ -69,7 +69,7 @@ PROGRAMS = (
     Program("zstd", "zstd", ("snapshots", "tests")),
     Program("cat", "coreutils", ("snapshots",)),
     Program("mmdebstrap", "mmdebstrap", ("guest-image", "host-image", "provisioning-tests")),
-    Program("apt-get", "apt", ("guest-image",)),
+    Program("apt-get", "apt", ("guest-image", "bundle")),
     Program("apt-cache", "apt", ("guest-image",)),
     Program("dpkg-deb", "dpkg", ("guest-image", "bundle", "tests")),
     Program("dpkg-query", "dpkg", ("guest-image", "host-image")),

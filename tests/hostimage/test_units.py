@@ -180,6 +180,9 @@ def test_preflight_names_what_is_missing() -> None:
     assert "needs root" in preflight_problem(1000, lambda tool: "/bin/x", "raw")
     problem = preflight_problem(0, lambda tool: None if tool == "mcopy" else "/bin/x", "raw")
     assert problem == "build host: missing host tools; install the Debian packages: mtools"
+    problem = preflight_problem(0, lambda tool: "/bin/x", "raw", matches=lambda path: "i386-pc" not in path)
+    assert problem == "build host: no GRUB modules for i386-pc; install the Debian package grub-pc-bin"
+    assert preflight_problem(0, lambda tool: "/bin/x", "raw", matches=lambda path: True) is None
 
 
 def test_a_bad_site_config_fails_the_build_in_one_line(tmp_path: Path) -> None:

@@ -541,6 +541,8 @@ def test_preflight_names_root_and_the_packages_of_missing_tools() -> None:
     assert guest_module.preflight_problem(0, lambda tool: "/usr/bin/" + tool) is None
     problem = guest_module.preflight_problem(0, lambda tool: None if tool in {"mmdebstrap", "mkfs.ext4"} else tool)
     assert problem == "build: missing host tools; install the Debian packages: e2fsprogs mmdebstrap"
+    problem = guest_module.preflight_problem(0, lambda tool: None if tool == "apt-cache" else tool)
+    assert problem == "build: missing host tools; install the Debian packages: apt"  # the kernel's resolution
 
 
 def test_build_manifest_records_versions_digests_and_cmdline() -> None:

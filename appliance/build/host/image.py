@@ -64,7 +64,9 @@ class HostImage:
     cached_root: bool
 
 
-def preflight_problem(euid: int, which: Callable[[str], str | None], fmt: str) -> str | None:
+def preflight_problem(
+    euid: int, which: Callable[[str], str | None], fmt: str, matches: Callable[[str], bool] = host_tools.matches
+) -> str | None:
     if fmt not in FORMATS:
         return f"build host: unknown format {fmt!r}; choose raw or qcow2"
     if euid != 0:
@@ -73,7 +75,7 @@ def preflight_problem(euid: int, which: Callable[[str], str | None], fmt: str) -
     if missing:
         return f"build host: missing host tools; install the Debian packages: {' '.join(missing)}"
     for entry in host_tools.data("host-image"):  # GRUB's module directories
-        if not host_tools.matches(entry.path):
+        if not matches(entry.path):
             return f"build host: no {entry.what}; install the Debian package {entry.package}"
     return None
 
