@@ -59,6 +59,7 @@ class Func:
     module: Module
     node: ast.FunctionDef
     cls: str | None
+    assigns: dict[str, list[ast.expr]] | None = None  # name -> values assigned in the function (made on first use)
 
     @property
     def positional(self) -> list[str]:
@@ -90,6 +91,7 @@ class Scanner:
         self.classes: set[str] = set()
         for module in self.modules:
             self._index(module)
+        self.scopes = self._scopes()
         # wrapper qualname -> (positional index or vararg index, keyword, is the argv list?)
         self.wrappers: dict[str, tuple[int, str, bool]] = {}
         self._find_wrappers()
@@ -132,12 +134,11 @@ class Scanner:
                     for target, value in _assignments(item):
                         self.fields.setdefault(target, []).append((module, value))
 
-    def functions(self) -> Iterator[tuple[Module, Func | None, ast.AST]]:
-        """Every scope with its body: module level (functions excluded) and each function (nested ones inline)."""
-        for module in self.modules:
-            yield module, None, module.tree
-        for func in self.funcs.values():
-            yield func.module, func, func.node
+    def _scopes(self) -> list[tuple[Module, Func | None, list[ast.Call]]]:
+        """Every scope with its calls: module level (functions excluded) and each function (nested ones inline)."""
+        scopes: list[tuple[Module, Func | None, list[ast.Call]]] = []
+        scopes += [(m, None, list(_calls(m.tree))) for m in self.modules]
+        return scopes + [(f.module, f, list(_calls(f.node))) for f in self.funcs.values()]
 
     # --- calls ------------------------------------------------------------------------------------------------
 
@@ -171,8 +172,8 @@ class Scanner:
         return None
 
     def sinks(self) -> Iterator[Sink]:
-        for module, func, scope in self.functions():
-            for call in _calls(scope):
+        for module, func, calls in self.scopes:
+            for call in calls:
                 sink = self._sink(call, module, func)
                 if sink is not None:
                     yield sink
@@ -234,9 +235,13 @@ class Scanner:
 
     def _values(self, name: str, module: Module, func: Func | None) -> list[ast.expr]:
         if func is not None:
-            local = [value for node in ast.walk(func.node) for target, value in _assignments(node) if target == name]
-            if local:
-                return local
+            if func.assigns is None:
+                func.assigns = {}
+                for node in ast.walk(func.node):
+                    for target, value in _assignments(node):
+                        func.assigns.setdefault(target, []).append(value)
+            if name in func.assigns:
+                return func.assigns[name]
         return module.assigns.get(name, [])
 
     def heads(self, expr: ast.expr, module: Module, func: Func | None, is_list: bool, depth: int = 0) -> set[Head]:
