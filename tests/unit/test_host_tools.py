@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCAN_ROOTS = ("appliance", "service", "image-builder/host", "tests", "bench")
 NOT_HOST_SIDE = {
     # runs on the deployed node at boot; its programs come from image-builder/host/packages.txt
-    "image-builder/host/node/node_setup.py",
+    "appliance/node_setup.py",
 }
 # Calls whose program the scan cannot see, and what each starts (file, enclosing function) -> programs.
 DYNAMIC: dict[tuple[str, str], set[str]] = {
