@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -77,8 +76,9 @@ class Deb:
 
     @property
     def filename(self) -> str:
-        """The file name apt gives the package (an epoch colon becomes %3a)."""
-        return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
+        from .build.apt import Apt  # the build package is heavy to import; only fetching needs it
+
+        return Apt.deb_filename(self.name, self.version, self.arch)
 
 
 def parse_simulated_install(output: str) -> list[Deb]:
@@ -232,12 +232,12 @@ def download_debs(packages: list[str], mirror: str, suite: str, cache_dir: Path)
     Resolving as if nothing were installed makes the repository complete for any Debian 12 host, whatever it
     already has; apt on the host then installs only what is missing. Files are cached in <cache_dir>/debs.
     """
+    from .build.apt import Apt
     from .build.common import BuildError
-    from .build.kernel import Apt, apt_sources
 
     phase = "bundle: host packages"
     key = hashlib.sha256(json.dumps([mirror, suite]).encode()).hexdigest()[:16]
-    apt = Apt(cache_dir / "apt" / f"bundle-{key}", apt_sources(mirror, suite))
+    apt = Apt(cache_dir / "apt" / f"bundle-{key}", Apt.sources(mirror, suite))
     debs_dir = cache_dir / "debs"
     debs_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -332,30 +332,33 @@ def ansible_content(project_dir: Path) -> list[tuple[str, Path]]:
 
 def write_bundle(output: Path, manifest: dict[str, Any], entries: list[tuple[str, Path]]) -> None:
     """Write the tar (gzip-compressed if the name ends in .gz/.tgz) beside the target, then rename it into place."""
+    from .build.common import atomic_output
+
     compress = "gz" if output.name.endswith((".gz", ".tgz")) else ""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    try:
-        with tarfile.open(partial, f"w:{compress}", format=tarfile.PAX_FORMAT) as tar:
-            data = (json.dumps(manifest, indent=1) + "\n").encode()
-            info = tarfile.TarInfo(MANIFEST)
-            info.size, info.mode, info.mtime = len(data), 0o644, int(datetime.now(UTC).timestamp())
-            tar.addfile(info, io.BytesIO(data))
-            for arcname, path in entries:
-                info = tar.gettarinfo(str(path), arcname)
-                info.uid = info.gid = 0
-                info.uname = info.gname = "root"
-                info.mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
-                with path.open("rb") as stream:
-                    tar.addfile(info, stream)
-        partial.rename(output)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with atomic_output(output) as partial, tarfile.open(partial, f"w:{compress}", format=tarfile.PAX_FORMAT) as tar:
+        data = (json.dumps(manifest, indent=1) + "\n").encode()
+        info = tarfile.TarInfo(MANIFEST)
+        info.size, info.mode, info.mtime = len(data), 0o644, int(datetime.now(UTC).timestamp())
+        tar.addfile(info, io.BytesIO(data))
+        for arcname, path in entries:
+            info = tar.gettarinfo(str(path), arcname)
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
+            with path.open("rb") as stream:
+                tar.addfile(info, stream)
 
 
-def create_bundle(
-    output: Path,
+@dataclass(frozen=True)
+class Contents:
+    """What a bundle holds: (member name, file) pairs and the manifest that lists each with its sha256."""
+
+    entries: list[tuple[str, Path]]
+    manifest: dict[str, Any]
+
+
+def gather(
+    scratch: Path,
     *,
     image_dir: Path,
     cache_dir: Path,
@@ -363,36 +366,47 @@ def create_bundle(
     suite: str,
     progress: Progress,
     project_dir: Path = PROJECT_DIR,
+    ansible: bool = True,
     fetch_debs: Callable[[list[str], str, str, Path], list[Path]] = download_debs,
     fetch_wheels: Callable[[Path, Path, Path], list[Path]] = build_wheels,
-) -> dict[str, Any]:
-    """Gather, hash and write the bundle; returns its manifest."""
+) -> Contents:
+    """The one choice of what a bundle holds: the roles' host packages with their Packages index, the wheelhouse,
+    the guest image's files and (unless ansible=False: the host image applies the roles from the source tree) the
+    Ansible content. Made files (the index, the wheels) go to `scratch`; the rest are the cached files themselves.
+    """
     image_id = check_image_dir(image_dir)
     packages = role_packages(project_dir / "roles")
     if not packages:
         raise BundleError(f"bundle: no <role>_packages lists under {project_dir / 'roles'}")
-    with tempfile.TemporaryDirectory(prefix="appliance-bundle-") as scratch_name:
-        scratch = Path(scratch_name)
-        with progress.phase("host packages", f"{len(packages)} packages and their dependencies"):
-            debs = fetch_debs(packages, mirror, suite, cache_dir)
-            write_packages_index(debs, scratch / "Packages")
-        with progress.phase("wheelhouse", "appliance and its dependencies"):
-            wheels = fetch_wheels(project_dir, cache_dir, scratch / "wheels")
-        entries: list[tuple[str, Path]] = [
-            ("debs/Packages", scratch / "Packages"),
-            *((f"debs/{deb.name}", deb) for deb in debs),
-            *((f"wheels/{wheel.name}", wheel) for wheel in wheels),
-            *((f"images/{image_id}/{name}", image_dir / name) for name in IMAGE_FILES),
-            *ansible_content(project_dir),
-        ]
-        with progress.phase("checksums", f"{len(entries)} files"):
-            files = {arcname: file_record(path) for arcname, path in entries}
-        manifest = build_manifest(files, image_id=image_id, host_packages=packages, created=datetime.now(UTC),
-                                  appliance_version=package_version("appliance"))
-        total = sum(record["size"] for record in files.values())
+    scratch.mkdir(parents=True, exist_ok=True)
+    with progress.phase("host packages", f"{len(packages)} packages and their dependencies"):
+        debs = fetch_debs(packages, mirror, suite, cache_dir)
+        write_packages_index(debs, scratch / "Packages")
+    with progress.phase("wheelhouse", "appliance and its dependencies"):
+        wheels = fetch_wheels(project_dir, cache_dir, scratch / "wheels")
+    entries: list[tuple[str, Path]] = [
+        ("debs/Packages", scratch / "Packages"),
+        *((f"debs/{deb.name}", deb) for deb in debs),
+        *((f"wheels/{wheel.name}", wheel) for wheel in wheels),
+        *((f"images/{image_id}/{name}", image_dir / name) for name in IMAGE_FILES),
+        *(ansible_content(project_dir) if ansible else []),
+    ]
+    with progress.phase("checksums", f"{len(entries)} files"):
+        files = {arcname: file_record(path) for arcname, path in entries}
+    manifest = build_manifest(files, image_id=image_id, host_packages=packages, created=datetime.now(UTC),
+                              appliance_version=package_version("appliance"))
+    return Contents(entries, manifest)
+
+
+def create_bundle(output: Path, *, progress: Progress, **gather_args: Any) -> dict[str, Any]:
+    """Gather (gather_args are gather's keywords: image_dir, cache_dir, mirror, suite, ...), hash and write the
+    bundle; returns its manifest."""
+    with tempfile.TemporaryDirectory(prefix="appliance-bundle-") as scratch:
+        contents = gather(Path(scratch), progress=progress, **gather_args)
+        total = sum(record["size"] for record in contents.manifest["files"].values())
         with progress.phase("write", f"{output.name}, {total / 2**20:.0f} MiB"):
-            write_bundle(output, manifest, entries)
-    return manifest
+            write_bundle(output, contents.manifest, contents.entries)
+    return contents.manifest
 
 
 def summary(manifest: dict[str, Any]) -> Iterable[str]:

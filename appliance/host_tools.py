@@ -3,7 +3,7 @@
 The Makefile installs from it (`python3 -m appliance.host_tools packages`), `appliance doctor` checks it, the
 image builders' preflights are views of it, and tests/unit/test_host_tools.py fails when the code starts a program
 that is missing here. The guest agent (image-builder/guest/agent) and the node's boot-time setup
-(image-builder/host/node) are not host-side: their programs come from the images' own package lists.
+(appliance/node_setup.py) are not host-side: their programs come from the images' own package lists.
 
 Stdlib only and free of project imports: the Makefile runs it with the system python3 before the venv exists.
 
@@ -69,7 +69,7 @@ PROGRAMS = (
     Program("zstd", "zstd", ("snapshots", "tests")),
     Program("cat", "coreutils", ("snapshots",)),
     Program("mmdebstrap", "mmdebstrap", ("guest-image", "host-image", "provisioning-tests")),
-    Program("apt-get", "apt", ("guest-image",)),
+    Program("apt-get", "apt", ("guest-image", "bundle")),
     Program("apt-cache", "apt", ("guest-image",)),
     Program("dpkg-deb", "dpkg", ("guest-image", "bundle", "tests")),
     Program("dpkg-query", "dpkg", ("guest-image", "host-image")),

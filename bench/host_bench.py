@@ -83,14 +83,14 @@ def main() -> int:
         image = scratch / "node.img"
         timed("baseline: guest image build, cached", results, lambda: build_guest_image(spec, progress=quiet))
         if args.cold:
+            from appliance.build.apt import Apt
             from appliance.build.common import read_list
             from appliance.build.host.image import HOST_RECIPE
-            from appliance.build.kernel import apt_sources
             from appliance.build.rootfs import base_stage
 
             packages = read_list(HOST_RECIPE / "packages.txt")
             options = read_list(HOST_RECIPE / "dpkg-options.txt")
-            sources = apt_sources(spec.guest.mirror, spec.guest.suite)
+            sources = Apt.sources(spec.guest.mirror, spec.guest.suite)
             timed("build host, cold (base + root + disk)", results, lambda: (
                 base_stage(spec.guest.suite, sources, packages, options, spec.paths.cache_dir, refresh=True),
                 build_host_image(spec, image, force=True, progress=quiet)))

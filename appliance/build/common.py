@@ -1,4 +1,5 @@
-"""What every build stage shares: the one-line BuildError, running tools, hashing, recipe files."""
+"""What every build stage shares: the one-line BuildError, running tools, hashing, recipe files, the one lock
+helper and the one way to write an output atomically."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import subprocess
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from appliance import host_tools
 
 # The recipes live beside the code in the repository: image-builder/{guest,kernel}/.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -51,10 +54,18 @@ def run(
             check=True,
         )
     except FileNotFoundError:
-        raise BuildError(f"{phase}: {args[0]} not found (is it installed? see the Makefile's packages)") from None
+        raise BuildError(f"{phase}: {args[0]} not found ({install_hint(args[0])})") from None
     except subprocess.CalledProcessError as exc:
         raise BuildError(error_line(phase, args, exc.returncode, exc.stderr or exc.stdout or "")) from None
     return result.stdout
+
+
+def install_hint(program: str) -> str:
+    """How to get a missing tool: its Debian package from the one table (appliance/host_tools.py)."""
+    package = host_tools.programs().get(Path(program).name)
+    if package is None:
+        return "is it installed? appliance/host_tools.py lists the tools the builds run"
+    return f"install it: {host_tools.install_command(package)}"
 
 
 def describe(argv: Sequence[str | os.PathLike[str]]) -> str:
@@ -62,12 +73,69 @@ def describe(argv: Sequence[str | os.PathLike[str]]) -> str:
 
 
 @contextmanager
-def exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an flock on lock_path: a concurrent build of the same thing waits, then finds it done."""
+def exclusive(lock_path: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold an flock on lock_path: a concurrent build of the same thing waits, then finds it done.
+
+    With wait=False the lock is only tried: the body runs either way and gets False when another process holds it.
+    """
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write a file (or fill a directory) at; on success it is fsynced and renamed
+    into place, so a reader never sees a partial output; on failure it is removed.
+
+    The name is .<name>.partial-<pid>: leftovers of a build killed mid-way are removed first. An existing directory
+    at `path` is moved aside and then removed (a rename cannot replace a non-empty directory).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path.parent, f".{path.name}.partial-*")
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield partial
+        _fsync_tree(partial)
+        if partial.is_dir() and path.is_dir():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            partial.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            partial.replace(path)
+        _fsync(path.parent)
+    finally:
+        _remove(partial)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """The file, or a directory's regular files and the directory itself (what a rename then makes visible)."""
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            if child.is_file() and not child.is_symlink():
+                _fsync(child)
+    _fsync(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def pid_alive(pid: int) -> bool:
@@ -85,10 +153,7 @@ def remove_leftovers(directory: Path, pattern: str) -> None:
     for path in directory.glob(pattern):
         pid = path.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not pid_alive(int(pid)):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            _remove(path)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -25,7 +25,17 @@ from appliance_agent.protocol import NETWORK_MODULES_DIR
 from appliance import host_tools
 from appliance.build import kernel as kernel_stage
 from appliance.build import rootfs
-from appliance.build.common import RECIPE_DIR, BuildError, exclusive, read_list, run, sha256_file, tree_hash
+from appliance.build.apt import Apt
+from appliance.build.common import (
+    RECIPE_DIR,
+    BuildError,
+    atomic_output,
+    exclusive,
+    read_list,
+    run,
+    sha256_file,
+    tree_hash,
+)
 from appliance.build.initramfs import build_initramfs
 from appliance.progress import Progress
 from appliance.spec import ApplianceSpec, image_build_dir
@@ -94,15 +104,11 @@ def build_guest_image(
     with exclusive(target.parent / f".{target.name}.lock"):
         if not force and is_current(target):  # another process built it while we waited
             return target
-        for stale in target.parent.glob(f".{target.name}.*-*"):
+        for stale in target.parent.glob(f".{target.name}.*-*"):  # under the lock: no other build of it runs
             shutil.rmtree(stale, ignore_errors=True)
-        work = target.parent / f".{target.name}.tmp-{os.getpid()}"
-        work.mkdir()
-        try:
+        with atomic_output(target) as work:
+            work.mkdir()
             _build_into(spec, work, progress, refresh)
-            _replace(work, target)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
     return target
 
 
@@ -126,7 +132,7 @@ def _build_into(spec: ApplianceSpec, work: Path, progress: Progress, refresh: bo
                                  modules, tree.release, work / "initrd.img")
 
     packages = [*recipe.packages, *guest.apt_packages]
-    sources = kernel_stage.apt_sources(guest.mirror, guest.suite)
+    sources = Apt.sources(guest.mirror, guest.suite)
     with progress.phase("rootfs: base", "mmdebstrap " + guest.suite):
         base = rootfs.base_stage(guest.suite, sources, packages, recipe.dpkg_options, cache, refresh)
     with progress.phase("rootfs: wheels", f"{len(guest.pip_packages)} pinned"):
@@ -216,15 +222,4 @@ def is_current(image_dir: Path) -> bool:
         return read_manifest(image_dir).get("recipe_hash") == recipe_hash()
     except (OSError, ValueError):
         return False
-
-
-def _replace(work: Path, target: Path) -> None:
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-        work.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        work.rename(target)
-
 

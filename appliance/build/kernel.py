@@ -1,7 +1,5 @@
-"""The guest kernel and busybox: Debian .debs fetched with a private apt, unpacked without installing them.
-
-apt runs with its own sources, lists and status under the cache, so the host's apt configuration and installed
-packages do not matter and the host never installs the guest kernel.
+"""The guest kernel and busybox: Debian .debs fetched with the private apt (appliance/build/apt.py) and unpacked
+without installing them, so the host never installs the guest kernel.
 """
 
 from __future__ import annotations
@@ -15,43 +13,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.build.common import BuildError, exclusive, remove_leftovers, run, sha256_json
+from appliance.build.apt import Apt
+from appliance.build.common import BuildError, atomic_output, exclusive, remove_leftovers, run, sha256_json
 
-DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
-ARCH = "amd64"
 _REAL_KERNEL = re.compile(r"^linux-image-\d")
 
 
-# --- apt sources and options (pure) ---------------------------------------------------------------------
-
-
-def apt_sources(mirror: str, suite: str) -> list[str]:
-    """deb lines for the suite, its updates and, for a Debian-layout mirror, its security archive."""
-    mirror = mirror.rstrip("/")
-    lines = [f"deb {mirror} {suite} main", f"deb {mirror} {suite}-updates main"]
-    if mirror.endswith("/debian"):
-        lines.append(f"deb {mirror}-security {suite}-security main")
-    return lines
-
-
-def apt_options(state: Path) -> list[str]:
-    """apt -o options that confine apt to `state` (sources, lists, cache, an empty dpkg status)."""
-    return [
-        f"-oDir::Etc::SourceList={state / 'sources.list'}",
-        f"-oDir::Etc::SourceParts={state / 'sources.list.d'}",
-        f"-oDir::Etc::Preferences={state / 'preferences'}",
-        f"-oDir::Etc::PreferencesParts={state / 'preferences.d'}",
-        f"-oDir::State={state / 'state'}",
-        f"-oDir::State::Lists={state / 'lists'}",
-        f"-oDir::State::status={state / 'status'}",
-        f"-oDir::Cache={state / 'cache'}",
-        f"-oAPT::Architecture={ARCH}",
-        f"-oAPT::Architectures={ARCH}",
-        "-oAcquire::Languages=none",
-        "-oAPT::Sandbox::User=root",
-        "-oDebug::NoLocking=true",
-        "-qq",
-    ]
+# --- resolving (pure) ------------------------------------------------------------------------------------------
 
 
 def resolve_kernel_package(requested: str, depends_output: str) -> str:
@@ -74,11 +42,6 @@ def parse_version(show_output: str) -> str:
     raise ValueError("no Version field in apt-cache show output")
 
 
-def deb_filename(package: str, version: str, arch: str = ARCH) -> str:
-    """The file name `apt-get download` gives a package (an epoch colon becomes %3a)."""
-    return f"{package}_{version.replace(':', '%3a')}_{arch}.deb"
-
-
 # --- fetching (I/O) ----------------------------------------------------------------------------------------
 
 
@@ -91,23 +54,10 @@ class BootDebs:
     busybox_deb: Path
 
 
-class Apt:
-    def __init__(self, state: Path, sources: list[str]) -> None:
-        self.state = state
-        for sub in ("sources.list.d", "preferences.d", "state", "lists/partial", "cache/archives/partial"):
-            (state / sub).mkdir(parents=True, exist_ok=True)
-        signed = f"[signed-by={DEBIAN_KEYRING}] " if DEBIAN_KEYRING.exists() else ""
-        (state / "sources.list").write_text("".join(f"deb {signed}{line[4:]}\n" for line in sources))
-        (state / "status").touch()
-
-    def __call__(self, phase: str, tool: str, *args: str, cwd: Path | None = None) -> str:
-        return run(phase, [tool, *apt_options(self.state), *args], cwd=cwd)
-
-
 def fetch_boot_debs(mirror: str, suite: str, kernel_package: str, cache_dir: Path, refresh: bool) -> BootDebs:
     """Resolve and download the kernel and busybox-static .debs; a recorded resolution is reused offline."""
     phase = "kernel: fetch"
-    sources = apt_sources(mirror, suite)
+    sources = Apt.sources(mirror, suite)
     key = sha256_json({"sources": sources, "kernel": kernel_package})[:16]
     debs = cache_dir / "debs"
     debs.mkdir(parents=True, exist_ok=True)
@@ -130,24 +80,27 @@ def _resolve_and_download(phase: str, apt: Apt, kernel_package: str, debs: Path,
     except ValueError as exc:
         raise BuildError(f"{phase}: {exc}") from None
     remove_leftovers(debs, ".download-*")
+    download = debs / f".download-{os.getpid()}"
     paths = {}
-    for name, version in versions.items():
-        target = debs / deb_filename(name, version)
-        if not target.exists():
-            # Into a private directory first: an interrupted download must not look like a cached .deb.
-            download = debs / f".download-{os.getpid()}"
-            download.mkdir(exist_ok=True)
-            try:
+    try:
+        for name, version in versions.items():
+            target = debs / Apt.deb_filename(name, version)
+            if not target.exists():
+                # apt-get download picks the file's name: into a private directory first, so an interrupted
+                # download never looks like a cached .deb.
+                download.mkdir(exist_ok=True)
                 apt(phase, "apt-get", "download", f"{name}={version}", cwd=download)
-                (download / target.name).rename(target)
-            except FileNotFoundError:
-                raise BuildError(f"{phase}: apt-get download {name}={version} left no {target.name}") from None
-            finally:
-                shutil.rmtree(download, ignore_errors=True)
-        paths[name] = target
+                with atomic_output(target) as partial:
+                    try:
+                        (download / target.name).rename(partial)
+                    except FileNotFoundError:
+                        raise BuildError(f"{phase}: apt-get download {name}={version} left no {target.name}") from None
+            paths[name] = target
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
     found = BootDebs(package, versions[package], paths[package], versions["busybox-static"], paths["busybox-static"])
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({k: str(v) for k, v in found.__dict__.items()}, indent=1))
+    with atomic_output(record) as partial:
+        partial.write_text(json.dumps({k: str(v) for k, v in found.__dict__.items()}, indent=1))
     return found
 
 

@@ -13,7 +13,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.build.common import BuildError, exclusive, parse_list, remove_leftovers, run, sha256_json
+from appliance.build.common import (
+    BuildError,
+    atomic_output,
+    exclusive,
+    parse_list,
+    remove_leftovers,
+    run,
+    sha256_json,
+)
 
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"
 # What each supported suite's python3 and libc are: the wheels must match them.
@@ -204,13 +212,8 @@ def base_stage(suite: str, sources: list[str], packages: list[str], dpkg_options
     with exclusive(tarball.with_suffix(".lock")):
         if tarball.exists() and not refresh:
             return tarball
-        remove_leftovers(tarball.parent, f"{tarball.stem}.partial-*")
-        partial = tarball.with_suffix(f".partial-{os.getpid()}")
-        try:
+        with atomic_output(tarball) as partial:
             run("rootfs: mmdebstrap", mmdebstrap_args(suite, sources, packages, dpkg_options, partial))
-            partial.rename(tarball)
-        finally:
-            partial.unlink(missing_ok=True)
     return tarball
 
 
@@ -240,12 +243,12 @@ def wheels_stage(pins: list[str], suite: str, cache_dir: Path, refresh: bool = F
         names = sorted(p.name for p in download.iterdir() if p.name.endswith(".whl"))
         for name in names:
             if not (wheels / name).exists():
-                (download / name).rename(wheels / name)
+                with atomic_output(wheels / name) as partial:
+                    (download / name).rename(partial)
     finally:
         shutil.rmtree(download, ignore_errors=True)
-    partial = lock.with_suffix(f".partial-{os.getpid()}")
-    partial.write_text("".join(f"{name}\n" for name in names))
-    partial.rename(lock)
+    with atomic_output(lock) as partial:
+        partial.write_text("".join(f"{name}\n" for name in names))
     return [wheels / name for name in names]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import pytest
@@ -11,6 +10,8 @@ from service.engine import BootFailed, Sandbox, SandboxBusy
 from tests.vmtools import qemu_pids_under
 
 pytestmark = pytest.mark.integration
+
+HANG_DEADLINE_S = 60  # waits that only a hang reaches, however slow this host is
 
 
 def test_accelerator_is_chosen_and_explained(engine):
@@ -48,15 +49,20 @@ def test_exception_gives_traceback_and_sandbox_stays_usable(sandbox):
 
 
 def test_stdout_stderr_and_streaming_order(sandbox):
+    # The code then sleeps until interrupted, and the test interrupts it only once both lines have reached the
+    # host: had they come with the end of the code, the exec would end in its timeout (a TimeoutError) instead.
+    code = "import sys, time\nprint('first')\nsys.stdout.flush()\nprint('oops', file=sys.stderr)\ntime.sleep(3600)"
     events = []
-    result = sandbox.run_code(
-        "import sys, time\nprint('first')\nsys.stdout.flush()\ntime.sleep(0.5)\nprint('oops', file=sys.stderr)",
-        on_event=lambda e: events.append((time.monotonic(), e)),
-    )
+
+    def on_event(event):
+        events.append(event["ev"])
+        if sorted(events) == ["stderr", "stdout"]:
+            sandbox.interrupt()
+
+    result = sandbox.run_code(code, timeout_s=HANG_DEADLINE_S, on_event=on_event)
+    assert result.error["name"] == "KeyboardInterrupt", result.error
     assert result.stdout == "first\n" and result.stderr == "oops\n"
-    first_out = next(t for t, e in events if e.get("ev") == "stdout")
-    done = next(t for t, e in events if e.get("ev") == "done")
-    assert done - first_out > 0.3  # 'first' arrived while the code was still sleeping
+    assert events[-1] == "done"
 
 
 def test_timeout_interrupts_and_keeps_state(sandbox):
@@ -94,25 +100,33 @@ def test_bash_runs_with_exit_code(sandbox):
 def test_concurrent_exec_is_refused(sandbox):
     import threading
 
-    started = threading.Event()
+    running = threading.Event()
+    results = []
+    code = "import time\nprint('go', flush=True)\ntime.sleep(3600)"
 
     def slow():
-        started.set()
-        sandbox.run_code("import time; time.sleep(1.5)")
+        results.append(sandbox.run_code(code, timeout_s=HANG_DEADLINE_S, on_event=lambda event: running.set()))
 
     runner = threading.Thread(target=slow)
     runner.start()
-    started.wait()
-    time.sleep(0.3)
-    with pytest.raises(SandboxBusy):
-        sandbox.run_code("1")
-    runner.join()
+    try:
+        assert running.wait(HANG_DEADLINE_S), "the first exec never started"
+        with pytest.raises(SandboxBusy):
+            sandbox.run_code("1")
+    finally:
+        sandbox.interrupt()
+        runner.join(HANG_DEADLINE_S * 2)
+    # It ran on until the test ended it (not its timeout), untouched by the refused one.
+    assert results[0].stdout == "go\n" and results[0].error["name"] == "KeyboardInterrupt"
 
 
 def test_boot_timeout_is_a_clean_error_with_no_stray_process(engine, run_dir):
+    # A guest that never gets ready, however fast it boots: its init runs a shell on the console (the image's
+    # debugging switch) instead of the agent, so the boot deadline is always what ends the wait.
     machine = engine.machine()
+    never_ready = replace(machine, extra_kernel_args=(*machine.extra_kernel_args, "appliance.debug=shell"))
     with pytest.raises(BootFailed, match="did not become ready"):
-        Sandbox.boot(machine, run_dir, engine.config.limits, boot_timeout_s=0.5, launcher=engine.launcher)
+        Sandbox.boot(never_ready, run_dir, engine.config.limits, boot_timeout_s=5, launcher=engine.launcher)
     assert qemu_pids_under(run_dir) == []
     assert list(run_dir.iterdir()) == []
 

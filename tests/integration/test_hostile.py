@@ -4,7 +4,6 @@ a clear "sandbox lost"; the host and a bystander sandbox stay healthy throughout
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -55,26 +54,36 @@ def test_python_infinite_loop_is_interrupted_and_state_kept(victim, bystander):
 
 def test_loop_inside_numpy_is_killed_after_the_grace(victim, bystander):
     # One long C call: SIGINT is only seen between bytecodes, so the agent must kill the worker after the grace.
-    started = time.monotonic()
-    result = victim.run_code("import numpy as np\na = np.ones((3000, 3000))\nwhile True:\n    a @ a", timeout_s=3)
-    assert result.error is not None and result.error["name"] in {"TimeoutError", "WorkerExited"}
-    assert time.monotonic() - started < 3 + victim.limits.grace_s + 30
+    # A naive five-index einsum on 300x300 arrays is one C loop of 300**5 steps: hours under TCG, still far longer
+    # than timeout + grace on KVM, so the interrupt always lands inside it. numpy is imported before the timed call,
+    # so the interrupt cannot land in the import's Python code instead.
+    assert victim.run_code("import numpy as np\nb = np.ones((300, 300))").error is None
+    result = victim.run_code("np.einsum('ij,jk,kl,lm->im', b, b, b, b, optimize=False)", timeout_s=3)
+    assert result.error["name"] == "TimeoutError", result.error
+    assert result.error["value"] == ("execution exceeded 3 s and did not stop within 2 s of the interrupt; "
+                                     "the Python process was killed and its state is lost")
+    assert result.worker_restarted
+    assert result.worker_exit == "the Python process was killed after ignoring the interrupt for 2 s; its state is lost"
+    assert victim.run_code("kept").error["name"] == "NameError"  # a fresh worker: the namespace went with the old
     assert_healthy(bystander, victim)
 
 
 def test_memory_bomb_kills_the_worker_not_the_host_or_the_neighbour(victim, bystander):
     before = mem_available_mib()
     lowest = [before]
-    answers: list[float] = []
+    answers: list[str | None] = []  # the bystander's answers while the bomb runs (asserted here, not in the thread)
     done = threading.Event()
 
     def watch() -> None:
         while not done.is_set():
             lowest[0] = min(lowest[0], mem_available_mib())
-            started = time.monotonic()
-            assert bystander.run_code("calm").text == "'yes'"
-            answers.append(time.monotonic() - started)
-            time.sleep(0.2)
+            # a hang deadline only: how fast the bystander answers under load is a benchmark's question
+            try:
+                answers.append(bystander.run_code("calm", timeout_s=60).text)
+            except Exception as exc:  # reported by the assert below, in the test's own thread
+                answers.append(repr(exc))
+                return
+            done.wait(0.2)  # paces the probes; the loop ends as soon as the bomb is over
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -83,10 +92,10 @@ def test_memory_bomb_kills_the_worker_not_the_host_or_the_neighbour(victim, byst
     finally:
         done.set()
         watcher.join()
-    assert result.error is not None
-    assert result.worker_restarted and "SIGKILL" in (result.worker_exit or ""), result
-    assert answers, "the bystander was never asked"
-    assert max(answers) < 10, f"the bystander answered slowly while the bomb ran: {max(answers):.1f}s"
+    assert result.error["name"] == "WorkerExited", result.error
+    assert result.worker_restarted
+    assert result.worker_exit == "the Python process was killed by signal SIGKILL (9); its state is lost"
+    assert answers and set(answers) == {"'yes'"}, answers
     # the host lost at most the victim's cgroup limit (guest RAM + QEMU overhead), not everything
     limit_mib = GUEST_MIB + 512  # the jail's default memory overhead
     assert before - lowest[0] < limit_mib + 256
@@ -153,17 +162,22 @@ def test_os_exit_and_self_kill_restart_the_worker(victim, bystander):
     assert_healthy(bystander, victim)
 
 
-def test_writing_dev_mem_gives_an_error_or_a_clear_loss(victim, bystander):
+def test_writing_the_guest_kernel_through_dev_mem_is_refused(victim, bystander):
+    # The guest kernel (Debian's cloud kernel) is built with STRICT_DEVMEM: /dev/mem refuses System RAM above the
+    # first MiB, so root in the guest cannot patch its own kernel's code through it. The call fails, nothing else.
     code = (
+        "start = next(int(line.split('-')[0], 16) for line in open('/proc/iomem') if 'Kernel code' in line)\n"
+        "assert start >= 1 << 20, hex(start)  # a real address (root sees them), beyond the first MiB\n"
         "f = open('/dev/mem', 'r+b', buffering=0)\n"
-        "for off in range(0, 1 << 20, 4096):\n    f.seek(off); f.write(b'\\xff' * 4096)"
+        "f.seek(start)\n"
+        "f.write(b'\\xff' * 4096)"
     )
-    try:
-        result = victim.run_code(code, timeout_s=10)
-        assert result.error is not None or victim.run_code("1 + 1", timeout_s=30).text == "2"
-    except SandboxLost as exc:
-        assert "sandbox lost" in str(exc)
-    assert_healthy(bystander)
+    result = victim.run_code(code, timeout_s=10)
+    assert result.error is not None, "the write to the kernel's code went through"
+    assert (result.error["name"], result.error["value"]) == ("PermissionError", "[Errno 1] Operation not permitted")
+    assert not result.worker_restarted
+    assert victim.run_code("kept").text == "41"
+    assert_healthy(bystander, victim)
 
 
 def test_guest_kernel_crash_is_a_clear_sandbox_lost(victim, bystander):

@@ -15,12 +15,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance_agent import protocol
 
 FINAL_EVENTS = frozenset({"done", "ok", "pong", "error"})
+# How long a test waits for anything the agent should do at once: long enough that only a hang reaches it on a
+# loaded machine, so no test depends on how fast this host is (bench/agent_bench.py measures that).
+HANG_DEADLINE_S = 60.0
 
 
 @dataclass
@@ -83,7 +87,7 @@ class AgentConnection:
         self.send_raw(protocol.encode({"id": request_id, "op": op, **args}))
         return request_id
 
-    def next_event(self, timeout: float = 10.0) -> dict[str, Any]:
+    def next_event(self, timeout: float = HANG_DEADLINE_S) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while not self._pending:
             remaining = deadline - time.monotonic()
@@ -95,7 +99,7 @@ class AgentConnection:
             self._pending.extend(json.loads(line) for line in self._reader.feed(chunk))
         return self._pending.pop(0)
 
-    def events_for(self, request_id: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    def events_for(self, request_id: int, timeout: float = HANG_DEADLINE_S) -> list[dict[str, Any]]:
         """The events answering request_id up to its final one; other ids' events are kept for their turn."""
         deadline = time.monotonic() + timeout
         events = []
@@ -115,10 +119,10 @@ class AgentConnection:
                 if event["ev"] in FINAL_EVENTS:
                     return events
 
-    def call(self, op: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    def call(self, op: str, timeout: float = HANG_DEADLINE_S, **args: Any) -> dict[str, Any]:
         return self.events_for(self.send(op, **args), timeout)[-1]
 
-    def run(self, code: str, timeout: float = 30.0, **args: Any) -> ExecResult:
+    def run(self, code: str, timeout: float = HANG_DEADLINE_S, **args: Any) -> ExecResult:
         """An exec; returns all its events. timeout is how long the test waits, timeout_s the agent's own."""
         return ExecResult(self.events_for(self.send("exec", code=code, **args), timeout))
 
@@ -160,7 +164,7 @@ class AgentProcess(AgentConnection):
         )
         return cls(process)
 
-    def hello(self, timeout: float = 10.0) -> dict[str, Any]:
+    def hello(self, timeout: float = HANG_DEADLINE_S) -> dict[str, Any]:
         event = self.next_event(timeout)
         assert event["ev"] == "hello", event
         return event
@@ -225,3 +229,11 @@ def children_of(pid: int) -> list[tuple[int, str]]:
         if int(fields[1]) == pid:
             found.append((int(entry), fields[0]))
     return found
+
+
+def wait_for(condition: Callable[[], bool], what: str, deadline_s: float = HANG_DEADLINE_S) -> None:
+    """Poll until condition() holds; fail naming `what` if it still does not after a hang deadline."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting after {deadline_s:g} s for {what}"
+        time.sleep(0.01)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -13,7 +14,14 @@ from pathlib import Path
 import pytest
 from appliance_agent import protocol
 
-from tests.unit.agent_harness import AgentConnection, AgentProcess, children_of
+from tests.unit.agent_harness import (
+    HANG_DEADLINE_S,
+    AgentConnection,
+    AgentProcess,
+    children_of,
+    session_members,
+    wait_for,
+)
 
 AgentFactory = Callable[..., AgentProcess]
 
@@ -82,13 +90,13 @@ def test_system_exit_is_an_error_not_the_end_of_the_namespace(agent: AgentProces
 def test_timeout_interrupts_and_keeps_the_namespace(agent: AgentProcess) -> None:
     worker = agent.worker_pid()
     agent.run("z = 7")
-    started = time.monotonic()
-    result = agent.run("import time\ntime.sleep(30)", timeout_s=0.3, grace_s=5)
-    assert time.monotonic() - started < 3
+    # The code would sleep for an hour: only the agent's 0.3 s timeout can end it within the harness's hang
+    # deadline, and only the interrupt (not the kill after grace_s) keeps the worker.
+    result = agent.run("import time\ntime.sleep(3600)", timeout_s=0.3, grace_s=5)
     assert result.error is not None
     assert result.error["name"] == "TimeoutError"
     assert result.error["value"] == "execution exceeded 0.3 s and was interrupted; the namespace is kept"
-    assert "time.sleep(30)" in result.error["traceback"]
+    assert "time.sleep(3600)" in result.error["traceback"]
     assert "appliance_agent" not in result.error["traceback"]
     assert result.done["worker_restarted"] is False
     assert agent.run("z").value == "7"
@@ -96,19 +104,23 @@ def test_timeout_interrupts_and_keeps_the_namespace(agent: AgentProcess) -> None
 
 
 @pytest.mark.parametrize(
-    "code",
+    ("code", "stdout"),
     [
-        "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass",
-        "while True:\n    try:\n        while True:\n            pass\n    except KeyboardInterrupt:\n        pass",
+        ("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass", ""),
+        (
+            "while True:\n    try:\n        while True:\n            pass\n"
+            "    except KeyboardInterrupt:\n        print('caught', flush=True)",
+            "caught\n",
+        ),
     ],
     ids=["sigint-ignored", "keyboardinterrupt-caught"],
 )
-def test_code_that_ignores_the_interrupt_is_killed_after_grace(agent: AgentProcess, code: str) -> None:
+def test_code_that_ignores_the_interrupt_is_killed_after_grace(agent: AgentProcess, code: str, stdout: str) -> None:
     old_worker = agent.worker_pid()
     agent.run("z = 7")
-    started = time.monotonic()
     result = agent.run(code, timeout_s=0.3, grace_s=0.4)
-    assert 0.6 < time.monotonic() - started < 5
+    # 'caught': the code ran on after the interrupt, so the kill came later, not with it.
+    assert result.stdout == stdout
     assert result.error is not None and result.error["name"] == "TimeoutError"
     assert result.done["worker_restarted"] is True
     assert result.done["worker_exit"] == (
@@ -142,10 +154,7 @@ def test_a_worker_lost_while_idle_is_reported_with_the_next_exec(agent: AgentPro
     agent.run("a = 1")
     old_worker = agent.worker_pid()
     os.kill(old_worker, 9)
-    deadline = time.monotonic() + 5
-    while agent.worker_pid() == old_worker:  # replaced as soon as the agent reaps it
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(lambda: agent.worker_pid() != old_worker, "a new worker")  # replaced as soon as the agent reaps it
     result = agent.run("1")
     assert result.value == "1"
     assert result.done["worker_restarted"] is True
@@ -161,20 +170,18 @@ def test_restart_worker_gives_a_fresh_namespace(agent: AgentProcess) -> None:
     assert agent.run("a").error["name"] == "NameError"
 
 
-def test_huge_output_is_capped_counted_and_fast(agent: AgentProcess) -> None:
+def test_huge_output_is_capped_and_counted(agent: AgentProcess) -> None:
+    """How fast the agent gets through the 50 MB is bench/agent_bench.py's business."""
     code = (
         "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(50):\n    sys.stdout.write(chunk)\n"
         "print('end', file=sys.stderr)"
     )
     cap = 1_000_000
-    started = time.monotonic()
     result = agent.run(code, output_cap=cap)
-    elapsed = time.monotonic() - started
     total = 50 * (1 << 20) + len("end\n")
     assert result.done["truncated_bytes"] == total - cap
     assert result.stdout == "x" * cap
     assert result.stderr == protocol.TRUNCATION_MARKER.format(omitted=total - cap)
-    assert elapsed < 5, f"50 MB of output took {elapsed:.1f} s"
 
 
 def test_output_under_the_cap_is_complete_and_before_done(agent: AgentProcess) -> None:
@@ -186,22 +193,27 @@ def test_output_under_the_cap_is_complete_and_before_done(agent: AgentProcess) -
 
 def test_invalid_and_split_utf8_output(agent: AgentProcess) -> None:
     code = (
-        "import sys\n"
+        "import fcntl, struct, sys, termios, time\n"
         "sys.stdout.buffer.write(b'\\xff\\xfeok \\xc3'); sys.stdout.buffer.flush()\n"
-        "import time; time.sleep(0.05)\n"
+        "# the second half of '\u00e9' only once the agent has read the first (the pipe on fd 1 is empty again)\n"
+        "while struct.unpack('i', fcntl.ioctl(1, termios.FIONREAD, b'xxxx'))[0]:\n"
+        "    time.sleep(0.001)\n"
         "sys.stdout.buffer.write(b'\\xa9\\n'); sys.stdout.buffer.flush()"
     )
     assert agent.run(code).stdout == "\ufffd\ufffdok é\n"
 
 
 def test_output_streams_while_the_code_runs(agent: AgentProcess) -> None:
-    request_id = agent.send("exec", code="import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.5)")
-    started = time.monotonic()
+    # The code prints (no flush) and then sleeps for an hour: if its line came only with the end of the code,
+    # the test would never see it and so never send the interrupt that ends the code.
+    code = "import time\ntry:\n    print(0)\n    time.sleep(3600)\nexcept KeyboardInterrupt:\n    print('end')"
+    request_id = agent.send("exec", code=code)
     first = agent.next_event()
     assert first == {"id": request_id, "ev": "stdout", "data": "0\n"}
-    assert time.monotonic() - started < 0.45
+    agent.send("interrupt")
     rest = agent.events_for(request_id)
-    assert [event["ev"] for event in rest] == ["stdout", "stdout", "done"]
+    assert [event["ev"] for event in rest] == ["stdout", "done"]
+    assert rest[0]["data"] == "end\n" and rest[-1]["error"] is None
 
 
 def test_display_keeps_its_place_between_prints(agent: AgentProcess) -> None:
@@ -327,12 +339,14 @@ def test_bash_runs_with_exit_codes(agent: AgentProcess, tmp_path: Path) -> None:
 
 
 def test_bash_timeout_kills_its_process_group(agent: AgentProcess) -> None:
-    started = time.monotonic()
-    result = agent.run("sleep 30 & sleep 30; echo never", language="bash", timeout_s=0.3)
-    assert time.monotonic() - started < 3
+    worker = agent.worker_pid()
+    result = agent.run("sleep 3600 & sleep 3600; echo never", language="bash", timeout_s=0.3)
     assert result.error is not None and result.error["name"] == "TimeoutError"
     assert result.done["exit_code"] == -9
     assert "never" not in result.stdout
+    # Both sleeps (the one in the background too) are gone: only the agent and its worker are left.
+    left = sorted([agent.pid, worker])
+    wait_for(lambda: sorted(session_members(agent.pid)) == left, "the command's processes to end")
     assert agent.run("echo again", language="bash").stdout == "again\n"
 
 
@@ -427,11 +441,12 @@ def test_stdin_is_empty_for_user_code(agent: AgentProcess) -> None:
 
 def test_orphans_of_user_code_are_reaped(agent_factory: AgentFactory) -> None:
     agent = agent_factory("--subreaper")  # what PID 1 gets for free
-    agent.run("import os\nos.system('sleep 0.2 &')")
-    assert any(state != "Z" for _, state in children_of(agent.pid) if _ != agent.worker_pid())
-    time.sleep(0.6)
-    assert [child for child in children_of(agent.pid) if child[1] == "Z"] == []
-    assert [pid for pid, _ in children_of(agent.pid)] == [agent.worker_pid()]
+    worker = agent.worker_pid()
+    agent.run("import os\nos.system('sleep 3600 &')")
+    [(orphan, state)] = [child for child in children_of(agent.pid) if child[0] != worker]  # the agent adopted it
+    assert state != "Z"
+    os.kill(orphan, signal.SIGKILL)  # its end leaves a zombie only its new parent, the agent, can reap
+    wait_for(lambda: [pid for pid, _ in children_of(agent.pid)] == [worker], "the agent to reap the orphan")
 
 
 def test_as_pid1_the_agent_reaps_orphans_and_ignores_sigterm(agent_factory: AgentFactory) -> None:
@@ -442,11 +457,16 @@ def test_as_pid1_the_agent_reaps_orphans_and_ignores_sigterm(agent_factory: Agen
         pytest.skip(f"cannot create a PID namespace here: {probe.stderr.decode().strip()}")
     agent = agent_factory(prefix=unshare)
     assert agent.run("import os\nos.getppid()").value == "1"  # the worker's parent is PID 1
-    agent.run("os.system('sleep 0.2 &')\nos.kill(1, 15)")  # an orphan for PID 1, and a SIGTERM
-    time.sleep(0.6)
-    assert agent.run("'still here'").value == "'still here'"
     [(agent_pid, _)] = children_of(agent.pid)  # the agent, seen from outside the namespace
-    [(_, state)] = children_of(agent_pid)  # only the worker is left: the orphan was reaped, no zombie
+    [(worker, _)] = children_of(agent_pid)
+    agent.run("os.system('sleep 3600 &')\nos.kill(1, 15)")  # an orphan for PID 1, and a SIGTERM
+    [orphan] = [pid for pid, _ in children_of(agent_pid) if pid != worker]
+    os.kill(orphan, signal.SIGKILL)
+    # Reaped through the same signal pipe that carried the SIGTERM first: had the agent obeyed it, it would
+    # be gone by now.
+    wait_for(lambda: [pid for pid, _ in children_of(agent_pid)] == [worker], "PID 1 to reap the orphan")
+    assert agent.run("'still here'").value == "'still here'"
+    [(_, state)] = children_of(agent_pid)  # only the worker is left, and no zombie
     assert state != "Z"
 
 
@@ -486,10 +506,17 @@ def test_the_agent_outlives_a_disconnected_character_device(agent_factory: Agent
     os.close(slave)  # the "host" is away
     try:
         agent = agent_factory("--fd", str(master), pass_fds=(master,))
-        time.sleep(0.3)
-        cpu = _cpu_seconds(agent.pid)
-        time.sleep(0.5)
-        assert _cpu_seconds(agent.pid) - cpu < 0.2  # waits without spinning on POLLHUP
+        # With the host away the agent probes the port (one read(2) each time) and sleeps in poll in between:
+        # one voluntary context switch per probe. Watching the hung-up port instead, poll would return at once,
+        # forever: reads with no sleep between them. Counted, not timed, so a loaded host changes nothing.
+        first = _proc_counter(agent.pid, "io", "syscr")
+        wait_for(lambda: _proc_counter(agent.pid, "io", "syscr") >= first + 3, "the agent to probe the port")
+        switches = _proc_counter(agent.pid, "status", "voluntary_ctxt_switches")
+        reads = _proc_counter(agent.pid, "io", "syscr")
+        wait_for(lambda: _proc_counter(agent.pid, "io", "syscr") >= reads + 20, "20 more probes")
+        reads = _proc_counter(agent.pid, "io", "syscr") - reads
+        switches = _proc_counter(agent.pid, "status", "voluntary_ctxt_switches") - switches
+        assert switches >= reads // 2, f"{reads} reads of the absent host with only {switches} sleeps: spinning"
         peer = os.open(slave_path, os.O_RDWR | os.O_NOCTTY)
         tty.setraw(peer)
         try:
@@ -503,28 +530,25 @@ def test_the_agent_outlives_a_disconnected_character_device(agent_factory: Agent
         os.close(master)
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _proc_counter(pid: int, name: str, key: str) -> int:
+    """A counter of a (single-threaded) process from /proc/<pid>/io or /proc/<pid>/status."""
+    with open(f"/proc/{pid}/{name}", encoding="utf-8") as handle:
+        for line in handle:
+            label, _, value = line.partition(":")
+            if label == key:
+                return int(value)
+    raise KeyError(f"no {key} in /proc/{pid}/{name}")
 
 
-def test_end_of_input_lets_the_running_exec_finish(agent: AgentProcess) -> None:
-    request_id = agent.send("exec", code="import time\ntime.sleep(0.3)\nprint('finished')")
+def test_end_of_input_lets_the_running_exec_finish(agent: AgentProcess, tmp_path: Path) -> None:
+    go = tmp_path / "go"  # the code runs until the test creates this file, after the agent's input has ended
+    code = f"import os, time\nprint('started', flush=True)\nwhile not os.path.exists({str(go)!r}):\n"
+    request_id = agent.send("exec", code=code + "    time.sleep(0.01)\nprint('finished')")
+    assert agent.next_event() == {"id": request_id, "ev": "stdout", "data": "started\n"}
     assert agent.process.stdin is not None
     agent.process.stdin.close()
+    go.touch()
     events = agent.events_for(request_id)
     assert events[0]["data"] == "finished\n" and events[-1]["ev"] == "done"
-    assert agent.process.wait(timeout=5) == 0
+    assert agent.process.wait(timeout=HANG_DEADLINE_S) == 0
 
-
-def test_round_trip_is_fast(agent: AgentProcess) -> None:
-    for _ in range(50):
-        agent.run("x = 1")
-    samples = []
-    for _ in range(300):
-        started = time.perf_counter()
-        agent.run("x = 1")
-        samples.append(time.perf_counter() - started)
-    samples.sort()
-    assert samples[len(samples) // 2] < 0.005, f"p50 {samples[len(samples) // 2] * 1e3:.2f} ms"

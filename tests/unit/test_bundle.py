@@ -103,16 +103,15 @@ def _create(output: Path, image: Path, cache_dir: Path, project: Path, **fetcher
                                 progress=Progress(quiet=True), project_dir=project, **fetchers)
 
 
-@pytest.fixture
-def built(tmp_path, project) -> tuple[Path, dict]:
+def _fetchers(tmp_path: Path, asked: list[list[str]]) -> dict:
+    """Stand-ins for apt and pip: tiny real .debs of the packages asked for (made once, then cached), one fake
+    wheel."""
     debs_dir = tmp_path / "debs"
-    debs_dir.mkdir()
-    image = stand_in_image(tmp_path / "images", "guest-0123456789abcdef")
-    asked: list[list[str]] = []
+    debs_dir.mkdir(exist_ok=True)
 
     def fetch_debs(packages, mirror, suite, cache_dir):
         asked.append(packages)
-        return [_tiny_deb(debs_dir, name) for name in packages]
+        return [next(debs_dir.glob(f"{name}_*.deb"), None) or _tiny_deb(debs_dir, name) for name in packages]
 
     def fetch_wheels(project_dir, cache_dir, dest):
         dest.mkdir(parents=True, exist_ok=True)
@@ -120,10 +119,34 @@ def built(tmp_path, project) -> tuple[Path, dict]:
         wheel.write_bytes(b"not really a wheel")
         return [wheel]
 
+    return {"fetch_debs": fetch_debs, "fetch_wheels": fetch_wheels}
+
+
+@pytest.fixture
+def built(tmp_path, project) -> tuple[Path, dict]:
+    image = stand_in_image(tmp_path / "images", "guest-0123456789abcdef")
+    asked: list[list[str]] = []
     output = tmp_path / "out" / "bundle.tar"
-    manifest = _create(output, image, tmp_path / "cache", project, fetch_debs=fetch_debs, fetch_wheels=fetch_wheels)
+    manifest = _create(output, image, tmp_path / "cache", project, **_fetchers(tmp_path, asked))
     assert asked == [["demo-a", "demo-b"]]
     return output, manifest
+
+
+def test_the_host_image_gets_what_a_bundle_holds_but_the_ansible_content(built, tmp_path, project):
+    from appliance.build.host.root import bundle_directory
+
+    _, bundled = built
+    image = tmp_path / "images" / "guest-0123456789abcdef"
+    dest = tmp_path / "image-bundle"
+    unpacked = bundle_directory(dest, image_dir=image, cache_dir=tmp_path / "cache", mirror="m", suite="s",
+                                project_dir=project, **_fetchers(tmp_path, []))
+    expected = {name: record for name, record in bundled["files"].items() if not name.startswith("ansible/")}
+    assert unpacked["files"] == expected and any(name.startswith("ansible/") for name in bundled["files"])
+    on_disk = {str(path.relative_to(dest)) for path in dest.rglob("*") if path.is_file()}
+    assert on_disk == {*expected, bundle.MANIFEST}  # the layout deploy unpacks, nothing of the gathering left
+    assert json.loads((dest / bundle.MANIFEST).read_text()) == unpacked
+    assert {k: unpacked[k] for k in ("image_id", "host_packages")} == {k: bundled[k] for k in ("image_id",
+                                                                                              "host_packages")}
 
 
 def test_bundle_holds_the_layout_with_the_manifest_first(built):

@@ -15,7 +15,8 @@ import pytest
 
 from appliance.build import BuildError, build_guest_image
 from appliance.build import guest as guest_module
-from appliance.build.common import RECIPE_DIR, error_line, parse_list, read_list, run
+from appliance.build.apt import Apt
+from appliance.build.common import RECIPE_DIR, atomic_output, error_line, exclusive, parse_list, read_list, run
 from appliance.build.initramfs import (
     Entry,
     char_device,
@@ -25,10 +26,7 @@ from appliance.build.initramfs import (
     symlink,
 )
 from appliance.build.kernel import (
-    apt_options,
-    apt_sources,
     builtin_modules,
-    deb_filename,
     load_order,
     module_deps,
     module_name,
@@ -84,15 +82,72 @@ def test_run_names_a_missing_tool() -> None:
         run("rootfs: mkfs.ext4", ["no-such-tool-xyz"])
 
 
+def test_a_missing_tool_in_the_table_is_named_with_its_package(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match=r"mmdebstrap not found \(install it: apt-get install --no-install-recommends "
+                                         r"mmdebstrap\)$"):
+        run("rootfs: mmdebstrap", [tmp_path / "mmdebstrap"])  # the table knows the name, whatever the directory
+
+
+# --- atomic outputs and the lock ------------------------------------------------------------------------------
+
+
+def test_atomic_output_appears_only_complete(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "stage.tar"
+    with atomic_output(target) as partial:
+        partial.write_text("whole")
+        assert partial.parent == target.parent and partial.name.startswith(".stage.tar.partial-")
+        assert not target.exists()
+    assert target.read_text() == "whole"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["stage.tar"]
+
+
+def test_atomic_output_keeps_the_old_output_and_leaves_nothing_when_the_body_fails(tmp_path: Path) -> None:
+    target = tmp_path / "stage.tar"
+    target.write_text("old")
+    with pytest.raises(BuildError), atomic_output(target) as partial:
+        partial.write_text("half")
+        raise BuildError("x: y")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["stage.tar"]
+
+
+def test_atomic_output_replaces_a_directory_and_removes_a_dead_builds_leftovers(tmp_path: Path) -> None:
+    target = tmp_path / "image"
+    target.mkdir()
+    (target / "vmlinuz").write_text("old")
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    leftover = tmp_path / f".image.partial-{dead}"
+    leftover.mkdir()
+    with atomic_output(target) as work:
+        work.mkdir()
+        (work / "vmlinuz").write_text("new")
+    assert (target / "vmlinuz").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["image"]
+
+
+def test_exclusive_without_wait_says_whether_it_holds_the_lock(tmp_path: Path) -> None:
+    lock = tmp_path / "stage.lock"
+    with exclusive(lock) as held:
+        assert held
+        # flock locks belong to the open file: a second open, even in this process, is another contender
+        with exclusive(lock, wait=False) as second:
+            assert not second
+    with exclusive(lock, wait=False) as held:
+        assert held
+
+
 def test_parse_list_drops_comments_and_blanks() -> None:
     assert parse_list("# head\npython3\n\niproute2   # why\n  \n") == ["python3", "iproute2"]
 
 
-# --- kernel: apt --------------------------------------------------------------------------------------------
+# --- the private apt --------------------------------------------------------------------------------------------
 
 
 def test_apt_sources_add_updates_and_security_for_a_debian_mirror() -> None:
-    assert apt_sources("http://deb.debian.org/debian/", "bookworm") == [
+    assert Apt.sources("http://deb.debian.org/debian/", "bookworm") == [
         "deb http://deb.debian.org/debian bookworm main",
         "deb http://deb.debian.org/debian bookworm-updates main",
         "deb http://deb.debian.org/debian-security bookworm-security main",
@@ -100,7 +155,7 @@ def test_apt_sources_add_updates_and_security_for_a_debian_mirror() -> None:
 
 
 def test_apt_sources_guess_no_security_archive_for_another_layout() -> None:
-    lines = apt_sources("http://mirror.example/debian-local", "bookworm")
+    lines = Apt.sources("http://mirror.example/debian-local", "bookworm")
     assert lines == [
         "deb http://mirror.example/debian-local bookworm main",
         "deb http://mirror.example/debian-local bookworm-updates main",
@@ -108,7 +163,7 @@ def test_apt_sources_guess_no_security_archive_for_another_layout() -> None:
 
 
 def test_apt_options_confine_apt_to_its_state_dir(tmp_path: Path) -> None:
-    options = apt_options(tmp_path)
+    options = Apt.options(tmp_path)
     assert f"-oDir::Etc::SourceList={tmp_path / 'sources.list'}" in options
     assert f"-oDir::State::status={tmp_path / 'status'}" in options  # not the host's installed packages
     assert all(str(tmp_path) in o for o in options if o.startswith("-oDir"))
@@ -135,7 +190,7 @@ def test_resolve_kernel_package_fails_without_a_versioned_image() -> None:
 
 def test_parse_version_and_deb_filename() -> None:
     assert parse_version("Package: busybox-static\nVersion: 1:1.35.0-4+b1\nArch: amd64\n") == "1:1.35.0-4+b1"
-    assert deb_filename("busybox-static", "1:1.35.0-4+b1") == "busybox-static_1%3a1.35.0-4+b1_amd64.deb"
+    assert Apt.deb_filename("busybox-static", "1:1.35.0-4+b1") == "busybox-static_1%3a1.35.0-4+b1_amd64.deb"
     with pytest.raises(ValueError):
         parse_version("Package: x\n")
 
@@ -541,6 +596,8 @@ def test_preflight_names_root_and_the_packages_of_missing_tools() -> None:
     assert guest_module.preflight_problem(0, lambda tool: "/usr/bin/" + tool) is None
     problem = guest_module.preflight_problem(0, lambda tool: None if tool in {"mmdebstrap", "mkfs.ext4"} else tool)
     assert problem == "build: missing host tools; install the Debian packages: e2fsprogs mmdebstrap"
+    problem = guest_module.preflight_problem(0, lambda tool: None if tool == "apt-cache" else tool)
+    assert problem == "build: missing host tools; install the Debian packages: apt"  # the kernel's resolution
 
 
 def test_build_manifest_records_versions_digests_and_cmdline() -> None:

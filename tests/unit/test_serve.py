@@ -70,20 +70,36 @@ def test_spec_file_is_handed_on_as_an_absolute_path(execs, tmp_path):
     assert ":8181" in result.output
 
 
-def test_gunicorn_config_follows_the_spec(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("APPLIANCE_SERVICE__PORT", "9555")
-    monkeypatch.setenv("APPLIANCE_SERVICE__WORKERS", "3")
-    monkeypatch.setenv("APPLIANCE_GUNICORN_MAX_REQUESTS", "7")
-    monkeypatch.setenv("APPLIANCE_GUNICORN_MAX_REQUESTS_JITTER", "0")
+def gunicorn_settings() -> dict:
+    """service/gunicorn.conf.py evaluated as gunicorn does: a Python file whose globals are the settings."""
     import service
 
     path = Path(service.__file__).parent / "gunicorn.conf.py"
     settings: dict = {"__file__": str(path)}
     exec(compile(path.read_text(), str(path), "exec"), settings)
+    return settings
+
+
+def test_gunicorn_config_follows_the_spec(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("APPLIANCE_"):
+            monkeypatch.delenv(name)
+    defaults = gunicorn_settings()
+    # docs/api.md: 8 threads per worker and a 30 s graceful timeout unless the environment says otherwise
+    assert (defaults["threads"], defaults["graceful_timeout"]) == (8, 30)
+    assert (defaults["max_requests"], defaults["max_requests_jitter"]) == (10000, 1000)
+    monkeypatch.setenv("APPLIANCE_SERVICE__PORT", "9555")
+    monkeypatch.setenv("APPLIANCE_SERVICE__WORKERS", "3")
+    monkeypatch.setenv("APPLIANCE_GUNICORN_THREADS", "5")
+    monkeypatch.setenv("APPLIANCE_GUNICORN_GRACEFUL_TIMEOUT", "12")
+    monkeypatch.setenv("APPLIANCE_GUNICORN_MAX_REQUESTS", "7")
+    monkeypatch.setenv("APPLIANCE_GUNICORN_MAX_REQUESTS_JITTER", "0")
+    settings = gunicorn_settings()
     assert settings["bind"] == "127.0.0.1:9555" and settings["workers"] == 3
-    assert settings["worker_class"] == "gthread" and settings["threads"] >= 2
+    assert (settings["worker_class"], settings["threads"]) == ("gthread", 5)
     assert (settings["max_requests"], settings["max_requests_jitter"]) == (7, 0)
-    assert settings["timeout"] and settings["graceful_timeout"] and settings["keepalive"]
+    # the heartbeat timeout and keep-alive are fixed; keep-alive outlasts common load balancers' idle timeouts
+    assert (settings["timeout"], settings["graceful_timeout"], settings["keepalive"]) == (60, 12, 75)
     for hook in ("on_starting", "when_ready", "child_exit", "on_exit"):
         assert callable(settings[hook])

@@ -27,13 +27,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from appliance import host_tools
-from appliance.build import kernel as kernel_stage
+from appliance import host_tools, node_setup
 from appliance.build import rootfs
+from appliance.build.apt import Apt
 from appliance.build.common import (
     RECIPE_DIR,
     REPO_ROOT,
     BuildError,
+    atomic_output,
     exclusive,
     read_list,
     remove_leftovers,
@@ -64,7 +65,9 @@ class HostImage:
     cached_root: bool
 
 
-def preflight_problem(euid: int, which: Callable[[str], str | None], fmt: str) -> str | None:
+def preflight_problem(
+    euid: int, which: Callable[[str], str | None], fmt: str, matches: Callable[[str], bool] = host_tools.matches
+) -> str | None:
     if fmt not in FORMATS:
         return f"build host: unknown format {fmt!r}; choose raw or qcow2"
     if euid != 0:
@@ -73,25 +76,9 @@ def preflight_problem(euid: int, which: Callable[[str], str | None], fmt: str) -
     if missing:
         return f"build host: missing host tools; install the Debian packages: {' '.join(missing)}"
     for entry in host_tools.data("host-image"):  # GRUB's module directories
-        if not host_tools.matches(entry.path):
+        if not matches(entry.path):
             return f"build host: no {entry.what}; install the Debian package {entry.package}"
     return None
-
-
-def load_node_setup():
-    """The node's boot-time setup module (image-builder/host/node/node_setup.py): its site checks are the build's."""
-    import importlib.util
-    import sys
-
-    name = "appliance_node_setup"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HOST_RECIPE / "node" / "node_setup.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
 
 
 def check_site_config(path: Path | None) -> str | None:
@@ -102,7 +89,6 @@ def check_site_config(path: Path | None) -> str | None:
         text = path.read_text()
     except OSError as exc:
         raise BuildError(f"build host: cannot read the site config {path}: {exc.strerror}") from None
-    node_setup = load_node_setup()
     try:
         node_setup.parse_site(text)
     except node_setup.SiteError as exc:
@@ -149,7 +135,7 @@ def build_host_image(
     guest_manifest_sha = sha256_file(guest_dir / "manifest.json")
 
     packages = read_list(HOST_RECIPE / "packages.txt")
-    sources = kernel_stage.apt_sources(guest.mirror, guest.suite)
+    sources = Apt.sources(guest.mirror, guest.suite)
     with progress.phase("base", f"mmdebstrap {guest.suite}, {len(packages)} packages"):
         base = rootfs.base_stage(guest.suite, sources, packages, read_list(HOST_RECIPE / "dpkg-options.txt"),
                                  cache, refresh=False)
@@ -169,28 +155,27 @@ def build_host_image(
 
     output = output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(output.parent, f".{output.name}.partial-*")
-    work = output.parent / f".{output.name}.partial-{os.getpid()}"
+    remove_leftovers(output.parent, f".{output.name}.work-*")
+    work = output.parent / f".{output.name}.work-{os.getpid()}"
     work.mkdir()
+    manifest_path = output.with_name(output.name + ".manifest.json")
     try:
-        with progress.phase("disk", f"GPT, GRUB for UEFI and BIOS, {fmt}"):
-            raw = work / "disk.raw"
-            _assemble(work, raw, root_image, info, site_text)
-            final = raw
-            if fmt == "qcow2":
-                final = work / "disk.qcow2"
-                run("disk: qemu-img", ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, final])
-                raw.unlink()
-        with progress.phase("manifest", "sha256 of the disk"):
-            manifest = {**info["manifest"], "format": MANIFEST_FORMAT, "image_format": fmt,
-                        "disk": {"sha256": sha256_file(final), "size": final.stat().st_size,
-                                 "allocated": final.stat().st_blocks * 512, "virtual_size": info["layout_bytes"]},
-                        "site_config": site_config is not None, "root_stage_cached": cached,
-                        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                        "build_seconds": round(time.monotonic() - started, 1)}
-            manifest_path = output.with_name(output.name + ".manifest.json")
-            final.rename(output)
-            manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        with atomic_output(output) as final:
+            with progress.phase("disk", f"GPT, GRUB for UEFI and BIOS, {fmt}"):
+                raw = final if fmt == "raw" else work / "disk.raw"
+                _assemble(work, raw, root_image, info, site_text)
+                if fmt == "qcow2":
+                    run("disk: qemu-img", ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, final])
+                    raw.unlink()
+            with progress.phase("manifest", "sha256 of the disk"):
+                manifest = {**info["manifest"], "format": MANIFEST_FORMAT, "image_format": fmt,
+                            "disk": {"sha256": sha256_file(final), "size": final.stat().st_size,
+                                     "allocated": final.stat().st_blocks * 512, "virtual_size": info["layout_bytes"]},
+                            "site_config": site_config is not None, "root_stage_cached": cached,
+                            "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                            "build_seconds": round(time.monotonic() - started, 1)}
+        with atomic_output(manifest_path) as partial:
+            partial.write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return HostImage(output, manifest_path, manifest, cached)
@@ -199,18 +184,14 @@ def build_host_image(
 def prune_root_stages(stages: Path, keep: Path, keep_count: int = 2) -> list[Path]:
     """Remove all but the newest `keep_count` root stages (each is 1.4 GB), never `keep` nor one whose lock another
     build holds; returns what went."""
-    import fcntl
-
     images = sorted(stages.glob("host-root-*.ext4"), key=lambda path: path.stat().st_mtime, reverse=True)
     removed = []
     for image in images[keep_count:]:
         if image == keep:
             continue
         lock = image.with_suffix(".lock")
-        with lock.open("w") as stream:
-            try:
-                fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with exclusive(lock, wait=False) as held:
+            if not held:
                 continue
             image.unlink(missing_ok=True)
             image.with_suffix(".json").unlink(missing_ok=True)
@@ -261,13 +242,12 @@ def _build_root(spec: ApplianceSpec, base: Path, guest_dir: Path, root_image: Pa
                                 "artifacts": guest_manifest["artifacts"]},
             }
             (tree / root.NODE_LIB / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        with progress.phase("root: mkfs.ext4"):
-            partial = root_image.with_name(f".{root_image.name}.partial-{os.getpid()}")
+        with progress.phase("root: mkfs.ext4"), atomic_output(root_image) as partial:
             root.make_root_ext4(tree, partial, root_uuid)
-            partial.rename(root_image)
-        root_info.write_text(json.dumps({"manifest": manifest, "root_uuid": root_uuid,
-                                         "layout_bytes": disk.plan_layout(root_image.stat().st_size).total_bytes},
-                                        indent=1))
+        with atomic_output(root_info) as partial:
+            partial.write_text(json.dumps({"manifest": manifest, "root_uuid": root_uuid,
+                                           "layout_bytes": disk.plan_layout(root_image.stat().st_size).total_bytes},
+                                          indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,8 +1,8 @@
 """The host image's root file system: the mmdebstrap base with the project's roles applied to it.
 
 The roles run through ansible-playbook (playbooks/host-image.yml) with a chroot connection, against an unpacked
-bundle directory made by appliance/bundle.py's own functions: the same packages, wheelhouse and guest image that
-`appliance deploy` would install, read from the same role lists. What needs a running system (starting services,
+bundle directory of what appliance/bundle.py's gather() chooses: the same packages, wheelhouse and guest image
+that `appliance deploy` would install, read from the same role lists. What needs a running system (starting services,
 the health check, the node's secrets) the roles skip when appliance_image_build is set; the node does it at boot.
 """
 
@@ -13,14 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import UTC, datetime
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
 from appliance import bundle as bundle_mod
 from appliance.build.common import REPO_ROOT, BuildError, run
 from appliance.build.rootfs import chroot
+from appliance.progress import Progress
 
 CONNECTION_DIR = Path(__file__).parent / "ansible_connections"
 PLAYBOOK = REPO_ROOT / "playbooks" / "host-image.yml"
@@ -48,29 +47,23 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def bundle_directory(dest: Path, *, image_dir: Path, cache_dir: Path, mirror: str, suite: str) -> dict[str, Any]:
-    """An unpacked bundle (the layout `appliance deploy` gives the roles), made with the bundle's own functions.
+def bundle_directory(dest: Path, **gather_args: Any) -> dict[str, Any]:
+    """An unpacked bundle (the layout `appliance deploy` gives the roles) of what bundle.gather chooses (gather_args
+    are its keywords: image_dir, cache_dir, mirror, suite), without the Ansible content: the roles run from this
+    source tree.
 
     Files are hard links into the caches where possible: nothing is packed into a tar only to be unpacked again.
     """
-    image_id = bundle_mod.check_image_dir(image_dir)
-    packages = bundle_mod.role_packages(REPO_ROOT / "roles")
+    scratch = dest / ".gather"
     try:
-        debs = bundle_mod.download_debs(packages, mirror, suite, cache_dir)
-        for deb in debs:
-            _link_or_copy(deb, dest / "debs" / deb.name)
-        bundle_mod.write_packages_index(debs, dest / "debs" / "Packages")
-        bundle_mod.build_wheels(REPO_ROOT, cache_dir, dest / "wheels")
+        contents = bundle_mod.gather(scratch, progress=Progress(quiet=True), ansible=False, **gather_args)
     except bundle_mod.BundleError as exc:
         raise BuildError(f"roles: {exc}") from None
-    for name in bundle_mod.IMAGE_FILES:
-        _link_or_copy(image_dir / name, dest / "images" / image_id / name)
-    files = {str(path.relative_to(dest)): bundle_mod.file_record(path)
-             for path in sorted(dest.rglob("*")) if path.is_file()}
-    manifest = bundle_mod.build_manifest(files, image_id=image_id, host_packages=packages,
-                                         created=datetime.now(UTC), appliance_version=package_version("appliance"))
-    (dest / bundle_mod.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
+    for arcname, path in contents.entries:
+        _link_or_copy(path, dest / arcname)
+    shutil.rmtree(scratch)
+    (dest / bundle_mod.MANIFEST).write_text(json.dumps(contents.manifest, indent=1) + "\n")
+    return contents.manifest
 
 
 def inventory(root: Path) -> str:
@@ -115,11 +108,11 @@ def apply_roles(root: Path, bundle_dir: Path, scratch: Path, verbose: bool = Fal
 
 
 def install_node_files(root: Path, recipe: Path, roles_dir: Path) -> None:
-    """The node's boot-time setup, its units and the role templates it renders with the site's values."""
+    """The node's units, the site config example and the role templates the boot-time setup (appliance/node_setup.py,
+    in the appliance venv the roles installed) renders with the site's values."""
     shutil.copytree(recipe / "files", root, dirs_exist_ok=True, symlinks=True)
     lib = root / NODE_LIB
     lib.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(recipe / "node" / "node_setup.py", lib / "node_setup.py")
     shutil.copyfile(recipe / "site.toml.example", lib / "site.toml.example")
     for template in NODE_TEMPLATES:
         role, _, rest = template.partition("/templates/")

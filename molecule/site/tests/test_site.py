@@ -1,10 +1,16 @@
 """The whole node, end to end, from the control machine: create a sandbox over the network, run code in it, get the
-right answer back; the firewall lets exactly that through; and a sandbox created before an upgrade (side_effect runs
-upgrade.yml with a new release) still has its state after it. Sandboxes run under TCG here (no usable KVM)."""
+right answer back; a sandbox with an allow-list reaches what it names and nothing else, shown by traffic; the
+firewall lets exactly the API through; and a sandbox created before an upgrade (side_effect runs upgrade.yml with a
+new release) still has its state after it. Sandboxes run under TCG here (no usable KVM).
 
+The site scenario needs a bootable guest image in the test bundle (the pytest runner refuses to start it without
+one): with a stand-in image the checks that boot sandboxes fail, they are never skipped, since they are the point."""
+
+import errno
 import json
 import os
 import socket
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -38,7 +44,8 @@ def bootable_image():
     manifest = json.loads((Path(os.environ["APPLIANCE_TEST_BUNDLE_DIR"]) / "manifest.json").read_text())
     image = Path(os.environ["APPLIANCE_TEST_BUNDLE_DIR"]) / "images" / manifest["image_id"] / "manifest.json"
     if json.loads(image.read_text()).get("stand_in"):
-        pytest.skip("the test bundle holds a stand-in guest image (run `appliance build guest` first)")
+        pytest.fail("the test bundle holds a stand-in guest image that cannot boot (run `appliance build guest` "
+                    "first)")
 
 
 def test_every_part_is_running(host):
@@ -80,6 +87,86 @@ def test_create_a_sandbox_and_run_code_over_the_network(host, address):
             assert int(fields["CapEff"], 16) == 0 and fields["Seccomp"].strip() == "2"
     finally:
         _call(address, "DELETE", f"/v1/sandboxes/{sandbox['id']}")
+
+
+class Listener:
+    """A TCP server on this (the control) machine's end of the node's veth link: answers one line naming its port to
+    each connection and remembers who connected."""
+
+    def __init__(self, address: str) -> None:
+        self.socket = socket.create_server((address, 0))
+        self.socket.settimeout(0.5)
+        self.port = self.socket.getsockname()[1]
+        self.peers: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, peer = self.socket.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                self.peers.append(peer[0])
+                connection.sendall(f"hello from port {self.port}\n".encode())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.socket.close()
+
+
+# Each probe returns the first line the server sent, or how the connection failed. The 60 s timeout only catches a
+# silent drop (a hang): what the policy denies must be rejected at once, which shows as the errno, not as a time.
+PROBE = """
+import socket
+def probe(address, port):
+    try:
+        with socket.create_connection((address, port), timeout=60) as s:
+            return s.recv(100).decode().strip()
+    except TimeoutError:
+        return "timed out"
+    except OSError as exc:
+        return f"failed errno {exc.errno}"
+"""
+REJECTED = {f"failed errno {errno.ECONNREFUSED}", f"failed errno {errno.EHOSTUNREACH}"}
+
+
+@pytest.fixture
+def control_address(address):
+    """This machine's address on the node's link (the source address the kernel picks to reach the node)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((address, 9))  # a UDP connect sends nothing: it only picks the route and source address
+        return probe.getsockname()[0]
+
+
+@pytest.mark.usefixtures("bootable_image")
+def test_an_allow_list_lets_through_by_traffic_what_it_names_and_rejects_the_rest_at_once(address, control_address):
+    allowed, other = Listener(control_address), Listener(control_address)
+    try:
+        policy = {"egress": {"allow": [f"{control_address}:{allowed.port}"]}}
+        status, sandbox = _call(address, "POST", "/v1/sandboxes", {"network": policy})
+        assert status == 201, sandbox
+        try:
+            assert sandbox["network"]["egress"] == policy["egress"]
+            targets = [(control_address, allowed.port), (control_address, other.port), (address, 8080),
+                       (address, 22)]
+            status, result = _call(address, "POST", f"/v1/sandboxes/{sandbox['id']}/exec",
+                                   {"code": PROBE + f"[probe(a, p) for a, p in {targets!r}]"})
+            assert status == 200 and result["error"] is None, result
+            through, other_port, api, ssh = eval(result["text"])  # a list of str, repr'd by the guest
+            assert through == f"hello from port {allowed.port}"
+            assert allowed.peers == [address]  # it left the node masqueraded behind the node's own address
+            # another port of the same host (a server listens there), the node's API and SSH: rejected at once
+            assert {other_port, api, ssh} <= REJECTED, (other_port, api, ssh)
+            assert other.peers == []
+        finally:
+            _call(address, "DELETE", f"/v1/sandboxes/{sandbox['id']}")
+    finally:
+        allowed.close()
+        other.close()
 
 
 def test_api_is_open_to_the_control_machine_and_other_ports_are_not(host, address):

@@ -1,6 +1,7 @@
 """A host image node's boot-time setup: grow the root, make the node's own secrets, apply the site config.
 
-Installed as /usr/lib/appliance-node/node_setup.py and run by two units at every boot:
+Part of the appliance package the roles install on the node, run as `python -m appliance.node_setup` from its
+venv by two units at every boot (image-builder/host/files/etc/systemd/system/appliance-node-*.service):
 
     setup   appliance-node-setup.service, before SSH, nftables and the API:
             1. grows the root partition and file system to the disk (a no-op once done)
@@ -13,7 +14,8 @@ Installed as /usr/lib/appliance-node/node_setup.py and run by two units at every
             the node boots and stays repairable.
     ready   appliance-node-ready.service, after the API: waits for its health check and prints the address.
 
-Only the standard library and Jinja2 (in the appliance venv that runs this) are used.
+Beside the standard library it uses Jinja2 and the appliance's own spec loader and atomic writes (all in the venv
+that runs it). `appliance build host` checks a site config with the same parse_site before it goes into an image.
 """
 
 from __future__ import annotations
@@ -319,14 +321,14 @@ def write_if_changed(path: Path, text: str, mode: int, owner: str, group: str) -
     if path.exists() and path.read_text() == text:
         os.chmod(path, mode)
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as stream:
-        stream.write(text)
-    os.chmod(partial, mode)
-    sh("chown", f"{owner}:{group}", str(partial))
-    partial.replace(path)
+    from appliance.build.common import atomic_output
+
+    with atomic_output(path) as partial:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as stream:
+            stream.write(text)
+        os.chmod(partial, mode)
+        sh("chown", f"{owner}:{group}", str(partial))
     return True
 
 
@@ -444,7 +446,7 @@ def main(argv: list[str]) -> int:
         return setup()
     if argv[1:] == ["ready"]:
         return ready()
-    print("usage: node_setup.py setup|ready", file=sys.stderr)
+    print("usage: python -m appliance.node_setup setup|ready", file=sys.stderr)
     return 2
 
 

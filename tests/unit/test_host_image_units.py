@@ -1,8 +1,10 @@
 """Fast tests of the host image's pure parts: the disk layout and boot sector patches, the node's site config
-checks and the rendering of the roles' templates, the build's refusals. No VM, no build."""
+checks (appliance/node_setup.py) and the rendering of the roles' templates, the build's refusals. No VM, no build;
+the boot tests are in tests/hostimage/."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import struct
 import tomllib
@@ -12,17 +14,15 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from appliance.build.common import REPO_ROOT, BuildError
+from appliance import node_setup
+from appliance.build.common import REPO_ROOT, BuildError, exclusive
 from appliance.build.host import disk
-from appliance.build.host.image import check_site_config, load_node_setup, preflight_problem, prune_root_stages
+from appliance.build.host.image import check_site_config, preflight_problem, prune_root_stages
 from appliance.build.host.root import NODE_TEMPLATES
 from appliance.cli import main as cli
 
 EXAMPLE = REPO_ROOT / "image-builder" / "host" / "site.toml.example"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPvNXTnbYmS7C2F0H8oJ1nPz2xnc9u8N5Kq3jQ8uJ3vH admin@example"
-
-
-node_setup = load_node_setup()
 
 
 # --- disk ---------------------------------------------------------------------------------------------------------
@@ -172,6 +172,16 @@ def test_a_spec_the_appliance_refuses_is_a_site_error() -> None:
         node_setup.check_spec("[engine]\nboot_timeout_s = 100000\n")
 
 
+def test_the_node_units_run_the_setup_module_from_the_appliance_venv() -> None:
+    units = REPO_ROOT / "image-builder" / "host" / "files" / "etc" / "systemd" / "system"
+    for unit, command in (("appliance-node-setup.service", "setup"), ("appliance-node-ready.service", "ready")):
+        exec_start = next(line for line in (units / unit).read_text().splitlines() if line.startswith("ExecStart="))
+        python, flag, module, argument = exec_start.removeprefix("ExecStart=").split()
+        assert (python, flag, argument) == ("/opt/appliance/venv/bin/python", "-m", command)
+        found = importlib.util.find_spec(module)
+        assert found is not None and found.origin == str(REPO_ROOT / "appliance" / "node_setup.py")
+
+
 # --- the build's refusals -----------------------------------------------------------------------------------------
 
 
@@ -180,6 +190,9 @@ def test_preflight_names_what_is_missing() -> None:
     assert "needs root" in preflight_problem(1000, lambda tool: "/bin/x", "raw")
     problem = preflight_problem(0, lambda tool: None if tool == "mcopy" else "/bin/x", "raw")
     assert problem == "build host: missing host tools; install the Debian packages: mtools"
+    problem = preflight_problem(0, lambda tool: "/bin/x", "raw", matches=lambda path: "i386-pc" not in path)
+    assert problem == "build host: no GRUB modules for i386-pc; install the Debian package grub-pc-bin"
+    assert preflight_problem(0, lambda tool: "/bin/x", "raw", matches=lambda path: True) is None
 
 
 def test_a_bad_site_config_fails_the_build_in_one_line(tmp_path: Path) -> None:
@@ -214,7 +227,8 @@ def test_old_root_stages_are_pruned_but_never_the_one_in_use(tmp_path: Path) -> 
         (tmp_path / f"host-root-{name}.json").write_text("{}")
         os.utime(image, (1000 - age * 100, 1000 - age * 100))  # a newest, d oldest
         stages.append(image)
-    removed = prune_root_stages(tmp_path, keep=stages[3])
+    with exclusive(tmp_path / "host-root-b.lock"):  # a build that uses b holds its lock: b stays
+        removed = prune_root_stages(tmp_path, keep=stages[3], keep_count=1)
     assert removed == [stages[2]]
     assert sorted(p.name for p in tmp_path.glob("*.ext4")) == ["host-root-a.ext4", "host-root-b.ext4",
                                                                "host-root-d.ext4"]
