@@ -6,7 +6,7 @@ import json
 from typing import Any, Literal, TypeVar
 
 import falcon
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.errors import BadRequest, TooLarge
 
@@ -14,6 +14,9 @@ from .body_streams import is_chunked
 from .error_responses import InvalidField
 
 Model = TypeVar("Model", bound=BaseModel)
+# Bounds on what a client may make the service hold and echo: metadata is returned by every list call.
+MAX_METADATA_BYTES = 16 << 10
+MAX_JSON_DEPTH = 32
 
 
 class _Body(BaseModel):
@@ -33,7 +36,9 @@ class CreateSandbox(_Body):
         description="idle period in seconds: then the sandbox is closed, or frozen if persistent "
         "(default: service.sandbox_timeout_s)",
     )
-    metadata: dict[str, Any] | None = Field(None, description="free-form JSON object kept with the sandbox")
+    metadata: dict[str, Any] | None = Field(
+        None, description=f"free-form JSON object kept with the sandbox (at most {MAX_METADATA_BYTES} bytes as JSON)"
+    )
     persistent: bool = Field(
         False, strict=True,
         description="after timeout_s idle, freeze the sandbox to disk (its whole process state) instead of "
@@ -46,6 +51,14 @@ class CreateSandbox(_Body):
         "optional :port). Enforced on the host, outside the VM. Left out or null: no network interface at all",
         examples=[{"egress": {"allow": ["10.1.2.0/24", "db.internal:5432"]}}],
     )
+
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
+            raise ValueError(f"is larger than {MAX_METADATA_BYTES} bytes as JSON; keep bulk data in files")
+        return value
 
 
 class ForkRequest(_Body):
@@ -79,10 +92,28 @@ def read_json(req: falcon.Request, limit: int) -> Any:
             raise TooLarge(f"request body exceeds the {limit}-byte limit")
     if not raw.strip():
         return {}
+    too_deep = BadRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the decoder's own limit, far deeper than ours
+        raise too_deep from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise too_deep
+    return data
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (iterative: no recursion to exhaust)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def parse(model: type[Model], data: Any) -> Model:

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import logging
 
+import falcon.testing
 import pytest
 
+from service.api import create_app
+
 from .api_helpers import A, B, assert_error
-from .fakes import BUSY_CODE, LOST_CODE
+from .fakes import BUSY_CODE, LOST_CODE, fake_manager, make_config
 
 
 def test_malformed_json_is_400(client):
@@ -113,3 +116,41 @@ def test_unexpected_exception_is_500_without_traceback_but_logged(client, manage
     assert "secret internal detail" not in result.text
     assert result.headers["x-request-id"] in error["message"]
     assert "secret internal detail" in caplog.text and "Traceback" in caplog.text
+
+
+@pytest.fixture
+def roomy(tmp_path) -> falcon.testing.TestClient:
+    """An API whose body limit lets a hostile body through to the parser."""
+    manager, _ = fake_manager(make_config(tmp_path / "roomy", max_body_bytes=1 << 20))
+    yield falcon.testing.TestClient(create_app(manager.config, manager))
+    manager.close()
+
+
+def nested(depth: int) -> dict:
+    """A body {"metadata": {"a": {"a": ...}}} whose objects nest `depth` levels, the body itself counted."""
+    body: dict = {}
+    inner = body
+    for key in ["metadata"] + ["a"] * (depth - 2):
+        inner[key] = {}
+        inner = inner[key]
+    return body
+
+
+@pytest.mark.parametrize("depth", [33, 200_000])
+def test_a_body_nested_too_deeply_is_400(roomy, depth):
+    sandbox_id = roomy.simulate_post("/v1/sandboxes", headers=A).json["id"]
+    body = b"[" * depth + b"]" * depth
+    for path in ("/v1/sandboxes", f"/v1/sandboxes/{sandbox_id}/exec", f"/v1/sandboxes/{sandbox_id}/fork"):
+        result = roomy.simulate_post(path, body=body, headers={**A, "Content-Type": "application/json"})
+        assert "nested more than 32 levels" in assert_error(result, 400, "bad_request")["message"]
+    assert_error(roomy.simulate_post("/v1/sandboxes", json=nested(33), headers=A), 400, "bad_request")
+    assert roomy.simulate_post("/v1/sandboxes", json=nested(32), headers=A).status_code == 201
+
+
+def test_metadata_is_bounded_and_named_when_too_large(roomy):
+    big = {"blob": "x" * (16 << 10)}
+    error = assert_error(roomy.simulate_post("/v1/sandboxes", json={"metadata": big}, headers=A), 422, "invalid")
+    assert error["field"] == "metadata" and "16384 bytes" in error["message"]
+    assert roomy.simulate_get("/v1/sandboxes", headers=A).json == {"sandboxes": []}
+    fits = {"blob": "x" * ((16 << 10) - 20)}
+    assert roomy.simulate_post("/v1/sandboxes", json={"metadata": fits}, headers=A).status_code == 201
