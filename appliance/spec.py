@@ -113,6 +113,17 @@ class ServiceSpec(_Section):
     max_fork: int = Field(64, ge=1, le=256, description="most copies one fork request may make")
     frozen_quota_bytes: int = Field(64 << 30, ge=1 << 20, description="disk all frozen sandboxes may use together")
     compress_snapshots: bool = Field(False, description="zstd-compress frozen sandboxes (smaller, slower)")
+    memory_overcommit: float = Field(
+        4.0, gt=0, le=64,
+        description="guest memory the running and pooled sandboxes may be configured with together, as a multiple "
+        "of (host memory - memory_reserve_mib); past it a create, fork or resume gets 507 insufficient_capacity "
+        "(idle copies share most of their pages)",
+    )
+    memory_reserve_mib: int | None = Field(
+        None, ge=0,
+        description="host memory kept for the host itself: a create, fork or resume that would leave less available "
+        "gets 507 insufficient_capacity (default: the larger of 2048 MiB and 10 % of host memory)",
+    )
 
 
 class IsolationSpec(_Section):

@@ -68,5 +68,11 @@ class NotReady(ServiceError):
     code, status = "not_ready", 503
 
 
+class InsufficientCapacity(ServiceError):
+    """The host's memory cannot take the sandboxes asked for (committed guest memory, or its free reserve)."""
+
+    code, status = "insufficient_capacity", 507
+
+
 class InsufficientStorage(ServiceError):
     code, status = "insufficient_storage", 507

@@ -39,6 +39,7 @@ from service.engine import (
 from . import attachments
 from .errors import (
     Busy,
+    InsufficientCapacity,
     InsufficientStorage,
     Invalid,
     LimitReached,
@@ -50,7 +51,7 @@ from .errors import (
     SnapshotInvalid,
 )
 from .errors import NetworkUnavailable as NetworkUnavailableError
-from .registry import FROZEN, LOST, POOLED, RUNNING, Registry, SandboxRecord
+from .registry import CREATING, FROZEN, LOST, POOLED, RUNNING, Full, Registry, SandboxRecord
 from .settings import ServiceConfig
 from .template_store import TemplateStore
 
@@ -65,10 +66,10 @@ def new_sandbox_id() -> str:
 
 class SandboxManager:
     def __init__(self, config: ServiceConfig, engine: Engine | None = None, registry: Registry | None = None,
-                 host_memory: Callable[[], int | None] | None = None) -> None:
-        """`engine` and `host_memory` (bytes the host can still give, MemAvailable) are injected in tests."""
+                 host_meminfo: Callable[[], dict[str, int]] | None = None) -> None:
+        """`engine` and `host_meminfo` (/proc/meminfo in bytes: MemTotal, MemAvailable) are injected in tests."""
         self.config = config
-        self.host_memory = host_memory or _mem_available_bytes
+        self.host_meminfo = host_meminfo or _meminfo
         self.engine = engine or Engine(config.engine)
         self.registry = registry or Registry(config.registry_path)
         self.templates = TemplateStore(config.templates_dir)
@@ -96,63 +97,73 @@ class SandboxManager:
         (a non-default size) a cold boot. `persistent` sandboxes are frozen, not closed, when idle too long.
         `network_policy` ({"egress": ...}, see netpolicy.py) gives it a filtered network; None: no network."""
         wanted = self._network_request(network_policy)  # a bad policy or unresolvable name fails before anything
-        self._check_limits(owner)
-        timeout = timeout_s or self.config.sandbox_timeout_s
-        metadata = metadata or {}
         template = self.templates.current()
         wants_default_size = (vcpus in (None, self.engine.config.vcpus)) and (
             memory_mib in (None, self.engine.config.memory_mib)
         )
-        if template is not None and wants_default_size:
-            record = self.registry.claim_pooled(owner, template.template_id, timeout, metadata, persistent)
-            if record is not None:
-                # No reseed here: the keeper reseeded this clone when it made it, and its clock has run since.
-                try:
-                    pooled = self._attach(record)
-                except (SandboxLost, SandboxClosed, OSError) as exc:
-                    log.warning("pooled sandbox %s was unusable (%s); cloning a fresh one", record.id, exc)
-                    self._destroy(record)
-                else:
-                    if wanted is not None:
-                        try:
-                            record.network = self._give_network(pooled, wanted)
-                        except BaseException:
-                            self._destroy(record)
-                            raise
-                        self.registry.set_state(record.id, RUNNING, network=record.network)
-                    return record
-            sandbox_id = new_sandbox_id()
-            sandbox = self.engine.clone(template, sandbox_id)
-            template_id = template.template_id
-        elif template is None and wants_default_size:
+        if template is None and wants_default_size:
             raise NotReady("the service is still warming its template; retry shortly", retry_after=2)
-        else:
-            sandbox_id = new_sandbox_id()
-            sandbox = self.engine.boot(vcpus=vcpus, memory_mib=memory_mib, detach=True, vm_id=sandbox_id,
-                                       agent_ports=self.config.agent_ports)
-            template_id = None
+        (place,) = self._admit(owner, 1, memory_mib or self.engine.config.memory_mib,
+                               vcpus or self.engine.config.vcpus, timeout_s or self.config.sandbox_timeout_s,
+                               metadata or {}, persistent)
         try:
-            given = None if wanted is None else self._give_network(sandbox, wanted)
+            if template is not None and wants_default_size:
+                claimed = self.registry.claim_pooled(owner, template.template_id, place.timeout_s, place.metadata,
+                                                     persistent, reserved_id=place.id)
+                if claimed is not None:
+                    place = claimed
+                    pooled = self._usable_pooled(claimed)
+                    if pooled is not None:
+                        # No reseed here: the keeper reseeded this clone when it made it, and its clock has run.
+                        if wanted is not None:
+                            claimed.network = self._give_network(pooled, wanted)
+                            self.registry.set_state(claimed.id, RUNNING, network=claimed.network)
+                        return claimed
+                sandbox = self.engine.clone(template, place.id)
+                place.template_id = template.template_id
+            else:
+                sandbox = self.engine.boot(vcpus=vcpus, memory_mib=memory_mib, detach=True, vm_id=place.id,
+                                           agent_ports=self.config.agent_ports)
+            try:
+                place.network = None if wanted is None else self._give_network(sandbox, wanted)
+            except BaseException:
+                sandbox.close()
+                raise
         except BaseException:
-            sandbox.close()
+            self._give_back(place)
             raise
-        record = SandboxRecord(
-            id=sandbox_id, owner=owner, state=RUNNING, vm_dir=str(sandbox.vm_dir), template_id=template_id,
-            machine=self.engine.machine_json(sandbox), timeout_s=timeout, metadata=metadata, persistent=persistent,
-            network=given,
-        )
+        place.vm_dir, place.machine = str(sandbox.vm_dir), self.engine.machine_json(sandbox)
         sandbox.detach()  # the creating connection used port 0; workers attach on their own ports
-        self.registry.add(record)
-        return record
+        self.registry.complete(place)
+        return place
+
+    def _usable_pooled(self, claimed: SandboxRecord) -> Sandbox | None:
+        """The claimed pooled clone, attached; None if it died while it waited (its place is then the request's,
+        reserved again, for a fresh clone under the same id)."""
+        try:
+            return self._attach(claimed)
+        except (SandboxLost, SandboxClosed, OSError) as exc:
+            log.warning("pooled sandbox %s was unusable (%s); cloning a fresh one", claimed.id, exc)
+            self._stop_vm(claimed)
+            self.registry.set_state(claimed.id, CREATING)
+            claimed.state = CREATING
+            return None
+
+    def _give_back(self, place: SandboxRecord) -> None:
+        """A create that failed: its place goes (the engine stops what it started when it fails)."""
+        if place.state == RUNNING:  # a pooled clone already handed over: it is removed whole
+            self._destroy(place)
+        else:
+            self.registry.release([place.id])
 
     def get(self, owner: str, sandbox_id: str) -> SandboxRecord:
         record = self.registry.get(sandbox_id)
-        if record is None or record.owner != owner or record.state == POOLED:
+        if record is None or record.owner != owner or record.state in (POOLED, CREATING):
             raise NotFound(f"no sandbox {sandbox_id!r} (it never existed, was closed, or belongs to another key)")
         return record
 
     def list(self, owner: str, state: str | None = None) -> list[SandboxRecord]:
-        return self.registry.list(owner=owner, state=state)
+        return [record for record in self.registry.list(owner=owner, state=state) if record.state != CREATING]
 
     def delete(self, owner: str, sandbox_id: str) -> None:
         self._destroy(self.get(owner, sandbox_id))
@@ -296,6 +307,7 @@ class SandboxManager:
         if record.state != FROZEN:
             return record
         self._check_limits(owner)
+        self._check_host_memory(1, self.engine.memory_mib(record.machine))
         directory = self.snapshot_dir(sandbox_id)
         with attachments.held(self._resume_lock(sandbox_id)):
             record = self.get(owner, sandbox_id)  # another worker may have resumed it while we waited
@@ -331,35 +343,33 @@ class SandboxManager:
         if not 1 <= n <= self.config.max_fork:
             raise Invalid(f"n must be between 1 and {self.config.max_fork} (service.max_fork)")
         record = self._running(owner, sandbox_id)
-        self._check_limits(owner, adding=n)
-        self._check_memory(record, n)
         wanted = None if record.network is None else self._network_request(record.network)
-        sandbox = self._attach_alive(record)
-        ids = [new_sandbox_id() for _ in range(n)]
+        places = self._admit(owner, n, self.engine.memory_mib(record.machine), 1, record.timeout_s,
+                             {**record.metadata, "forked_from": sandbox_id}, record.persistent)
         failure = f"fork of {sandbox_id} failed; it keeps running unchanged"
-        with _code_locked(record, failure):
-            template, clones = self.engine.fork(sandbox, ids, networked=record.network is not None)
-        try:  # each clone: the parent's policy, its own namespace, MAC and address
-            networks = [None if wanted is None else self._give_network(clone, wanted) for clone in clones]
-        except BaseException as exc:
-            for clone in clones:
-                clone.close()
-            template.remove()
-            if isinstance(exc, ServiceError):
-                raise type(exc)(f"{failure}: {exc.message}") from None
+        try:
+            sandbox = self._attach_alive(record)
+            with _code_locked(record, failure):
+                template, clones = self.engine.fork(sandbox, [place.id for place in places],
+                                                    networked=record.network is not None)
+            try:  # each clone: the parent's policy, its own namespace, MAC and address
+                networks = [None if wanted is None else self._give_network(clone, wanted) for clone in clones]
+            except BaseException as exc:
+                for clone in clones:
+                    clone.close()
+                template.remove()
+                if isinstance(exc, ServiceError):
+                    raise type(exc)(f"{failure}: {exc.message}") from None
+                raise
+        except BaseException:
+            self.registry.release([place.id for place in places])
             raise
-        records = []
-        for clone_id, clone, given in zip(ids, clones, networks, strict=True):
+        for place, clone, given in zip(places, clones, networks, strict=True):
             clone.detach()
-            child = SandboxRecord(
-                id=clone_id, owner=owner, state=RUNNING, vm_dir=str(clone.vm_dir), template_id=template.template_id,
-                machine=self.engine.machine_json(clone), timeout_s=record.timeout_s,
-                metadata={**record.metadata, "forked_from": sandbox_id}, persistent=record.persistent,
-                network=given,
-            )
-            self.registry.add(child)
-            records.append(child)
-        return records
+            place.vm_dir, place.template_id = str(clone.vm_dir), template.template_id
+            place.machine, place.network = self.engine.machine_json(clone), given
+            self.registry.complete(place)
+        return places
 
     def _check_frozen_quota(self, record: SandboxRecord) -> None:
         root = self.config.state_dir / "snapshots"
@@ -372,13 +382,66 @@ class SandboxManager:
                 "sandboxes or raise the quota"
             )
 
-    def _check_memory(self, record: SandboxRecord, n: int) -> None:
-        """Refuse a fork up front when the host cannot hold n more copies (each may touch all of its RAM)."""
-        available = self.host_memory()
-        needed = n * (self.engine.memory_mib(record.machine) << 20) // 4  # copy-on-write: a quarter each
-        if available is not None and needed > available:
-            raise InsufficientStorage(
-                f"fork of {n} needs about {needed >> 20} MiB of host memory; {available >> 20} MiB is available"
+    def _admit(self, owner: str, n: int, memory_mib: int, vcpus: int, timeout_s: float, metadata: dict[str, Any],
+               persistent: bool) -> list[SandboxRecord]:
+        """Places for n new sandboxes, reserved in the registry in one transaction with the checks of the per-key
+        and host limits and of committed guest memory, so concurrent requests cannot overshoot them."""
+        self._check_host_memory(n, memory_mib)
+        places = [
+            SandboxRecord(id=new_sandbox_id(), owner=owner, state=CREATING, vm_dir="", template_id=None,
+                          machine={"memory_mib": memory_mib, "vcpus": vcpus}, timeout_s=timeout_s,
+                          metadata=dict(metadata), persistent=persistent)
+            for _ in range(n)
+        ]
+        try:
+            self.registry.reserve(places, self.config.max_sandboxes_per_key, self.config.max_sandboxes,
+                                  self._committable_mib())
+        except Full as exc:
+            if exc.what == "per_key":
+                raise LimitReached(f"{exc} (service.max_sandboxes_per_key); delete one first", retry_after=5) from None
+            if exc.what == "host":
+                raise LimitReached(f"{exc} (service.max_sandboxes); retry later", retry_after=10) from None
+            raise InsufficientCapacity(f"not enough host memory: {exc} (service.memory_overcommit × host memory "
+                                       "less the reserve); delete or freeze sandboxes") from None
+        return places
+
+    def has_room(self, memory_mib: int) -> bool:
+        """Could one more guest of `memory_mib` be admitted now (the pool keeper asks before making a clone)?"""
+        committable = self._committable_mib()
+        try:
+            self._check_host_memory(1, memory_mib)
+        except InsufficientCapacity:
+            return False
+        return committable is None or self.registry.committed_mib() + memory_mib <= committable
+
+    def _host_reserve_mib(self, total_mib: float) -> float:
+        """Host memory kept for the host itself: service.memory_reserve_mib, else max(2 GiB, 10 %)."""
+        if self.config.memory_reserve_mib is not None:
+            return self.config.memory_reserve_mib
+        return max(2048.0, total_mib / 10)
+
+    def _committable_mib(self) -> float | None:
+        """Guest memory all live and pooled sandboxes may be configured with together (None: host unknown)."""
+        total = self.host_meminfo().get("MemTotal")
+        if total is None:
+            return None
+        total_mib = total / (1 << 20)
+        return self.config.memory_overcommit * max(0.0, total_mib - self._host_reserve_mib(total_mib))
+
+    def _check_host_memory(self, n: int, memory_mib: int) -> None:
+        """The host must keep its reserve free after n more guests start: each is counted at a quarter of its
+        memory (copies and clones share their template's pages until they write them)."""
+        info = self.host_meminfo()
+        total, available = info.get("MemTotal"), info.get("MemAvailable")
+        if total is None or available is None:
+            return  # no /proc/meminfo: not refused on a guess
+        reserve_mib = self._host_reserve_mib(total / (1 << 20))
+        needed_mib = n * memory_mib / 4
+        available_mib = available / (1 << 20)
+        if available_mib - needed_mib < reserve_mib:
+            raise InsufficientCapacity(
+                f"not enough host memory: {n} more sandbox(es) need about {needed_mib:.0f} MiB, {available_mib:.0f} "
+                f"MiB is available and {reserve_mib:.0f} MiB is kept for the host (service.memory_reserve_mib)"
             )
 
     # ---- network ---------------------------------------------------------------------------------------------
@@ -499,11 +562,15 @@ def _fresh_vm_id(sandbox_id: str) -> str:
     return f"{sandbox_id}-{secrets.token_hex(2)}"
 
 
-def _mem_available_bytes() -> int | None:
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo's fields in bytes ({} where there is none)."""
+    info: dict[str, int] = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+            name, _, value = line.partition(":")
+            fields = value.split()
+            if fields and fields[0].isdigit():
+                info[name] = int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
     except OSError:
         pass
-    return None
+    return info

@@ -25,6 +25,7 @@ from .template_store import TemplateStore
 log = logging.getLogger("appliance.pool")
 _TICK_S = 0.1
 _HEALTH_EVERY_S = 2.0
+_RESERVATION_LIFETIME_S = 900.0  # longer than any create or fork takes (a fork of 64 under TCG: minutes)
 
 
 class PoolKeeper:
@@ -58,6 +59,8 @@ class PoolKeeper:
                 return
             if self.registry.count() + pooled >= self.config.max_sandboxes:
                 return
+            if not self.manager.has_room(template.machine.memory_mib):
+                return  # pooled clones commit memory too: users' sandboxes come first
             sandbox_id = new_sandbox_id()
             try:
                 sandbox = self.engine.clone(template, sandbox_id)
@@ -82,7 +85,11 @@ class PoolKeeper:
             )
 
     def reap(self) -> None:
-        """Freeze (persistent) or close sandboxes idle past their lifetime; mark those whose VM died as lost."""
+        """Freeze (persistent) or close sandboxes idle past their lifetime; mark those whose VM died as lost;
+        give back places reserved by requests whose process died before finishing them."""
+        for stale in self.registry.stale_reservations(time.time() - _RESERVATION_LIFETIME_S):
+            log.warning("releasing the place reserved for %s: its request never finished", stale.id)
+            self.registry.release([stale.id])
         for record in self.registry.idle_since(time.time()):
             if record.persistent:
                 log.info("freezing %s: idle for more than %gs", record.id, record.timeout_s)

@@ -19,7 +19,21 @@ from pathlib import Path
 from typing import Any
 
 POOLED, RUNNING, FROZEN, LOST = "pooled", "running", "frozen", "lost"
-STATES = (POOLED, RUNNING, FROZEN, LOST)
+# A place reserved for a sandbox being made (create, fork): counted against the limits and the host's memory from
+# the moment it is admitted, so concurrent requests cannot all pass a check made before any of them is stored.
+# Nobody sees it; it becomes RUNNING, or is released.
+CREATING = "creating"
+STATES = (POOLED, CREATING, RUNNING, FROZEN, LOST)
+# States whose VM is (or is about to be) running: what limits and committed memory count.
+LIVE = (RUNNING, CREATING)
+
+
+class Full(Exception):
+    """A reservation was refused: `what` names the limit (per_key, host, memory), the message says by how much."""
+
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(message)
+        self.what = what
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -124,7 +138,14 @@ class Registry:
         now = time.time()
         record.created_at = record.created_at or now
         record.last_active_at = record.last_active_at or now
-        self._db.execute(
+        self._insert(self._db, record)
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, record: SandboxRecord) -> None:
+        now = time.time()
+        record.created_at = record.created_at or now
+        record.last_active_at = record.last_active_at or now
+        db.execute(
             "INSERT INTO sandboxes (id, owner, state, vm_dir, template_id, machine, timeout_s, metadata, "
             "created_at, last_active_at, persistent, network) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
@@ -135,10 +156,59 @@ class Registry:
             ),
         )
 
+    def reserve(self, records: list[SandboxRecord], per_key: int, host: int, memory_mib: float | None) -> None:
+        """Admit and store `records` (state CREATING, one owner) in one transaction: refused with Full if the owner
+        would hold more than `per_key` live sandboxes, the host more than `host`, or the live and pooled VMs more
+        than `memory_mib` of configured guest memory (None: not limited)."""
+        owner = records[0].owner
+        adding = len(records)
+        wanted = sum(int(record.machine["memory_mib"]) for record in records)
+        marks = ",".join("?" * len(LIVE))
+        with self._transaction() as db:
+            mine = db.execute(f"SELECT COUNT(*) FROM sandboxes WHERE owner=? AND state IN ({marks})",
+                              (owner, *LIVE)).fetchone()[0]
+            if mine + adding > per_key:
+                raise Full("per_key", f"this key already holds {mine} of its {per_key} sandboxes")
+            total = db.execute(f"SELECT COUNT(*) FROM sandboxes WHERE state IN ({marks})", LIVE).fetchone()[0]
+            if total + adding > host:
+                raise Full("host", f"this host runs {total} of its {host} sandboxes")
+            if memory_mib is not None:
+                committed = self.committed_mib()
+                if committed + wanted > memory_mib:
+                    raise Full("memory", f"{committed} MiB of guest memory is committed on this host, {wanted} MiB "
+                                         f"more would pass its {memory_mib:.0f} MiB")
+            for record in records:
+                record.state = CREATING
+                self._insert(db, record)
+
+    def committed_mib(self) -> int:
+        """Configured guest memory of every live and pooled sandbox."""
+        marks = ",".join("?" * (len(LIVE) + 1))
+        return self._db.execute(f"SELECT COALESCE(SUM(json_extract(machine, '$.memory_mib')), 0) FROM sandboxes "
+                                f"WHERE state IN ({marks})", (*LIVE, POOLED)).fetchone()[0]
+
+    def complete(self, record: SandboxRecord) -> None:
+        """A reserved place becomes the running sandbox `record` describes."""
+        record.state = RUNNING
+        record.last_active_at = time.time()
+        self._db.execute(
+            "UPDATE sandboxes SET state=?, vm_dir=?, template_id=?, machine=?, last_active_at=?, network=? "
+            "WHERE id=? AND state=?",
+            (RUNNING, record.vm_dir, record.template_id, json.dumps(record.machine), record.last_active_at,
+             None if record.network is None else json.dumps(record.network), record.id, CREATING),
+        )
+
+    def release(self, sandbox_ids: list[str]) -> None:
+        """Give back places reserved for sandboxes that were not made."""
+        for sandbox_id in sandbox_ids:
+            self._db.execute("DELETE FROM sandboxes WHERE id=? AND state=?", (sandbox_id, CREATING))
+
     def claim_pooled(
-        self, owner: str, template_id: str, timeout_s: float, metadata: dict[str, Any], persistent: bool = False
+        self, owner: str, template_id: str, timeout_s: float, metadata: dict[str, Any], persistent: bool = False,
+        reserved_id: str | None = None,
     ) -> SandboxRecord | None:
-        """Atomically hand one pooled clone of `template_id` to `owner`; None if the pool is empty."""
+        """Atomically hand one pooled clone of `template_id` to `owner`, giving back the place `reserved_id` held
+        for it; None if the pool is empty (the reservation stays)."""
         with self._transaction() as db:
             row = db.execute(
                 "SELECT * FROM sandboxes WHERE state=? AND template_id=? ORDER BY created_at LIMIT 1",
@@ -146,6 +216,8 @@ class Registry:
             ).fetchone()
             if row is None:
                 return None
+            if reserved_id is not None:
+                db.execute("DELETE FROM sandboxes WHERE id=? AND state=?", (reserved_id, CREATING))
             now = time.time()
             db.execute(
                 "UPDATE sandboxes SET owner=?, state=?, timeout_s=?, metadata=?, created_at=?, last_active_at=?, "
@@ -173,7 +245,7 @@ class Registry:
         rows = self._db.execute(query + " ORDER BY created_at", args).fetchall()
         return [SandboxRecord.from_row(row) for row in rows]
 
-    def count(self, owner: str | None = None, states: tuple[str, ...] = (RUNNING,)) -> int:
+    def count(self, owner: str | None = None, states: tuple[str, ...] = LIVE) -> int:
         marks = ",".join("?" * len(states))
         if owner is None:
             return self._db.execute(f"SELECT COUNT(*) FROM sandboxes WHERE state IN ({marks})", states).fetchone()[0]
@@ -197,6 +269,12 @@ class Registry:
 
     def remove(self, sandbox_id: str) -> bool:
         return self._db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,)).rowcount > 0
+
+    def stale_reservations(self, older_than: float) -> list[SandboxRecord]:
+        """Places reserved before `older_than` (a timestamp) and never completed: their request's process died."""
+        rows = self._db.execute("SELECT * FROM sandboxes WHERE state=? AND created_at < ?",
+                                (CREATING, older_than)).fetchall()
+        return [SandboxRecord.from_row(row) for row in rows]
 
     def idle_since(self, cutoff_for: float) -> list[SandboxRecord]:
         """Running sandboxes whose idle lifetime has passed at time `cutoff_for`."""

@@ -61,6 +61,8 @@ class ServiceConfig:
     max_fork: int
     frozen_quota_bytes: int
     compress_snapshots: bool
+    memory_overcommit: float
+    memory_reserve_mib: int | None
     network: NetworkSettings
 
     @property
@@ -174,6 +176,8 @@ def service_config(spec: ApplianceSpec, keys: list[str], image_dir: Path | None 
         max_fork=service.max_fork,
         frozen_quota_bytes=service.frozen_quota_bytes,
         compress_snapshots=service.compress_snapshots,
+        memory_overcommit=service.memory_overcommit,
+        memory_reserve_mib=service.memory_reserve_mib,
         network=network_settings(spec),
         # one port per gunicorn worker, one for the pool keeper, one spare for a worker being replaced
         agent_ports=min(service.workers + 2, 30),

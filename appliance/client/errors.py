@@ -60,6 +60,10 @@ class InsufficientStorageError(ApplianceError):
     """507: no room for it: host memory for a fork's copies, or the disk quota for frozen sandboxes."""
 
 
+class InsufficientCapacityError(InsufficientStorageError):
+    """507 insufficient_capacity: the host's memory cannot take the sandboxes asked for; free some, or retry later."""
+
+
 class ServerError(ApplianceError):
     """5xx: the service failed; its log has the details (the message quotes the request id)."""
 
@@ -75,6 +79,7 @@ _BY_CODE: dict[str, type[ApplianceError]] = {
     "limit_reached": RateLimitError,
     "not_ready": NotReadyError,
     "insufficient_storage": InsufficientStorageError,
+    "insufficient_capacity": InsufficientCapacityError,
 }
 _BY_STATUS: dict[int, type[ApplianceError]] = {
     400: BadRequestError, 401: AuthenticationError, 404: NotFoundError, 409: SandboxBusyError,

@@ -44,8 +44,9 @@ _ERROR_TEXT = {
     500: "The service failed (code internal). A failed fork, freeze or resume leaves the sandbox as it was "
     "(running, or frozen); the message says what failed or quotes a request id the service log explains.",
     503: "Not ready: no warm template yet (code not_ready); see Retry-After.",
-    507: "Not enough room (code insufficient_storage): host memory for a fork's copies, or the disk quota for "
-    "frozen sandboxes (service.frozen_quota_bytes); the message says what is short and by how much.",
+    507: "Not enough room: host memory for the sandboxes asked for (code insufficient_capacity: committed guest "
+    "memory past service.memory_overcommit, or the host's reserve), or the disk quota for frozen sandboxes (code "
+    "insufficient_storage); the message says what is short and by how much.",
 }
 _WITH_RETRY_AFTER = {429, 503}
 
@@ -174,7 +175,7 @@ def _paths() -> dict[str, Any]:
                 "cannot: it needs root).",
                 "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("CreateSandbox")}}},
                 "responses": {"201": _json(_ref("Sandbox"), "Created; Location names it."),
-                              **_errors(400, 401, 413, 422, 429, 503)},
+                              **_errors(400, 401, 413, 422, 429, 503, 507)},
             },
             "get": {
                 "operationId": "listSandboxes", "tags": ["sandboxes"], "summary": "List this key's sandboxes",
@@ -208,7 +209,7 @@ def _paths() -> dict[str, Any]:
                     "200": {"description": "The result (a code error is a result too: see error).", "content": {
                         "application/json": {"schema": _ref("ExecResult")},
                         "application/x-ndjson": {"schema": _ref("StreamEvent")}}},  # one StreamEvent a line
-                    **_errors(400, 401, 404, 409, 410, 413, 422, 429),
+                    **_errors(400, 401, 404, 409, 410, 413, 422, 429, 507),
                 },
             },
         },
@@ -231,7 +232,7 @@ def _paths() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/octet-stream": {
                     "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
                 "responses": {"200": _json(_ref("FileInfo"), "Written; sha256 of what arrived."),
-                              **_errors(401, 404, 409, 410, 413, 422, 429)},
+                              **_errors(401, 404, 409, 410, 413, 422, 429, 507)},
             },
             "get": {
                 "operationId": "readFile", "tags": ["files"], "summary": "Download a file (streamed)",
@@ -239,7 +240,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": {"description": "The file's bytes, with Content-Length.", "content": {
                     "application/octet-stream": {"schema": {"type": "string",
                                                             "contentMediaType": "application/octet-stream"}}}},
-                              **_errors(401, 404, 409, 410, 422, 429)},
+                              **_errors(401, 404, 409, 410, 422, 429, 507)},
             },
         },
         "/v1/sandboxes/{sandbox_id}/files/list": {
@@ -247,7 +248,7 @@ def _paths() -> dict[str, Any]:
             "get": {"operationId": "listDir", "tags": ["files"], "summary": "List a directory",
                     "parameters": [_file_path(False, "directory in the sandbox (default /)")],
                     "responses": {"200": _json(_ref("DirListing"), "The directory's entries."),
-                                  **_errors(401, 404, 409, 410, 422, 429)}},
+                                  **_errors(401, 404, 409, 410, 422, 429, 507)}},
         },
         "/v1/healthz": {"get": {"operationId": "healthz", "tags": ["service"], "security": [],
                                 "summary": "Liveness: the process answers (no key needed)",
@@ -308,7 +309,7 @@ def _lifecycle_paths(sandbox: list[dict[str, Any]]) -> dict[str, Any]:
                 "time. Resuming a running sandbox is a no-op. Refused (422) when the snapshot was made by another "
                 "QEMU version or guest image; a failed resume leaves it frozen.",
                 "responses": {"200": _json(_ref("Sandbox"), "Running (state running)."),
-                              **_errors(401, 404, 410, 422, 429, 500)},
+                              **_errors(401, 404, 410, 422, 429, 500, 507)},
             },
         },
     }

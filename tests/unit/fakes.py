@@ -50,6 +50,9 @@ CRASH_CODE = "# crash the service"  # something unexpected is raised mid-exec
 CHUNKS_CODE = "# three chunks"  # stdout in three events, then a display, then a value
 FAKE_MEMORY_MIB = 256
 KEY_A, KEY_B = "key-a", "key-b"
+# The host the manager sees (its /proc/meminfo, in bytes): 8 GiB with 6 GiB available. The default reserve is then
+# 2 GiB, and 4 × (8 - 2) GiB of guest memory may be committed.
+HOST = {"MemTotal": 8 << 30, "MemAvailable": 6 << 30}
 
 
 @dataclass
@@ -337,6 +340,7 @@ def fake_manager(config: ServiceConfig, warm: dict[str, Any] | None = None) -> t
     """The real manager over a fake engine, with a published warm template (so creates are served), its registry
     and template store real files under the config's directories."""
     engine = FakeEngine(config.run_dir)
-    manager = SandboxManager(config, engine=engine, registry=Registry(config.registry_path))  # type: ignore[arg-type]
+    manager = SandboxManager(config, engine=engine, registry=Registry(config.registry_path),  # type: ignore[arg-type]
+                             host_meminfo=lambda: dict(HOST))
     engine.publish_template(manager.templates, warm)
     return manager, engine

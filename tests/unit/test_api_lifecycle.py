@@ -13,7 +13,7 @@ from service.api import create_app
 from service.attachments import take_code_lock
 
 from .api_helpers import A, assert_error, fork
-from .fakes import LOST_CODE, fake_manager, make_config, states
+from .fakes import HOST, LOST_CODE, fake_manager, make_config, states
 
 
 def test_fork_returns_the_new_sandboxes_with_the_sources_state(client, manager, sandbox_id):
@@ -67,10 +67,12 @@ def test_fork_over_the_sandbox_limit_is_429_with_retry_after(client, manager, sa
 
 
 def test_fork_without_host_memory_is_507(client, manager, sandbox_id):
-    manager.host_memory = lambda: 100 << 20  # two copies of a 256 MiB guest need about 128 MiB
-    assert "host memory" in assert_error(fork(client, sandbox_id, {"n": 2}), 507, "insufficient_storage")["message"]
+    # The host keeps 2 GiB; two copies of a 256 MiB guest are counted as 128 MiB.
+    manager.host_meminfo = lambda: HOST | {"MemAvailable": (2048 + 100) << 20}
+    error = assert_error(fork(client, sandbox_id, {"n": 2}), 507, "insufficient_capacity")
+    assert "host memory" in error["message"] and "2048 MiB is kept for the host" in error["message"]
     assert list(states(manager)) == [sandbox_id]
-    manager.host_memory = lambda: 200 << 20
+    manager.host_meminfo = lambda: HOST | {"MemAvailable": (2048 + 200) << 20}
     assert fork(client, sandbox_id, {"n": 2}).status_code == 201
 
 

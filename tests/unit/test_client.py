@@ -12,6 +12,7 @@ import pytest
 
 from appliance.client import (
     AuthenticationError,
+    InsufficientCapacityError,
     InsufficientStorageError,
     InvalidRequestError,
     NotFoundError,
@@ -23,7 +24,7 @@ from appliance.client import (
 from appliance.client.tools import OPENAI_TOOL, run_tool_call
 from service.api import create_app
 
-from .fakes import BUSY_CODE, CHUNKS_CODE, KEY_A, KEY_B, states
+from .fakes import BUSY_CODE, CHUNKS_CODE, HOST, KEY_A, KEY_B, states
 
 
 @pytest.fixture
@@ -153,10 +154,11 @@ def test_fork_errors_are_typed(connect, manager):
             sb.fork(0)
         assert invalid.value.field == "n"
         manager.config = replace(manager.config, max_sandboxes_per_key=3)
-        manager.host_memory = lambda: 10 << 20  # a copy of a 256 MiB guest needs about 64 MiB
-        with pytest.raises(InsufficientStorageError) as short:
+        manager.host_meminfo = lambda: HOST | {"MemAvailable": 2 << 30}  # no room above the host's reserve
+        with pytest.raises(InsufficientCapacityError) as short:
             sb.fork(1)
-        assert short.value.status == 507 and short.value.code == "insufficient_storage"
+        assert short.value.status == 507 and short.value.code == "insufficient_capacity"
+        assert isinstance(short.value, InsufficientStorageError)  # what older callers catch
         assert list(states(manager)) == [sb.id]
 
 

@@ -5,6 +5,7 @@ service errors. The API tests (test_api_*.py) meet the same rules through HTTP; 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from service.attachments import take_code_lock
 from service.errors import (
     Busy,
+    InsufficientCapacity,
     Invalid,
     LimitReached,
     NetworkUnavailable,
@@ -25,7 +27,7 @@ from service.errors import (
 from service.manager import SandboxManager
 from service.registry import FROZEN, LOST, POOLED, RUNNING, Registry, SandboxRecord
 
-from .fakes import LOST_CODE, FakeEngine
+from .fakes import HOST, LOST_CODE, FakeEngine
 
 OWNER, OTHER = "owner-hash", "other-hash"
 
@@ -42,7 +44,8 @@ def warm_namespace() -> dict:
 
 def second_process(manager: SandboxManager, engine: FakeEngine) -> SandboxManager:
     """Another API worker: its own manager, attachments and registry connection; the same VMs and files."""
-    return SandboxManager(manager.config, engine=engine, registry=Registry(manager.config.registry_path))
+    return SandboxManager(manager.config, engine=engine, registry=Registry(manager.config.registry_path),
+                          host_meminfo=manager.host_meminfo)
 
 
 def run(manager: SandboxManager, sandbox_id: str, code: str, owner: str = OWNER) -> str | None:
@@ -82,7 +85,8 @@ def test_an_unusable_pooled_clone_is_dropped_and_a_fresh_one_made(manager, engin
     pooled = pool_one(manager, engine)
     engine.stop(Path(pooled.vm_dir), pooled.machine)  # its VM died while it waited in the pool
     record = manager.create(OWNER)
-    assert record.id != pooled.id and manager.registry.get(pooled.id) is None
+    assert record.vm_dir != pooled.vm_dir  # a fresh clone took the place (and id) the dead one had
+    assert [(r.id, r.state) for r in manager.registry.list()] == [(record.id, RUNNING)]
     assert run(manager, record.id, "warm") == "41"
 
 
@@ -161,14 +165,61 @@ def test_fork_counts_the_copies_against_the_limits(manager):
     assert len(manager.fork(OWNER, source.id, 2)) == 2
 
 
-def test_fork_needs_a_quarter_of_each_copys_memory_from_the_host(manager):
+def test_the_host_keeps_its_reserve_counting_a_quarter_of_each_new_guest(manager):
     source = manager.create(OWNER)
-    manager.host_memory = lambda: (2 * 256 << 20) // 4 - 1
-    with pytest.raises(ServiceError, match="host memory") as short:
+    manager.host_meminfo = lambda: HOST | {"MemAvailable": (2048 + 127) << 20}  # 2 copies of 256 MiB: 128 MiB
+    with pytest.raises(InsufficientCapacity, match="host memory") as short:
         manager.fork(OWNER, source.id, 2)
-    assert short.value.status == 507
-    manager.host_memory = lambda: None  # unknown (no /proc/meminfo): not refused on a guess
+    assert short.value.status == 507 and "2048 MiB is kept for the host" in str(short.value)
+    with pytest.raises(InsufficientCapacity):
+        manager.create(OWNER, memory_mib=1024)  # a create likewise: 256 MiB of a 1 GiB guest
+    manager.config = replace(manager.config, memory_reserve_mib=1024)  # the operator's own reserve
     assert len(manager.fork(OWNER, source.id, 2)) == 2
+    manager.host_meminfo = dict  # no /proc/meminfo at all: not refused on a guess
+    manager.delete(OWNER, source.id)
+    assert manager.create(OWNER, memory_mib=1024).state == RUNNING
+
+
+def test_committed_guest_memory_is_bounded_by_the_overcommit_ratio(manager, engine):
+    # 4 × (8 GiB - 2 GiB reserve) = 24 GiB of guest memory; the warm template's clones are 256 MiB each.
+    manager.config = replace(manager.config, memory_overcommit=0.125, max_sandboxes=50)  # 768 MiB
+    first, second = manager.create(OWNER), manager.create(OTHER)
+    assert manager.registry.committed_mib() == 512
+    with pytest.raises(InsufficientCapacity, match="512 MiB of guest memory is committed"):
+        manager.create(OWNER, memory_mib=512)
+    third = manager.create("third-key")
+    with pytest.raises(InsufficientCapacity):
+        manager.fork(OWNER, first.id, 1)
+    manager.freeze(OTHER, second.id)  # a frozen sandbox commits disk, not memory
+    assert len(manager.fork(OWNER, first.id, 1)) == 1
+    assert third.state == RUNNING
+    pool_one(manager, engine)  # pooled clones are running VMs: they count too
+    assert manager.registry.committed_mib() == 4 * 256 and not manager.has_room(256)
+
+
+def test_concurrent_creates_are_admitted_exactly_up_to_the_limit(manager, engine):
+    """Count and reserve in one transaction: 8 creates at once against a limit of 3 admit exactly 3."""
+    workers = [second_process(manager, engine) for _ in range(8)]
+    start = threading.Barrier(len(workers))
+    outcomes: list[str] = []
+
+    def create(worker: SandboxManager) -> None:
+        start.wait()
+        try:
+            worker.create(OWNER)
+            outcomes.append("created")
+        except LimitReached:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=create, args=(worker,)) for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == ["created"] * 3 + ["refused"] * 5
+    assert manager.registry.count(OWNER) == 3 and len(manager.list(OWNER)) == 3
+    for worker in workers:
+        worker.close()
 
 
 def test_a_failed_fork_leaves_the_source_running_and_nothing_new(manager, engine):
