@@ -86,6 +86,11 @@ class EngineSpec(_Section):
         2.0, gt=0, le=60, description="after a timeout's interrupt, how long before the REPL worker is killed"
     )
     output_cap_bytes: int = Field(1 << 20, ge=1024, description="stdout+stderr kept per exec; the rest is cut")
+    result_cap_bytes: int = Field(
+        32 << 20, ge=64 << 10,
+        description="everything one exec may return (stdout, stderr, displays such as images, the value), counted "
+        "on the host; past it output is dropped and counted in truncated_bytes",
+    )
     kvm_probe_timeout_s: float = Field(10.0, gt=0, le=120, description="deadline of the KVM probe boot")
 
 

@@ -92,6 +92,7 @@ def exec_limits(spec: ApplianceSpec) -> ExecLimits:
         timeout_s=spec.engine.exec_timeout_s,
         grace_s=spec.engine.interrupt_grace_s,
         output_cap=spec.engine.output_cap_bytes,
+        result_cap=spec.engine.result_cap_bytes,
     )
 
 

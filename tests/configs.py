@@ -29,7 +29,8 @@ def service_config(image_dir: Path, keys: list[str] | tuple[str, ...] = (), **se
 
 def exec_limits(**values: Any) -> ExecLimits:
     """The spec's exec limits, some replaced: exec_limits(timeout_s=10)."""
-    names = {"timeout_s": "exec_timeout_s", "grace_s": "interrupt_grace_s", "output_cap": "output_cap_bytes"}
+    names = {"timeout_s": "exec_timeout_s", "grace_s": "interrupt_grace_s", "output_cap": "output_cap_bytes",
+             "result_cap": "result_cap_bytes"}
     return settings.exec_limits(spec_with(engine={names[key]: value for key, value in values.items()}))
 
 

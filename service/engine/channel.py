@@ -14,9 +14,12 @@ from typing import Any
 
 from appliance_agent import frames, protocol
 
-from .errors import AgentTimeout, SandboxLost
+from .errors import AgentProtocolError, AgentTimeout, SandboxLost
 
 _SEND_TIMEOUT_S = 30.0
+# The longest line the host accepts from a guest: one display (an image) or one output chunk. A guest that sends
+# more is refused, not buffered.
+MAX_LINE = 16 << 20
 
 
 class AgentChannel:
@@ -29,8 +32,9 @@ class AgentChannel:
         self._readable.register(sock, select.POLLIN)
         self._writable = select.poll()
         self._writable.register(sock, select.POLLOUT)
-        self._reader = frames.FrameReader()
+        self._reader = frames.FrameReader(MAX_LINE)
         self._pending: deque[dict[str, Any]] = deque()
+        self._ready = False  # once the agent has answered, a malformed frame is the guest's, not boot noise
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
         self.agent_info: dict[str, Any] = {}
@@ -88,6 +92,7 @@ class AgentChannel:
             if message is not None and message.get("ev") in {"pong", "hello"}:
                 self.agent_info = message
                 self._pending.clear()  # answers to our earlier pings
+                self._ready = True
                 return message
 
     def events(self, request_id: int, deadline: float | None) -> Iterator[dict[str, Any]]:
@@ -127,6 +132,8 @@ class AgentChannel:
                 raise SandboxLost("the VM closed its agent connection (it stopped or crashed)")
             try:
                 self._pending.extend(self._reader.feed(chunk))
-            except protocol.ProtocolError:
-                self._reader = frames.FrameReader()  # boot noise before the agent took the port: start afresh
+            except protocol.ProtocolError as exc:
+                self._reader = frames.FrameReader(MAX_LINE)  # start afresh at the next frame
+                if self._ready:  # not boot noise: something in the guest wrote a frame the protocol forbids
+                    raise AgentProtocolError(f"the guest sent a malformed frame: {str(exc)[:200]}") from None
         return self._pending.popleft()

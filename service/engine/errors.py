@@ -19,6 +19,10 @@ class AgentTimeout(EngineError):
     pass
 
 
+class AgentProtocolError(EngineError):
+    """The guest sent something the protocol forbids (too long, too deep, not a message): that call ends."""
+
+
 class SandboxLost(EngineError):
     """The VM is gone (crashed, killed, or its agent stopped answering); its state cannot be recovered."""
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from .channel import AgentChannel
-from .errors import AgentTimeout, BootFailed, SandboxBusy, SandboxClosed, SandboxLost
+from .errors import AgentProtocolError, AgentTimeout, BootFailed, SandboxBusy, SandboxClosed, SandboxLost
 from .launch import VmmLauncher
 from .machine import MachineConfig
+from .result_budget import ResultBudget
 from .vm import VirtualMachine
 
 # How long past the exec's own timeout + grace we wait for the agent before declaring the VM lost.
@@ -66,11 +67,12 @@ class ExecResult:
 
 @dataclass(frozen=True)
 class ExecLimits:
-    """engine.exec_timeout_s, engine.interrupt_grace_s, engine.output_cap_bytes of the spec."""
+    """engine.exec_timeout_s, engine.interrupt_grace_s, engine.output_cap_bytes, engine.result_cap_bytes."""
 
     timeout_s: float
     grace_s: float
-    output_cap: int
+    output_cap: int  # stdout + stderr, counted by the agent (and its marker)
+    result_cap: int  # everything one exec returns (streams, displays, value), counted again on the host
 
 
 class Sandbox:
@@ -171,11 +173,15 @@ class Sandbox:
                 output_cap=self.limits.output_cap,
             )
             deadline = time.monotonic() + timeout + self.limits.grace_s + _HOST_SLACK_S
+            budget = ResultBudget(self.limits.result_cap)
             try:
                 for event in self._channel.events(request_id, deadline):
                     if event.get("ev") == "error" and event.get("code") == "busy":
                         raise SandboxBusy()
-                    yield event
+                    yield from budget.admit(event)
+            except AgentProtocolError as exc:
+                yield budget.admit({"id": request_id, "ev": "done", "value": None, "exit_code": None,
+                                    "error": {"name": "AgentProtocolError", "value": str(exc), "traceback": ""}})[0]
             except (AgentTimeout, SandboxLost) as exc:
                 self._lose(str(exc))
         finally:
@@ -205,7 +211,7 @@ class Sandbox:
             raise SandboxBusy()
         try:
             return self._channel.call(op, time.monotonic() + timeout_s, payload, **args)
-        except (AgentTimeout, SandboxLost) as exc:
+        except (AgentTimeout, SandboxLost, AgentProtocolError) as exc:  # a call's answer broken: no longer trusted
             self._lose(str(exc))
             raise AssertionError("unreachable") from None
         finally:

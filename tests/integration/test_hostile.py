@@ -4,6 +4,7 @@ a clear "sandbox lost"; the host and a bystander sandbox stay healthy throughout
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,18 @@ def test_output_flood_is_capped_and_stopped(victim, bystander):
     assert result.error["name"] == "TimeoutError"
     assert len(result.stdout) + len(result.stderr) < victim.limits.output_cap + 1024
     assert result.truncated_bytes > 0
+    assert_healthy(bystander, victim)
+
+
+def test_a_flood_of_displays_is_held_to_the_hosts_budget(victim, bystander):
+    """Displays are not stdout: the agent's output cap does not see them. The host's budget does."""
+    victim.limits = replace(victim.limits, result_cap=1 << 20)
+    code = "class Big:\n    def _repr_html_(self): return 'x' * (2 << 20)\nfor _ in range(8): display(Big())"
+    result = victim.run_code(code, timeout_s=120)
+    held = len(result.stdout) + len(result.stderr) + sum(len(str(bundle)) for bundle in result.displays)
+    assert result.error is None and held <= (1 << 20) + 4096  # the budget, and the host's one-line marker
+    assert "budget was dropped" in result.stderr and result.truncated_bytes >= 7 * (2 << 20)
+    assert victim.run_code("kept").text == "41"  # the sandbox stays usable, its namespace kept
     assert_healthy(bystander, victim)
 
 

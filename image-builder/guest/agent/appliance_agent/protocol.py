@@ -68,6 +68,7 @@ DEFAULT_OUTPUT_CAP = 1 << 20
 # Time between the interrupt at timeout and the kill of the worker, when the code ignores KeyboardInterrupt.
 DEFAULT_GRACE_S = 2.0
 TRUNCATION_MARKER = "\n[output truncated: {omitted} bytes omitted]\n"
+MAX_DEPTH = 32  # of a message's nesting: results are MIME bundles and lists of them, never deep
 
 NET_OPS = ("net_config", "net_prepare")  # served by netconfig.py, imported on first use
 # Where the image builder puts the NIC's on-demand kernel modules (relative to the guest root), for net_prepare.
@@ -111,11 +112,27 @@ def decode(line: bytes) -> dict[str, Any]:
         message = json.loads(line.decode("utf-8", errors="replace"))
     except ValueError as exc:
         raise ProtocolError(f"not JSON: {line[:80]!r}") from exc
+    except RecursionError:
+        raise ProtocolError(f"nested too deeply: {line[:80]!r}") from None
+    if _depth(message) > MAX_DEPTH:
+        raise ProtocolError(f"nested more than {MAX_DEPTH} levels: {line[:80]!r}")
     if not isinstance(message, dict) or not isinstance(message.get("id"), int):
         raise ProtocolError(f"not a message object with an integer id: {line[:80]!r}")
     if "op" not in message and "ev" not in message:
         raise ProtocolError(f"message has neither 'op' nor 'ev': {line[:80]!r}")
     return message
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest (iteratively: a hostile message cannot exhaust the stack here)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:
+                pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def request(request_id: int, op: str, **args: Any) -> dict[str, Any]:
