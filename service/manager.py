@@ -25,6 +25,8 @@ from service.engine import (
     Engine,
     EngineError,
     ExecResult,
+    LauncherError,
+    NetworkError,
     NetworkRequest,
     NetworkUnavailable,
     PolicyError,
@@ -459,10 +461,8 @@ class SandboxManager:
         """Attach the network; returns the record's `network` column (policy plus the new identity)."""
         try:
             return self.engine.give_network(sandbox, wanted, self.config.network)
-        except EngineError as exc:
-            if isinstance(exc, (SandboxLost, SandboxBusy)):
-                raise
-            raise ServiceError(str(exc)) from None
+        except (NetworkError, LauncherError) as exc:  # the host (or its launcher) could not build it: not a 500
+            raise NetworkUnavailableError(str(exc)) from None
 
     # ---- internals -------------------------------------------------------------------------------------------
 

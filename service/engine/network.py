@@ -79,16 +79,14 @@ class Attachment:
         return {"mac": self.mac, "address": str(self.slot.guest_ip), "host_address": str(self.slot.ns_ip)}
 
 
-def unavailable(remote: bool = False, settings: NetworkSettings | None = None) -> str | None:
-    """Why this process cannot give sandboxes a network (`remote`: a root launcher does it for us), or None."""
-    if remote:
-        return None
+def unavailable() -> str | None:
+    """Why this process cannot give sandboxes a network itself, or None (a root daemon's client asks it instead:
+    launch.RemoteLauncher)."""
     if os.geteuid() != 0:
         return "sandbox networks need root (network namespaces, nftables): run the VMM launcher, or the service as root"
     if not os.path.exists("/dev/net/tun"):
         return "sandbox networks need /dev/net/tun"
-    settings = settings or NetworkSettings()
-    for tool, package in ((settings.nft, "nftables"), (settings.ip, "iproute2")):
+    for tool, package in ((NFT, "nftables"), (IP, "iproute2")):
         if shutil.which(tool) is None:  # else the first create with a policy fails half-way, as a 500
             return f"sandbox networks need {tool}, which is not on the service's PATH (apt-get install {package})"
     return None
@@ -110,7 +108,7 @@ def attach(vm: Any, call: Any, resolved: ResolvedPolicy, settings: NetworkSettin
 def attach_host(vm: Any, resolved: ResolvedPolicy, settings: NetworkSettings) -> Attachment:
     """The host side (root): namespace, links, filter, the tap handed to QEMU, its NIC link up. On failure
     nothing is left on the host."""
-    why = unavailable(settings=settings)
+    why = unavailable()
     if why is not None:
         raise NetworkError(why)
     sandbox_range = check_range(settings.sandbox_range)
