@@ -24,7 +24,6 @@ from service.errors import (
     LimitReached,
     NotFound,
     NotReady,
-    SandboxLostError,
     ServiceError,
 )
 from service.registry import FROZEN, LOST, RUNNING, SandboxRecord
@@ -127,8 +126,6 @@ class FakeManager:
         record = self.get(owner, sandbox_id)
         if record.state == FROZEN:
             record = self.resume(owner, sandbox_id)
-        if record.state == LOST:
-            raise SandboxLostError(f"sandbox {sandbox_id} was lost")
         return record
 
     # ---- fork, freeze, resume ----
