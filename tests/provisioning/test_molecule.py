@@ -1,17 +1,20 @@
 """Every Molecule scenario, in full (create, prepare, converge, idempotence, verify, destroy), against throw-away
 systemd-nspawn hosts with no default route, and every testinfra check of every scenario as a pytest test of its own.
 
-`test_molecule_scenario[<scenario>]` runs `molecule test` once (a failure names the role; the whole log is kept
-under the pytest temp dir and its tail is in the message). Its verify step writes junit XML (PYTEST_ADDOPTS reaches
-the testinfra pytest molecule starts), and `test_testinfra[<scenario>/<file>::<check>]` reports each check from it:
-passed, failed with its message, or skipped with its reason. The checks are listed from the scenario's test files
-before anything runs, so a check that never ran (converge failed, file not collected) fails by name too.
+`test_molecule_scenario[<scenario>]` runs `molecule test` once and fails when a step does (converge, idempotence,
+destroy, ...; the whole log is kept under the pytest temp dir and its tail is in the message). The verify step
+writes junit XML (PYTEST_ADDOPTS reaches the testinfra pytest that molecule starts), and
+`test_testinfra[<scenario>/<file>::<check>]` reports each check from it: passed, failed with its message, or
+skipped with its reason. The checks are listed from the scenario's test files before anything runs, so a check that
+never ran (converge failed, file not collected) fails by name too; a failed check fails there, not a second time in
+the scenario's test.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import time
@@ -53,6 +56,12 @@ class ScenarioRun:
     log: Path
     elapsed_s: float
     cases: dict[str, list[Case]] = field(default_factory=dict)  # by "file.py::test_name"
+
+    def failed_steps(self) -> list[str]:
+        """From molecule's closing DETAILS lines, e.g. "site > verify: Executed: Failed (Verifier tests failed)"."""
+        pattern = rf"^{re.escape(self.scenario)} > (\w+): Executed: Failed"
+        found = re.findall(pattern, self.log.read_text(errors="replace"), re.MULTILINE)
+        return list(dict.fromkeys(found))
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -124,11 +133,13 @@ def test_every_scenario_is_listed():
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_molecule_scenario(scenario: str, scenarios: ScenarioRunner) -> None:
+    """Every step but verify's checks: those fail as test_testinfra[...] by name, not twice."""
     run = scenarios.run(scenario)
-    failed = sorted(f"{key} ({case.name})" for key, cases in run.cases.items() for case in cases
-                    if case.outcome == "failed")
-    assert run.returncode == 0, (f"molecule test -s {scenario} failed after {run.elapsed_s:.0f}s (log: {run.log})"
-                                 + (f"; failed checks: {', '.join(failed)}" if failed else "") + f":\n{run.tail()}")
+    failed_checks = [case for cases in run.cases.values() for case in cases if case.outcome == "failed"]
+    failed_steps = run.failed_steps()
+    if run.returncode != 0 and not (failed_steps == ["verify"] and failed_checks):
+        pytest.fail(f"molecule test -s {scenario} failed after {run.elapsed_s:.0f}s in "
+                    f"{', '.join(failed_steps) or 'an unknown step'} (log: {run.log}):\n{run.tail()}", pytrace=False)
     known = {check for owner, check in testinfra_checks() if owner == scenario}
     assert set(run.cases) <= known, f"testinfra ran checks this runner does not list: {set(run.cases) - known}"
 
@@ -146,4 +157,4 @@ def test_testinfra(scenario: str, check: str, scenarios: ScenarioRunner) -> None
     if failed:
         pytest.fail("\n\n".join(f"{case.name}:\n{case.message}" for case in failed), pytrace=False)
     if all(case.outcome == "skipped" for case in cases):
-        pytest.skip("; ".join(sorted({case.message for case in cases})))
+        pytest.skip(f"{scenario}/{check}: " + "; ".join(sorted({case.message for case in cases})))

@@ -278,7 +278,11 @@ def destroy(name: str) -> None:
         if _alive(host.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(host.pid, signal.SIGKILL)
-            time.sleep(0.5)
+            deadline = time.monotonic() + 60  # a hang deadline: SIGKILL ends it at once
+            while _alive(host.pid) and time.monotonic() < deadline:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(host.pid, os.WNOHANG)
+                time.sleep(0.05)
     merged = base / "root"
     if merged.is_mount() and _run("umount", str(merged), check=False).returncode != 0:
         _run("umount", "--lazy", str(merged), check=False)

@@ -84,6 +84,22 @@ def test_the_vmm_launcher_runs_as_root_and_serves_only_the_apis_group(host):
     assert kill_mode == "KillMode=process"  # its VMs outlive a restart of it
 
 
+# One launcher request from the node's venv: prints the answer, or the client's error (one line).
+PING = ("from pathlib import Path; from service.engine.launcher import LauncherClient, LauncherError\n"
+        "try: print(LauncherClient(Path('/run/appliance-launcher.sock'), 30).request('ping'))\n"
+        "except LauncherError as exc: print(exc)")
+
+
+def test_the_vmm_launcher_serves_the_apis_user_and_refuses_another_uid_in_its_group(host):
+    """The socket's mode lets the group in; SO_PEERCRED lets only root and the user the unit's --allow-user names."""
+    python = "/opt/appliance/venv/bin/python"
+    gid = host.group("appliance").gid
+    served = host.check_output(f"runuser -u appliance -- {python} -c \"{PING}\"")
+    assert "'ok': True" in served, served
+    other = host.check_output(f"setpriv --reuid=64124 --regid=64124 --groups={gid} -- {python} -c \"{PING}\"")
+    assert other.startswith("the VMM launcher refused ping: uid 64124 may not use this launcher"), other
+
+
 def test_secrets_and_config_files_have_tight_permissions(host):
     env = host.file("/etc/appliance/api.env")
     assert env.user == "root" and env.group == "root" and env.mode == 0o600

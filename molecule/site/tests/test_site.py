@@ -154,7 +154,8 @@ def test_an_allow_list_lets_through_by_traffic_what_it_names_and_rejects_the_res
             targets = [(control_address, allowed.port), (control_address, other.port), (address, 8080),
                        (address, 22)]
             status, result = _call(address, "POST", f"/v1/sandboxes/{sandbox['id']}/exec",
-                                   {"code": PROBE + f"[probe(a, p) for a, p in {targets!r}]"})
+                                   {"code": PROBE + f"[probe(a, p) for a, p in {targets!r}]", "timeout_s": 300},
+                                   timeout=360)
             assert status == 200 and result["error"] is None, result
             through, other_port, api, ssh = eval(result["text"])  # a list of str, repr'd by the guest
             assert through == f"hello from port {allowed.port}"
