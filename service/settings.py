@@ -160,28 +160,22 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# The [service] settings ServiceConfig carries as they are (same names in the spec and the config).
+_AS_IN_SPEC = ("pool_size", "warm_code", "sandbox_timeout_s", "max_sandboxes_per_key", "max_sandboxes",
+               "max_body_bytes", "max_code_bytes", "max_file_bytes", "max_fork", "frozen_quota_bytes",
+               "compress_snapshots", "memory_overcommit", "memory_reserve_mib")
+
+
 def service_config(spec: ApplianceSpec, keys: list[str], image_dir: Path | None = None) -> ServiceConfig:
     service = spec.service
     return ServiceConfig(
         engine=engine_config(spec, image_dir),
         state_dir=spec.paths.state_dir,
         key_hashes=frozenset(hash_key(key) for key in keys),
-        pool_size=service.pool_size,
-        warm_code=service.warm_code,
-        sandbox_timeout_s=service.sandbox_timeout_s,
-        max_sandboxes_per_key=service.max_sandboxes_per_key,
-        max_sandboxes=service.max_sandboxes,
-        max_body_bytes=service.max_body_bytes,
-        max_code_bytes=service.max_code_bytes,
-        max_file_bytes=service.max_file_bytes,
-        max_fork=service.max_fork,
-        frozen_quota_bytes=service.frozen_quota_bytes,
-        compress_snapshots=service.compress_snapshots,
-        memory_overcommit=service.memory_overcommit,
-        memory_reserve_mib=service.memory_reserve_mib,
         network=network_settings(spec),
         # one port per gunicorn worker, one for the pool keeper, one spare for a worker being replaced
         agent_ports=min(service.workers + 2, 30),
+        **{name: getattr(service, name) for name in _AS_IN_SPEC},
     )
 
 

@@ -6,6 +6,7 @@ import json
 from typing import Any, Literal, TypeVar
 
 import falcon
+from appliance_agent.protocol import MAX_DEPTH, nesting_depth
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.errors import BadRequest, TooLarge
@@ -16,7 +17,7 @@ from .error_responses import InvalidField
 Model = TypeVar("Model", bound=BaseModel)
 # Bounds on what a client may make the service hold and echo: metadata is returned by every list call.
 MAX_METADATA_BYTES = 16 << 10
-MAX_JSON_DEPTH = 32
+MAX_JSON_DEPTH = MAX_DEPTH
 
 
 class _Body(BaseModel):
@@ -99,21 +100,9 @@ def read_json(req: falcon.Request, limit: int) -> Any:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:  # the decoder's own limit, far deeper than ours
         raise too_deep from None
-    if _depth(data) > MAX_JSON_DEPTH:
+    if nesting_depth(data) > MAX_JSON_DEPTH:
         raise too_deep
     return data
-
-
-def _depth(value: Any) -> int:
-    """How deeply arrays and objects nest in a parsed JSON value (iterative: no recursion to exhaust)."""
-    deepest, pending = 0, [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, depth)
-            if depth <= MAX_JSON_DEPTH:
-                pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
 
 
 def parse(model: type[Model], data: Any) -> Model:

@@ -114,7 +114,7 @@ def decode(line: bytes) -> dict[str, Any]:
         raise ProtocolError(f"not JSON: {line[:80]!r}") from exc
     except RecursionError:
         raise ProtocolError(f"nested too deeply: {line[:80]!r}") from None
-    if _depth(message) > MAX_DEPTH:
+    if nesting_depth(message) > MAX_DEPTH:
         raise ProtocolError(f"nested more than {MAX_DEPTH} levels: {line[:80]!r}")
     if not isinstance(message, dict) or not isinstance(message.get("id"), int):
         raise ProtocolError(f"not a message object with an integer id: {line[:80]!r}")
@@ -123,8 +123,9 @@ def decode(line: bytes) -> dict[str, Any]:
     return message
 
 
-def _depth(value: Any) -> int:
-    """How deeply arrays and objects nest (iteratively: a hostile message cannot exhaust the stack here)."""
+def nesting_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in parsed JSON, counted up to MAX_DEPTH + 1 (iteratively: a hostile
+    message cannot exhaust the stack here). The API bounds client bodies with it too."""
     deepest, pending = 0, [(value, 1)]
     while pending:
         item, depth = pending.pop()
