@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -150,13 +151,13 @@ class Engine:
     def fork(self, sandbox: Sandbox, vm_ids: list[str], networked: bool) -> tuple[Template, list[Sandbox]]:
         """len(vm_ids) detached copies of the sandbox's live state; the sandbox keeps running. The copies map the
         returned template's RAM: remove it when the last of them is gone. On failure nothing new is left."""
-        with self._quiet_nic(sandbox, networked):
+        with _monitor_released(sandbox), self._quiet_nic(sandbox, networked):
             return snapshot.fork(sandbox, len(vm_ids), self.config.templates_dir, self.config.sandboxes_dir,
                                  self.config.limits, self.launcher, detach=True, vm_ids=vm_ids)
 
     def freeze(self, sandbox: Sandbox, directory: Path, compress: bool, networked: bool) -> None:
         """Write the sandbox's whole state to `directory` and stop its VM; on failure it keeps running."""
-        with self._quiet_nic(sandbox, networked):
+        with _monitor_released(sandbox), self._quiet_nic(sandbox, networked):
             snapshot.freeze(sandbox, directory, self.image.image_id, self.secret, compress=compress)
 
     def resume(self, directory: Path, vm_id: str) -> Sandbox:
@@ -230,7 +231,8 @@ class Engine:
     def give_network(self, sandbox: Sandbox, request: NetworkRequest, settings: network.NetworkSettings
                      ) -> dict[str, Any]:
         """Attach the network; returns what the registry keeps of it (the policy plus the new identity)."""
-        attachment = network.attach(sandbox.vm, sandbox.call, request.resolved, settings, self.launcher)
+        with _monitor_released(sandbox):
+            attachment = network.attach(sandbox.vm, sandbox.call, request.resolved, settings, self.launcher)
         return {**request.policy.to_json(), **attachment.describe()}
 
     def remove_network_leftovers(self) -> list[str]:
@@ -253,3 +255,13 @@ class Engine:
             return f"a probe guest did not boot under KVM: {str(exc)[:200]}"
         sandbox.close()
         return None
+
+
+@contextlib.contextmanager
+def _monitor_released(sandbox: Sandbox) -> Iterator[None]:
+    """QEMU's monitor serves one client at a time, and any API worker may be the next to fork, freeze or network
+    this VM: drop this process's monitor connection when the operation is done, whatever happened."""
+    try:
+        yield
+    finally:
+        sandbox.vm.close_monitor()
