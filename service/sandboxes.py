@@ -292,7 +292,8 @@ class SandboxManager:
     def freeze_record(self, record: SandboxRecord) -> SandboxRecord:
         self._check_frozen_quota(record)
         sandbox = self._attach_alive(record)
-        with _idle_for(record, f"freezing {record.id} failed; it keeps running"), _nic_down(sandbox, record):
+        with _monitor_released(sandbox), _idle_for(record, f"freezing {record.id} failed; it keeps running"), \
+                _nic_down(sandbox, record):
             snapshot.freeze(sandbox, self.snapshot_dir(record.id), self.engine.image.image_id,
                             compress=self.config.compress_snapshots)
         self._forget(record.id)
@@ -348,7 +349,7 @@ class SandboxManager:
         sandbox = self._attach_alive(record)
         ids = [new_sandbox_id() for _ in range(n)]
         failure = f"fork of {sandbox_id} failed; it keeps running unchanged"
-        with _idle_for(record, failure), _nic_down(sandbox, record):
+        with _monitor_released(sandbox), _idle_for(record, failure), _nic_down(sandbox, record):
             template, clones = snapshot.fork(sandbox, n, self.config.templates_dir, self.config.sandboxes_dir,
                                              self.engine.config.limits, detach=True, vm_ids=ids,
                                              jail=self.engine.jail)
@@ -556,6 +557,16 @@ def _idle_for(record: SandboxRecord, failure: str) -> Iterator[None]:
         raise ServiceError(f"{failure}: {exc}") from None
     finally:
         os.close(lock_fd)
+
+
+@contextlib.contextmanager
+def _monitor_released(sandbox: Sandbox) -> Iterator[None]:
+    """A fork or freeze talks to QEMU's monitor, which serves one client at a time: drop the connection when done
+    (outermost, after the NIC comes back up), or the next fork or freeze, from another process, waits for it forever."""
+    try:
+        yield
+    finally:
+        sandbox.vm.close_monitor()
 
 
 def _nic_down(sandbox: Sandbox, record: SandboxRecord) -> contextlib.AbstractContextManager[None]:
