@@ -235,7 +235,11 @@ def test_freeze_and_fork_of_a_lost_sandbox_are_410(live, api):
     victim = create(api)
     execute(api, victim, "x = 1")  # a worker holds a connection to it now
     os.kill(int((vm_dir(live, victim) / "qemu.pid").read_text()), signal.SIGKILL)
-    # At once, before the pool keeper's next look: the request finds the VM gone by itself.
+    deadline = time.monotonic() + HANG_S
+    while qemus_of(live, victim):
+        assert time.monotonic() < deadline, "the killed QEMU did not go"
+        time.sleep(0.01)
+    # As soon as it is gone, mostly before the pool keeper's next look (every 2 s): the request finds out by itself.
     assert_error(api.post(f"/v1/sandboxes/{victim}/freeze"), 410, "sandbox_lost")
     assert_error(api.post(f"/v1/sandboxes/{victim}/fork", json={"n": 1}), 410, "sandbox_lost")
     assert state(api, victim) == "lost"
