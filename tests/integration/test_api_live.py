@@ -140,7 +140,9 @@ def test_streaming_yields_chunks_before_the_code_finishes(api, shared_sandbox):
                 assert api.post(f"/v1/sandboxes/{shared_sandbox}/interrupt").status_code == 202
     assert [event["type"] for event in events] == ["stdout", "done"]
     done = events[-1]
-    assert done["stdout"] == "tick 0\n" and done["error"]["name"] == "KeyboardInterrupt", done["error"]
+    assert done["stdout"] == "tick 0\n"
+    # A TimeoutError: the line was held back until the end, or the 202-accepted interrupt never reached the code.
+    assert done["error"]["name"] == "KeyboardInterrupt", done["error"]
 
 
 # ---- rich output ---------------------------------------------------------------------------------------------------

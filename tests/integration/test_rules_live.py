@@ -141,6 +141,16 @@ def cli_refused(live: LiveService, *argv: str, key: str | None = None) -> str:
     return done.stderr
 
 
+def on_another_worker(live: LiveService, worker: str) -> httpx.Client:
+    """A client whose kept-alive connection an API worker other than `worker` serves."""
+    for _ in range(40):
+        client = live.client(timeout=HANG_S)
+        if client.get("/v1/healthz").headers["X-Appliance-Worker"] != worker:
+            return client
+        client.close()
+    pytest.fail(f"every connection landed on worker {worker}")
+
+
 def set_mem_available(meminfo: Path, kib: int) -> None:
     """What the service reads as the host's available memory (written in place: the file is bind-mounted)."""
     lines = [f"MemAvailable:   {kib} kB" if line.startswith("MemAvailable:") else line
@@ -225,7 +235,11 @@ def test_freeze_and_fork_of_a_lost_sandbox_are_410(live, api):
     victim = create(api)
     execute(api, victim, "x = 1")  # a worker holds a connection to it now
     os.kill(int((vm_dir(live, victim) / "qemu.pid").read_text()), signal.SIGKILL)
-    # At once, before the pool keeper's next look: the request finds the VM gone by itself.
+    deadline = time.monotonic() + HANG_S
+    while qemus_of(live, victim):
+        assert time.monotonic() < deadline, "the killed QEMU did not go"
+        time.sleep(0.01)
+    # As soon as it is gone, mostly before the pool keeper's next look (every 2 s): the request finds out by itself.
     assert_error(api.post(f"/v1/sandboxes/{victim}/freeze"), 410, "sandbox_lost")
     assert_error(api.post(f"/v1/sandboxes/{victim}/fork", json={"n": 1}), 410, "sandbox_lost")
     assert state(api, victim) == "lost"
@@ -265,7 +279,13 @@ def test_repeated_freeze_and_resume_are_no_ops_and_a_frozen_sandbox_forks(live, 
     assert cli_ok(live, "resume", sandbox) == f"{sandbox} running\n"
     assert qemus_of(live, sandbox) == vm and execute(api, sandbox, "x")["text"] == "41"
 
-    assert cli_ok(live, "freeze", sandbox) == f"{sandbox} frozen\n"
+    # The fork is over: another API worker can freeze it (QEMU serves one monitor client at a time).
+    elsewhere = on_another_worker(live, forked.headers["X-Appliance-Worker"])
+    try:
+        frozen = elsewhere.post(f"/v1/sandboxes/{sandbox}/freeze")
+    finally:
+        elsewhere.close()
+    assert frozen.status_code == 200 and frozen.json()["state"] == "frozen", frozen.text
     assert cli_ok(live, "rm", sandbox) == f"{sandbox} deleted\n"  # a frozen one: its snapshot goes too
     assert not (live.state_dir / "snapshots" / sandbox).exists()
     assert_error(api.get(f"/v1/sandboxes/{sandbox}"), 404, "not_found")
