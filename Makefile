@@ -64,6 +64,7 @@ provisioning: setup guest-image
 bench: setup guest-image
 	$(PY) bench/engine_bench.py
 	$(PY) bench/api_bench.py
+	$(PY) bench/agent_bench.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache
