@@ -127,7 +127,7 @@ class ServiceSpec(_Section):
     memory_reserve_mib: int | None = Field(
         None, ge=0,
         description="host memory kept for the host itself: a create, fork or resume that would leave less available "
-        "gets 507 insufficient_capacity (default: the larger of 2048 MiB and 10 % of host memory)",
+        "gets 507 insufficient_capacity (default: the larger of 2048 MiB and 10 % of host memory, at most half of it)",
     )
 
 

@@ -417,10 +417,11 @@ class SandboxManager:
         return committable is None or self.registry.committed_mib() + memory_mib <= committable
 
     def _host_reserve_mib(self, total_mib: float) -> float:
-        """Host memory kept for the host itself: service.memory_reserve_mib, else max(2 GiB, 10 %)."""
+        """Host memory kept for the host itself: service.memory_reserve_mib, else max(2 GiB, 10 %) but at most half
+        of it (a 2 GiB reserve on a 3 GiB node would refuse every sandbox; see docs/architecture.md)."""
         if self.config.memory_reserve_mib is not None:
             return self.config.memory_reserve_mib
-        return max(2048.0, total_mib / 10)
+        return min(max(2048.0, total_mib / 10), total_mib / 2)
 
     def _committable_mib(self) -> float | None:
         """Guest memory all live and pooled sandboxes may be configured with together (None: host unknown)."""

@@ -351,3 +351,10 @@ def test_config_changes_apply_to_the_next_call(manager):
     manager.create(OWNER)
     with pytest.raises(LimitReached):
         manager.create(OWNER)
+
+
+@pytest.mark.parametrize(("total_gib", "reserve_mib"), [(3, 1536), (24, 2457.6), (64, 6553.6)])
+def test_the_default_reserve_is_2_gib_or_a_tenth_but_never_more_than_half_the_host(manager, total_gib, reserve_mib):
+    assert manager._host_reserve_mib(total_gib * 1024) == pytest.approx(reserve_mib)
+    manager.config = replace(manager.config, memory_reserve_mib=100)
+    assert manager._host_reserve_mib(total_gib * 1024) == 100
