@@ -85,8 +85,9 @@ def test_the_vmm_launcher_runs_as_root_and_serves_only_the_apis_group(host):
 
 
 # One launcher request from the node's venv: prints the answer, or the client's error (one line).
-PING = ("from pathlib import Path; from service.engine.launcher import LauncherClient, LauncherError\n"
-        "try: print(LauncherClient(Path('/run/appliance-launcher.sock'), 30).request('ping'))\n"
+PING = ("from pathlib import Path; from service.engine import LauncherError; "
+        "from service.engine.launch import RemoteLauncher\n"
+        "try: print(RemoteLauncher(Path('/run/appliance-launcher.sock'), 30).request('ping'))\n"
         "except LauncherError as exc: print(exc)")
 
 
