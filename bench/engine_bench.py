@@ -22,7 +22,6 @@ from tables import ms, percentile, print_rows  # bench/, the script's own direct
 from appliance.spec import load_spec
 from service import settings
 from service.engine import Engine
-from service.engine.template import Template
 
 # A minimal REPL over a pipe: the floor for "send code, get an answer" with no VM and no isolation.
 _LOCAL_REPL = r"""
@@ -99,15 +98,12 @@ def main() -> None:
             rows.append(("print(df.describe())", f"p50 {ms(percentile(describe, 50))}", "100-row frame, 20 calls"))
 
         started = time.perf_counter()
-        template = Template.create(
-            engine.machine(), run_dir / "templates", engine.config.limits, engine.config.boot_timeout_s,
-            warm_code="import pandas, sklearn, numpy",
-        )
+        template = engine.make_template(agent_ports=1, warm_code="import pandas, sklearn, numpy")
         rows.append(("template: boot + warm + save", ms(time.perf_counter() - started), "once per service start"))
         clone_times = []
-        for _ in range(5):
+        for index in range(5):
             started = time.perf_counter()
-            with template.clone(run_dir / "clones", engine.config.limits) as clone:
+            with engine.clone(template, f"bench-clone-{index}") as clone:
                 clone.run_code("x = 1")
                 clone_times.append(time.perf_counter() - started)
         rows.append(("clone → first exec", f"p50 {ms(percentile(clone_times, 50))}", "5 clones, ≤ 150 ms"))

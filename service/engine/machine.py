@@ -96,7 +96,9 @@ def build_qemu_command(config: MachineConfig, paths: RuntimePaths) -> list[str]:
     """The full argv for one sandbox VM. The only place a QEMU command line is assembled."""
     # RAM is always a named backend object ("ram"), so its RAM block has the same name whether it is anonymous
     # or a file: a state saved by one kind restores onto the other (freeze a clone, resume into plain RAM).
-    machine = f"{MACHINE_TYPE},x-option-roms=off,rtc=on,pcie=off,memory-backend=ram"
+    # Option ROMs stay on: since QEMU 8 microvm's qboot loads `-kernel` through the linuxboot DMA option ROM (with
+    # x-option-roms=off QEMU 10 boots to a silent hang).
+    machine = f"{MACHINE_TYPE},rtc=on,pcie=off,memory-backend=ram"
     if config.memory_file is None:
         backend = f"memory-backend-ram,id=ram,size={config.memory_mib}M"
     else:
