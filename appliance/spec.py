@@ -206,8 +206,16 @@ class ApplianceSpec(BaseSettings):
 
 
 def image_build_dir(spec: ApplianceSpec) -> Path:
-    """Where `appliance build guest` puts the image for this spec: one directory per image-defining spec hash."""
-    return spec.paths.images / f"guest-{spec.guest.content_hash()[:16]}"
+    """Where `appliance build guest` puts the image for this spec and this recipe (agent and builder code).
+
+    The recipe is part of the name so that a rebuild after an agent change lands beside the old image: templates,
+    snapshots and running sandboxes made from the old files keep them (replacing them in place would hand clones
+    a disk that differs from the one in their RAM).
+    """
+    from appliance.build.guest import recipe_hash  # the builder imports this module
+
+    identity = hashlib.sha256(f"{spec.guest.content_hash()}\0{recipe_hash()}".encode()).hexdigest()
+    return spec.paths.images / f"guest-{identity[:16]}"
 
 
 def guest_image_dir(spec: ApplianceSpec) -> Path:

@@ -1,6 +1,6 @@
 """Build the guest image: kernel, initramfs, root filesystem and manifest, in one directory per spec.
 
-    build_guest_image(spec, force=False, progress=Progress()) -> <images>/guest-<hash16>/
+    build_guest_image(spec, force=False, progress=Progress()) -> <images>/guest-<hash16 of spec + recipe>/
         vmlinuz  initrd.img  rootfs.ext4  manifest.json
 
 The directory is named by the first 16 hex digits of spec.guest.content_hash(); an existing one is returned as

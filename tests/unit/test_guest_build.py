@@ -520,14 +520,19 @@ def fake_build(spec: ApplianceSpec, work: Path, progress: Progress, refresh: boo
     (work / guest_module.MANIFEST).write_text(json.dumps({"recipe_hash": guest_module.recipe_hash()}))
 
 
-def test_guest_image_dir_is_named_by_the_guest_content_hash(spec: ApplianceSpec) -> None:
+def test_guest_image_dir_is_named_by_the_guest_content_and_the_recipe(
+    spec: ApplianceSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
     image = guest_image_dir(spec)
     assert image.parent == spec.paths.images
-    assert image.name == f"guest-{spec.guest.content_hash()[:16]}"
+    assert image.name.startswith("guest-") and len(image.name) == len("guest-") + 16
     spec.guest.memory_mib = 4096  # the VM size is not part of the image
     assert guest_image_dir(spec) == image
     spec.guest.pip_packages = ["numpy==2.4.6"]
-    assert guest_image_dir(spec) != image
+    other_packages = guest_image_dir(spec)
+    assert other_packages != image
+    monkeypatch.setattr(guest_module, "recipe_hash", lambda: "a-newer-agent")
+    assert guest_image_dir(spec) not in (image, other_packages)
 
 
 def test_existing_image_is_returned_without_building(spec: ApplianceSpec, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -542,10 +547,29 @@ def test_existing_image_is_returned_without_building(spec: ApplianceSpec, monkey
     assert build_guest_image(spec) == built
 
 
-def test_image_from_an_older_recipe_or_agent_is_rebuilt(spec: ApplianceSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_newer_recipe_or_agent_builds_beside_the_old_image(
+    spec: ApplianceSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(guest_module, "_build_into", fake_build)
     built = build_guest_image(spec)
+    old_kernel = (built / "vmlinuz").read_text()
     monkeypatch.setattr(guest_module, "recipe_hash", lambda: "a-newer-agent")
+    rebuilt: list[Path] = []
+    monkeypatch.setattr(
+        guest_module, "_build_into", lambda spec, work, *_: rebuilt.append(work) or fake_build(spec, work, *_)
+    )
+    newer = build_guest_image(spec)
+    assert newer != built and len(rebuilt) == 1
+    # What running sandboxes and templates were made from is still there, untouched.
+    assert guest_module.is_complete(built) and (built / "vmlinuz").read_text() == old_kernel
+
+
+def test_an_image_whose_manifest_names_another_recipe_is_rebuilt(
+    spec: ApplianceSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(guest_module, "_build_into", fake_build)
+    built = build_guest_image(spec)
+    (built / guest_module.MANIFEST).write_text(json.dumps({"recipe_hash": "hand-edited"}))
     rebuilt: list[Path] = []
     monkeypatch.setattr(
         guest_module, "_build_into", lambda spec, work, *_: rebuilt.append(work) or fake_build(spec, work, *_)
