@@ -104,6 +104,10 @@ class ServiceSpec(_Section):
         default_factory=list,
         description="API keys (prefer APPLIANCE_API_KEYS=k1,k2); if none, serve creates one in the state dir",
     )
+    metrics_keys: list[str] = Field(
+        default_factory=list,
+        description="keys that may read /metrics and nothing else (prefer APPLIANCE_METRICS_KEYS=k1,k2)",
+    )
     pool_size: int = Field(2, ge=0, le=64, description="warm clones kept ready so a create is a hand-out")
     warm_code: str = Field(
         "import numpy, pandas, sklearn, sklearn.linear_model, matplotlib, matplotlib.pyplot",

@@ -91,12 +91,14 @@ def hot_execs(live: LiveService, count: int) -> list[Row]:
         # The same sandbox from this process, as a worker reaches it: registry + agent port of its own.
         for name, value in live.env.items():
             os.environ[name] = value
+        from service.engine.deployment_secret import read_or_create
+        from service.keys import derived_id
         from service.manager import SandboxManager
-        from service.settings import hash_key, load_service_config
+        from service.settings import load_service_config
 
         config = load_service_config()
         manager = SandboxManager(config)
-        owner = hash_key(live.key)
+        owner = derived_id(read_or_create(config.secret_file), live.key)
         try:
             for _ in range(20):
                 manager.exec(owner, sandbox_id, "x = 1")

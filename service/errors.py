@@ -22,6 +22,12 @@ class Unauthorized(ServiceError):
     code, status = "unauthorized", 401
 
 
+class Forbidden(ServiceError):
+    """A valid key of the wrong kind: a metrics key on the sandbox routes, a tenant key on /metrics."""
+
+    code, status = "forbidden", 403
+
+
 class NotFound(ServiceError):
     code, status = "not_found", 404
 

@@ -3,7 +3,8 @@ transitions (running, frozen, lost), the fork/freeze/resume policy, and engine f
 
 It is the one layer between the HTTP resources and the engine, and it reaches the engine only through its façade
 (service/engine/engine.py), injected, so its rules are tested against a fake engine (tests/unit/test_manager.py).
-Owners are key hashes; a sandbox that belongs to another key is reported exactly like one that does not exist.
+Owners are key ids (service/keys.py); a sandbox that belongs to another key is reported exactly like one that does
+not exist.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from .errors import (
 )
 from .errors import NetworkUnavailable as NetworkUnavailableError
 from .registry import CREATING, FROZEN, LOST, POOLED, RUNNING, Full, Registry, SandboxRecord
-from .settings import ServiceConfig
+from .settings import ServiceConfig, owner_ids
 from .template_store import TemplateStore
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class SandboxManager:
         self.host_meminfo = host_meminfo or _meminfo
         self.engine = engine or Engine(config.engine)
         self.registry = registry or Registry(config.registry_path)
+        moved = self.registry.migrate_owners(owner_ids(config))
+        if moved:
+            log.info("%d sandboxes of an older registry now belong to their key's id", moved)
         self.templates = TemplateStore(config.templates_dir)
         self.attachments = attachments.Attachments()
 

@@ -38,7 +38,7 @@ class Full(Exception):
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
     id TEXT PRIMARY KEY,
-    owner TEXT,                -- sha256 of the API key that created it; NULL while pooled
+    owner TEXT,                -- id of the API key that created it (service/keys.py); NULL while pooled
     state TEXT NOT NULL,
     vm_dir TEXT NOT NULL,
     template_id TEXT,
@@ -115,6 +115,15 @@ class Registry:
             with self._connections_lock:
                 self._connections.append(db)
         return db
+
+    def migrate_owners(self, owners: dict[str, str]) -> int:
+        """Rows owned by an old owner value (a registry from before key ids: the SHA-256 of the key) move to the new
+        one (the key id), in one transaction; returns how many moved. Idempotent: run on every open."""
+        moved = 0
+        with self._transaction() as db:
+            for old, new in owners.items():
+                moved += db.execute("UPDATE sandboxes SET owner=? WHERE owner=?", (new, old)).rowcount
+        return moved
 
     def close(self) -> None:
         with self._connections_lock:

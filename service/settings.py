@@ -8,36 +8,41 @@ build them from `ApplianceSpec()` through the functions below.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.spec import SPEC_FILE_ENV, ApplianceSpec, guest_image_dir, load_spec
 from service.engine import EngineConfig, ExecLimits
+from service.engine.deployment_secret import read_or_create
 from service.engine.jail import JailPolicy, jail_unavailable, warn_once
 from service.engine.network import NetworkSettings
+from service.keys import METRICS, STORE_FILE, TENANT, KeyRing, KeyStoreError, owner_migration, read_store
 
 __all__ = [
     "API_KEYS_ENV",
     "KEY_FILE_NAME",
+    "METRICS_KEYS_ENV",
     "SPEC_FILE_ENV",
     "ApplianceSpec",
     "ServiceConfig",
     "engine_config",
     "exec_limits",
-    "hash_key",
     "jail_policy",
+    "key_ring",
+    "key_store_path",
     "load",
     "load_service_config",
     "network_settings",
+    "owner_ids",
     "resolve_api_keys",
     "service_config",
     "service_key",
 ]
 
 API_KEYS_ENV = "APPLIANCE_API_KEYS"
+METRICS_KEYS_ENV = "APPLIANCE_METRICS_KEYS"
 KEY_FILE_NAME = "api-key"
 SECRET_FILE_NAME = "deployment.secret"
 
@@ -48,7 +53,10 @@ class ServiceConfig:
 
     engine: EngineConfig
     state_dir: Path
-    key_hashes: frozenset[str]
+    # Keys from the environment, the spec or the key file (tenant) and for /metrics only: hashed by the key ring
+    # (service/keys.py) with the deployment secret; kept out of repr so no log line can show them.
+    api_keys: tuple[str, ...] = field(repr=False)
+    metrics_keys: tuple[str, ...] = field(repr=False)
     pool_size: int
     warm_code: str
     sandbox_timeout_s: float
@@ -80,6 +88,14 @@ class ServiceConfig:
     @property
     def registry_path(self) -> Path:
         return self.state_dir / "registry.sqlite3"
+
+    @property
+    def key_store_path(self) -> Path:
+        return self.state_dir / STORE_FILE
+
+    @property
+    def secret_file(self) -> Path:
+        return self.engine.secret_file
 
 
 def load(spec_path: Path | None = None) -> ApplianceSpec:
@@ -155,9 +171,9 @@ def secret_file(spec: ApplianceSpec) -> Path:
     return spec.paths.state_dir / SECRET_FILE_NAME
 
 
-def hash_key(key: str) -> str:
-    """Keys are kept and compared only as hashes; a sandbox's owner is the hash of the key that created it."""
-    return hashlib.sha256(key.encode()).hexdigest()
+def key_store_path(spec: ApplianceSpec) -> Path:
+    """The key store `appliance keys` writes and the service re-reads (service/keys.py)."""
+    return spec.paths.state_dir / STORE_FILE
 
 
 # The [service] settings ServiceConfig carries as they are (same names in the spec and the config).
@@ -166,12 +182,15 @@ _AS_IN_SPEC = ("pool_size", "warm_code", "sandbox_timeout_s", "max_sandboxes_per
                "compress_snapshots", "memory_overcommit", "memory_reserve_mib")
 
 
-def service_config(spec: ApplianceSpec, keys: list[str], image_dir: Path | None = None) -> ServiceConfig:
+def service_config(spec: ApplianceSpec, keys: list[str], image_dir: Path | None = None,
+                   metrics_keys: list[str] | None = None) -> ServiceConfig:
+    """`metrics_keys`: None takes the spec's service.metrics_keys."""
     service = spec.service
     return ServiceConfig(
         engine=engine_config(spec, image_dir),
         state_dir=spec.paths.state_dir,
-        key_hashes=frozenset(hash_key(key) for key in keys),
+        api_keys=tuple(keys),
+        metrics_keys=tuple(service.metrics_keys if metrics_keys is None else metrics_keys),
         network=network_settings(spec),
         # one port per gunicorn worker, one for the pool keeper, one spare for a worker being replaced
         agent_ports=min(service.workers + 2, 30),
@@ -184,13 +203,18 @@ def load_service_config(spec_path: Path | None = None) -> ServiceConfig:
     nothing it starts later inherits them."""
     spec = load(spec_path)
     keys, _ = resolve_api_keys(spec)
+    metrics_keys = _from_env(METRICS_KEYS_ENV) or list(spec.service.metrics_keys)
     os.environ.pop(API_KEYS_ENV, None)
-    return service_config(spec, keys)
+    os.environ.pop(METRICS_KEYS_ENV, None)
+    return service_config(spec, keys, metrics_keys=metrics_keys)
+
+
+def _from_env(name: str) -> list[str]:
+    return [key.strip() for key in os.environ.get(name, "").split(",") if key.strip()]
 
 
 def _configured_keys(spec: ApplianceSpec) -> list[str]:
-    from_env = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
-    return from_env or list(spec.service.api_keys)
+    return _from_env(API_KEYS_ENV) or list(spec.service.api_keys)
 
 
 def key_file(spec: ApplianceSpec) -> Path:
@@ -198,14 +222,17 @@ def key_file(spec: ApplianceSpec) -> Path:
 
 
 def resolve_api_keys(spec: ApplianceSpec) -> tuple[list[str], str | None]:
-    """Keys from APPLIANCE_API_KEYS, else the spec, else the key file in the state dir, else a new key written
-    there 0600. Returns (keys, newly created key or None). The service never runs without a key."""
+    """Keys from APPLIANCE_API_KEYS, else the spec, else the key file in the state dir, else (no tenant key in the
+    key store either) a new key written there 0600. Returns (keys, newly created key or None). The service never
+    runs without a key."""
     configured = _configured_keys(spec)
     if configured:
         return configured, None
     path = key_file(spec)
     if path.exists():
         return [path.read_text().strip()], None
+    if _store_has_tenant_keys(spec):
+        return [], None
     path.parent.mkdir(parents=True, exist_ok=True)
     key = "apl_" + secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -223,3 +250,23 @@ def service_key(spec: ApplianceSpec) -> str | None:
         return key_file(spec).read_text().strip() or None
     except FileNotFoundError:
         return None
+
+
+def _store_has_tenant_keys(spec: ApplianceSpec) -> bool:
+    """Does the key store hold a tenant key that is not revoked (then serve need not make a key file)?"""
+    try:
+        entries = read_store(key_store_path(spec))
+    except (KeyStoreError, OSError):
+        return False
+    return any(entry["kind"] == TENANT and entry["revoked"] is None for entry in entries)
+
+
+def key_ring(config: ServiceConfig) -> KeyRing:
+    """What the API authenticates with: the configured keys and the key store, hashed with the deployment secret."""
+    configured = [(key, TENANT) for key in config.api_keys] + [(key, METRICS) for key in config.metrics_keys]
+    return KeyRing(read_or_create(config.secret_file), config.key_store_path, configured)
+
+
+def owner_ids(config: ServiceConfig) -> dict[str, str]:
+    """Owners of a registry from before key ids (SHA-256 of a configured key) → that key's id."""
+    return owner_migration(read_or_create(config.secret_file), config.api_keys)

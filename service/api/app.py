@@ -13,14 +13,15 @@ Routes (all JSON unless noted; every one but the probes and the API description 
     PUT    /v1/sandboxes/{sandbox_id}/files?path=P     upload (streamed body)
     GET    /v1/sandboxes/{sandbox_id}/files?path=P     download (streamed, with Content-Length)
     GET    /v1/sandboxes/{sandbox_id}/files/list?path=D  list a directory
-    GET    /v1/healthz   GET /v1/readyz   GET /metrics   GET /v1/openapi.json   GET /v1/docs
+    GET    /v1/healthz   GET /v1/readyz   GET /metrics (metrics key)   GET /v1/openapi.json   GET /v1/docs
 """
 
 from __future__ import annotations
 
 import falcon
 
-from service.settings import ServiceConfig
+from service.keys import KeyRing
+from service.settings import ServiceConfig, key_ring
 
 from . import error_responses
 from .docs import Docs
@@ -34,12 +35,15 @@ from .openapi import OpenApi
 from .sandboxes import SandboxCollection, SandboxItem
 
 
-def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None) -> falcon.App:
-    """`manager` is a service.manager.SandboxManager (or anything with its methods, in tests)."""
+def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None,
+               keys: KeyRing | None = None) -> falcon.App:
+    """`manager` is a service.manager.SandboxManager (or anything with its methods, in tests); `keys` defaults to
+    the config's key ring (configured keys and the key store)."""
     metrics = metrics or Metrics(manager.registry.counts_by_state)
+    keys = keys or key_ring(config)
     app = falcon.App(
         middleware=[
-            RequestContext(), MetricsMiddleware(metrics), Auth(config.key_hashes), BodyLimit(config.max_body_bytes),
+            RequestContext(), MetricsMiddleware(metrics), Auth(keys), BodyLimit(config.max_body_bytes),
         ],
     )
     app.req_options.auto_parse_qs_csv = False

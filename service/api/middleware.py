@@ -8,11 +8,13 @@ import time
 
 import falcon
 
-from service.errors import TooLarge, Unauthorized
-from service.settings import hash_key
+from service.errors import Forbidden, TooLarge, Unauthorized
+from service.keys import METRICS, TENANT, KeyRing
 
 # Routes anyone may call: probes and the API's own description.
 PUBLIC_PATHS = frozenset({"/v1/healthz", "/v1/readyz", "/v1/openapi.json", "/v1/docs"})
+# Routes for a metrics key (and only for one): Prometheus sees every tenant's activity, a tenant must not.
+METRICS_PATHS = frozenset({"/metrics"})
 WORKER_HEADER = "X-Appliance-Worker"
 REQUEST_ID_HEADER = "X-Request-Id"
 
@@ -34,13 +36,15 @@ class RequestContext:
 
 
 class Auth:
-    """`Authorization: Bearer <key>`; the key's hash becomes req.context.owner. Keys are compared as hashes."""
+    """`Authorization: Bearer <key>`, looked up in the key ring (keys are compared only as keyed hashes). The key's
+    id becomes req.context.owner (and key_id, for logs: the key itself is never logged). A key of the wrong kind
+    for the route is 403."""
 
-    def __init__(self, key_hashes: frozenset[str]) -> None:
-        self._key_hashes = key_hashes
+    def __init__(self, keys: KeyRing) -> None:
+        self._keys = keys
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        req.context.owner = None
+        req.context.owner = req.context.key_id = None
         if req.path in PUBLIC_PATHS:
             return
         header = req.get_header("Authorization") or ""
@@ -48,11 +52,16 @@ class Auth:
         if scheme.lower() != "bearer" or not key.strip():
             resp.set_header("WWW-Authenticate", 'Bearer realm="appliance"')
             raise Unauthorized("send your API key as 'Authorization: Bearer <key>'")
-        owner = hash_key(key.strip())
-        if owner not in self._key_hashes:
+        credential = self._keys.lookup(key.strip())
+        if credential is None:
             resp.set_header("WWW-Authenticate", 'Bearer realm="appliance", error="invalid_token"')
-            raise Unauthorized("the API key is not valid for this service")
-        req.context.owner = owner
+            raise Unauthorized("the API key is not valid for this service (unknown, revoked or expired)")
+        req.context.key_id = credential.key_id
+        wanted = METRICS if req.path in METRICS_PATHS else TENANT
+        if credential.kind != wanted:
+            raise Forbidden(f"key {credential.key_id} is a {credential.kind} key; this route needs a {wanted} key"
+                            + (" (`appliance keys add NAME --metrics`)" if wanted == METRICS else ""))
+        req.context.owner = credential.key_id
 
 
 class BodyLimit:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 
-from .fakes import KEY_A, KEY_B
+from .fakes import KEY_A, KEY_B, KEY_METRICS
 
 A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}
+M = {"Authorization": f"Bearer {KEY_METRICS}"}  # Prometheus's
 
 
 def assert_error(result, status: int, code: str) -> dict:

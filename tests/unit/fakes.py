@@ -36,8 +36,10 @@ from service.engine import (
     SnapshotTampered,
     Template,
 )
+from service.engine.deployment_secret import read_or_create
 from service.engine.machine import MachineConfig, machine_to_json
 from service.engine.netpolicy import parse_policy, resolve
+from service.keys import derived_id
 from service.manager import SandboxManager
 from service.registry import Registry
 from service.settings import ServiceConfig
@@ -50,6 +52,7 @@ CRASH_CODE = "# crash the service"  # something unexpected is raised mid-exec
 CHUNKS_CODE = "# three chunks"  # stdout in three events, then a display, then a value
 FAKE_MEMORY_MIB = 256
 KEY_A, KEY_B = "key-a", "key-b"
+KEY_METRICS = "key-metrics"  # may read /metrics, nothing else
 # The host the manager sees (its /proc/meminfo, in bytes): 8 GiB with 6 GiB available. The default reserve is then
 # 2 GiB, and 4 × (8 - 2) GiB of guest memory may be committed.
 HOST = {"MemTotal": 8 << 30, "MemAvailable": 6 << 30}
@@ -326,9 +329,14 @@ def make_config(tmp: Path, **service: Any) -> ServiceConfig:
     """The service's config for tests, keys KEY_A and KEY_B, with small limits the tests can cross (3 sandboxes
     per key, room for 2 frozen ones of this engine's 256 MiB); `service` overrides more of the spec's [service]."""
     limits = {"max_body_bytes": 4096, "max_code_bytes": 1024, "max_file_bytes": 64 << 10,
-              "max_sandboxes_per_key": 3, "frozen_quota_bytes": 600 << 20}
+              "max_sandboxes_per_key": 3, "frozen_quota_bytes": 600 << 20, "metrics_keys": [KEY_METRICS]}
     return service_config(tmp / "image", [KEY_A, KEY_B], paths={"run_dir": tmp / "run", "state_dir": tmp / "state"},
                           service=limits | service)
+
+
+def key_id(config: ServiceConfig, key: str) -> str:
+    """The id (the owner of its sandboxes) the service gives a configured key under this config's secret."""
+    return derived_id(read_or_create(config.secret_file), key)
 
 
 def states(manager: SandboxManager) -> dict[str, str]:

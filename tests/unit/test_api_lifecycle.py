@@ -12,7 +12,7 @@ import pytest
 from service.api import create_app
 from service.attachments import take_code_lock
 
-from .api_helpers import A, assert_error, fork
+from .api_helpers import A, M, assert_error, fork
 from .fakes import HOST, LOST_CODE, fake_manager, make_config, states
 
 
@@ -159,6 +159,6 @@ def test_lifecycle_latency_is_measured(client, sandbox_id):
     fork(client, sandbox_id)
     client.simulate_post(f"/v1/sandboxes/{sandbox_id}/freeze", headers=A)
     client.simulate_post(f"/v1/sandboxes/{sandbox_id}/resume", headers=A)
-    text = client.simulate_get("/metrics", headers=A).text
+    text = client.simulate_get("/metrics", headers=M).text
     for op in ("fork", "freeze", "resume"):
         assert f'appliance_lifecycle_seconds_count{{op="{op}"}} 1.0' in text

@@ -8,14 +8,14 @@ import openapi_spec_validator
 
 from service.api.openapi import openapi_document
 
-from .api_helpers import A
+from .api_helpers import A, M
 from .fakes import BUSY_CODE
 
 
 def test_metrics(client, sandbox_id):
     client.simulate_post(f"/v1/sandboxes/{sandbox_id}/exec", json={"code": "1"}, headers=A)
     client.simulate_post(f"/v1/sandboxes/{sandbox_id}/exec", json={"code": BUSY_CODE}, headers=A)
-    text = client.simulate_get("/metrics", headers=A).text
+    text = client.simulate_get("/metrics", headers=M).text
     assert 'appliance_sandboxes{state="running"} 1.0' in text
     assert "appliance_creates_total 1.0" in text
     assert 'appliance_exec_seconds_count{language="python",mode="json"} 1.0' in text

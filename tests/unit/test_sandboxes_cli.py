@@ -15,11 +15,8 @@ from appliance.cli import main
 from appliance.commands import sandboxes
 from service.api import create_app
 from service.attachments import take_code_lock
-from service.settings import hash_key
 
-from .fakes import KEY_A, KEY_B, states
-
-OWNER_A = hash_key(KEY_A)
+from .fakes import KEY_A, KEY_B, key_id, states
 
 
 def appliance_sandboxes(*argv: str) -> Result:
@@ -58,12 +55,12 @@ def cli(tmp_path, manager, monkeypatch):
 
 
 def test_list_shows_a_table_and_filters_by_state(cli, manager):
-    running = manager.create(OWNER_A, timeout_s=600)
-    frozen = manager.create(OWNER_A, persistent=True, timeout_s=300)
-    manager.freeze(OWNER_A, frozen.id)
-    persistent = manager.create(OWNER_A, persistent=True, timeout_s=7200)
-    (kid,) = manager.fork(OWNER_A, running.id, 1)
-    manager.create(hash_key(KEY_B))  # another key's: never shown
+    running = manager.create(key_id(manager.config, KEY_A), timeout_s=600)
+    frozen = manager.create(key_id(manager.config, KEY_A), persistent=True, timeout_s=300)
+    manager.freeze(key_id(manager.config, KEY_A), frozen.id)
+    persistent = manager.create(key_id(manager.config, KEY_A), persistent=True, timeout_s=7200)
+    (kid,) = manager.fork(key_id(manager.config, KEY_A), running.id, 1)
+    manager.create(key_id(manager.config, KEY_B))  # another key's: never shown
     result = cli("list")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
@@ -78,7 +75,7 @@ def test_list_shows_a_table_and_filters_by_state(cli, manager):
 
 
 def test_list_json_and_empty(cli, manager):
-    record = manager.create(OWNER_A)
+    record = manager.create(key_id(manager.config, KEY_A))
     result = cli("list", "--json")
     assert [s["id"] for s in json.loads(result.output)] == [record.id]
     empty = cli("list", "--state", "lost")
@@ -91,7 +88,7 @@ def test_unknown_state_is_refused_by_the_cli(cli):
 
 
 def test_freeze_resume_rm(cli, manager):
-    a, b = manager.create(OWNER_A), manager.create(OWNER_A)
+    a, b = manager.create(key_id(manager.config, KEY_A)), manager.create(key_id(manager.config, KEY_A))
     result = cli("freeze", a.id, b.id)
     assert result.exit_code == 0 and result.output.splitlines() == [f"{a.id} frozen", f"{b.id} frozen"]
     assert states(manager) == {a.id: "frozen", b.id: "frozen"}
@@ -103,7 +100,7 @@ def test_freeze_resume_rm(cli, manager):
 
 
 def test_errors_are_one_line_without_traceback(cli, manager):
-    record = manager.create(OWNER_A)
+    record = manager.create(key_id(manager.config, KEY_A))
     missing = cli("freeze", "sb-0000000000000999")
     assert missing.exit_code == 1
     assert missing.output.startswith("Error: sb-0000000000000999: no sandbox") and missing.output.count("\n") == 1
@@ -116,7 +113,7 @@ def test_errors_are_one_line_without_traceback(cli, manager):
 
 
 def test_several_ids_report_each_failure_and_exit_1(cli, manager):
-    record = manager.create(OWNER_A)
+    record = manager.create(key_id(manager.config, KEY_A))
     result = cli("rm", "sb-0000000000000999", record.id)
     assert result.exit_code == 1
     assert f"{record.id} deleted" in result.output
@@ -138,7 +135,7 @@ def test_default_url_and_key_come_from_the_spec_and_the_key_file(cli, tmp_path, 
     monkeypatch.setenv("APPLIANCE_PATHS__STATE_DIR", str(state))
     monkeypatch.setenv("APPLIANCE_SERVICE__HOST", "0.0.0.0")
     monkeypatch.setenv("APPLIANCE_SERVICE__PORT", "9321")
-    manager.create(OWNER_A)
+    manager.create(key_id(manager.config, KEY_A))
     result = appliance_sandboxes("list")
     assert result.exit_code == 0, result.output
     assert cli.targets[-1] == sandboxes.Target("http://127.0.0.1:9321", KEY_A)
