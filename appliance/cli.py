@@ -11,6 +11,7 @@ from .commands.bundle import bundle_command
 from .commands.deploy import deploy_command
 from .commands.doctor import doctor_command
 from .commands.init import init_command
+from .commands.keys import keys_group
 from .commands.launcher import launcher_command
 from .commands.run import run_command
 from .commands.sandboxes import sandboxes_group
@@ -55,3 +56,4 @@ main.add_command(launcher_command)
 main.add_command(bundle_command)
 main.add_command(deploy_command)
 main.add_command(sandboxes_group)
+main.add_command(keys_group)

@@ -27,6 +27,7 @@ __all__ = [
     "SPEC_FILE_ENV",
     "ApplianceSpec",
     "ServiceConfig",
+    "configured_keys",
     "engine_config",
     "exec_limits",
     "jail_policy",
@@ -239,6 +240,18 @@ def resolve_api_keys(spec: ApplianceSpec) -> tuple[list[str], str | None]:
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")
     return [key], key
+
+
+def configured_keys(spec: ApplianceSpec) -> list[str]:
+    """The tenant keys the local service is given outside the key store (environment, spec, or key file)."""
+    configured = _configured_keys(spec)
+    if configured:
+        return configured
+    try:
+        key = key_file(spec).read_text().strip()
+    except (FileNotFoundError, PermissionError):
+        return []
+    return [key] if key else []
 
 
 def service_key(spec: ApplianceSpec) -> str | None:
