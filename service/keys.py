@@ -39,6 +39,7 @@ TENANT, METRICS = "tenant", "metrics"
 KINDS = (TENANT, METRICS)
 STORE_FILE = "keys.json"
 KEY_ID_RE = re.compile(r"^key_[0-9a-f]{12}$")
+LEGACY_OWNER_RE = re.compile(r"^[0-9a-f]{64}$")  # registries from before key ids
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MAX_STORE_BYTES = 4 << 20  # a store of ~10k keys; a bigger file is refused, not read whole
 MAX_KEY_CHARS = 512  # longer bearer tokens are refused before they are hashed
@@ -301,6 +302,20 @@ class KeyRing:
         return sorted({credential.key_id for credential in self._configured.values()})
 
 
-def owner_migration(secret: bytes, keys: Iterable[str]) -> dict[str, str]:
-    """{old owner (SHA-256 of the key): key id} for the configured keys: rows of an older registry move to ids."""
-    return {legacy_owner(key): derived_id(secret, key) for key in keys}
+def _orphan(secret: bytes, old_owner: str) -> str:
+    return "orphan_" + hmac.new(secret, b"appliance-orphan-v1\0" + old_owner.encode(), hashlib.sha256).hexdigest()[:24]
+
+
+def owner_migration(secret: bytes, keys: Iterable[str], found: Iterable[str]) -> dict[str, str]:
+    """{owner found in an older registry: its new owner}. An owner of the old form (the SHA-256 of a key) becomes
+    that key's id if the key is configured; else a keyed name (`orphan_...`), so no unsalted hash of a key stays on
+    disk, and the rows still go to the key's id if it is configured again later."""
+    ids = {legacy_owner(key): derived_id(secret, key) for key in keys}
+    ids |= {_orphan(secret, old): key_id for old, key_id in ids.items()}
+    moves = {}
+    for owner in found:
+        if owner in ids:
+            moves[owner] = ids[owner]
+        elif LEGACY_OWNER_RE.match(owner):
+            moves[owner] = _orphan(secret, owner)
+    return moves

@@ -75,7 +75,7 @@ class SandboxManager:
         self.host_meminfo = host_meminfo or _meminfo
         self.engine = engine or Engine(config.engine)
         self.registry = registry or Registry(config.registry_path)
-        moved = self.registry.migrate_owners(owner_ids(config))
+        moved = self.registry.migrate_owners(owner_ids(config, self.registry.owners()))
         if moved:
             log.info("%d sandboxes of an older registry now belong to their key's id", moved)
         self.templates = TemplateStore(config.templates_dir)

@@ -116,6 +116,9 @@ class Registry:
                 self._connections.append(db)
         return db
 
+    def owners(self) -> list[str]:
+        return [row[0] for row in self._db.execute("SELECT DISTINCT owner FROM sandboxes WHERE owner IS NOT NULL")]
+
     def migrate_owners(self, owners: dict[str, str]) -> int:
         """Rows owned by an old owner value (a registry from before key ids: the SHA-256 of the key) move to the new
         one (the key id), in one transaction; returns how many moved. Idempotent: run on every open."""

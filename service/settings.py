@@ -280,6 +280,6 @@ def key_ring(config: ServiceConfig) -> KeyRing:
     return KeyRing(read_or_create(config.secret_file), config.key_store_path, configured)
 
 
-def owner_ids(config: ServiceConfig) -> dict[str, str]:
-    """Owners of a registry from before key ids (SHA-256 of a configured key) → that key's id."""
-    return owner_migration(read_or_create(config.secret_file), config.api_keys)
+def owner_ids(config: ServiceConfig, found: list[str]) -> dict[str, str]:
+    """Owners `found` in a registry from before key ids (SHA-256 of a key) → their key's id (service/keys.py)."""
+    return owner_migration(read_or_create(config.secret_file), config.api_keys, found)
