@@ -24,6 +24,7 @@ import httpx
 from tests.vmtools import kill_qemus_under
 
 KEYS = ("key-alpha-0123456789", "key-beta-0123456789")
+METRICS_KEY = "key-metrics-0123456789"  # what Prometheus is given: /metrics and nothing else
 _VENV_BIN = Path(sys.executable).parent
 
 
@@ -100,6 +101,7 @@ class LiveService:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key, self.other_key = KEYS
+        self.metrics_key = METRICS_KEY
         self.process: subprocess.Popen | None = None
         self.log_path = self.root / "serve.log"
         self.startup: dict[str, httpx.Response] = {}  # first answers seen while the service warmed up
@@ -111,6 +113,7 @@ class LiveService:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
         env.update({
             "APPLIANCE_API_KEYS": ",".join(KEYS),
+            "APPLIANCE_METRICS_KEYS": METRICS_KEY,
             "APPLIANCE_PATHS__STATE_DIR": str(self.state_dir),
             "APPLIANCE_PATHS__RUN_DIR": str(self.run_dir),
             "APPLIANCE_SERVICE__POOL_SIZE": str(self.pool_size),

@@ -261,10 +261,11 @@ def test_every_error_code_from_a_real_bad_request(live, api, shared_sandbox):
                 other.delete(f"/v1/sandboxes/{sandbox_id}")
 
 
-def test_metrics_merge_every_worker(api, shared_sandbox):
+def test_metrics_merge_every_worker(live, api, shared_sandbox):
     for _ in range(4):
         execute(api, shared_sandbox, "1")
-    text = api.get("/metrics").text
+    assert_error(api.get("/metrics"), 403, "forbidden")  # a tenant key does not see every tenant's activity
+    text = api.get("/metrics", headers=live.headers(live.metrics_key)).text
     assert 'appliance_sandboxes{state="running"}' in text
     count = next(float(line.split()[-1]) for line in text.splitlines()
                  if line.startswith('appliance_exec_seconds_count{language="python",mode="json"}'))
