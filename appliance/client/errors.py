@@ -28,6 +28,10 @@ class AuthenticationError(ApplianceError):
     """401: no API key, or not a valid one (set APPLIANCE_API_KEY)."""
 
 
+class PermissionDeniedError(ApplianceError):
+    """403: a valid key of the wrong kind (a metrics key on the sandbox routes, a tenant key on /metrics)."""
+
+
 class NotFoundError(ApplianceError):
     """404: no such sandbox for this key (or no such file)."""
 
@@ -71,6 +75,7 @@ class ServerError(ApplianceError):
 _BY_CODE: dict[str, type[ApplianceError]] = {
     "bad_request": BadRequestError,
     "unauthorized": AuthenticationError,
+    "forbidden": PermissionDeniedError,
     "not_found": NotFoundError,
     "sandbox_busy": SandboxBusyError,
     "sandbox_lost": SandboxLostError,
@@ -82,9 +87,9 @@ _BY_CODE: dict[str, type[ApplianceError]] = {
     "insufficient_capacity": InsufficientCapacityError,
 }
 _BY_STATUS: dict[int, type[ApplianceError]] = {
-    400: BadRequestError, 401: AuthenticationError, 404: NotFoundError, 409: SandboxBusyError,
-    410: SandboxLostError, 413: PayloadTooLargeError, 422: InvalidRequestError, 429: RateLimitError,
-    503: NotReadyError, 507: InsufficientStorageError,
+    400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
+    409: SandboxBusyError, 410: SandboxLostError, 413: PayloadTooLargeError, 422: InvalidRequestError,
+    429: RateLimitError, 503: NotReadyError, 507: InsufficientStorageError,
 }
 
 

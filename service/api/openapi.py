@@ -30,7 +30,10 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 _ERROR_TEXT = {
     400: "Malformed request: the body is not JSON, or not a JSON object (code bad_request).",
-    401: "No API key, or not a valid one (code unauthorized).",
+    401: "No API key, or not a valid one: unknown, revoked, expired, or a rotated-away secret past its overlap "
+    "(code unauthorized).",
+    403: "A valid key of the wrong kind (code forbidden): a metrics key on a sandbox route, or a tenant key on "
+    "/metrics.",
     404: "No such sandbox for this key: it never existed, was closed, or belongs to another key (code not_found).",
     409: "The sandbox is already running code: one exec at a time per sandbox, no queue, and no fork or freeze "
     "while code runs (code sandbox_busy). Retry when it finishes, or POST .../interrupt.",
@@ -257,10 +260,11 @@ def _paths() -> dict[str, Any]:
                                "summary": "Readiness: creates can be served from a warm template (no key needed)",
                                "responses": {"200": _json(_ref("Status"), "Ready."), **_errors(503)}}},
         "/metrics": {"get": {"operationId": "metrics", "tags": ["service"],
-                             "summary": "Prometheus metrics (sandboxes by state, exec latency, creates, errors)",
+                             "summary": "Prometheus metrics (sandboxes by state, exec latency, creates, errors); "
+                                        "a metrics key only",
                              "responses": {"200": {"description": "Prometheus text exposition format.",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                           **_errors(401)}}},
+                                           **_errors(401, 403)}}},
         "/v1/openapi.json": {"get": {"operationId": "openapi", "tags": ["service"], "security": [],
                                      "summary": "This document (no key needed)",
                                      "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document.")}}},
@@ -333,7 +337,8 @@ def openapi_document() -> dict[str, Any]:
             "version": API_VERSION,
             "description": "Run Python in hardware-isolated microVMs that keep their state between calls. Every "
             "route but the probes and this description needs `Authorization: Bearer <key>`; each sandbox "
-            "belongs to the key that created it. Errors are JSON: {\"error\": {\"code\", \"message\"}}. "
+            "belongs to the key (by its id) that created it; /metrics needs a metrics key. "
+            "Errors are JSON: {\"error\": {\"code\", \"message\"}}. "
             "Each response names the worker process that served it in X-Appliance-Worker, carries "
             "X-Request-Id (quoted in 500 messages and the service log) and Server-Timing (time in the app until "
             "the response headers).",
@@ -342,8 +347,9 @@ def openapi_document() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "an API key from APPLIANCE_API_KEYS, the spec, or the "
-                                                          "key file `appliance serve` wrote"}},
+                                           "description": "an API key from `appliance keys add`, "
+                                                          "APPLIANCE_API_KEYS, the spec, or the key file "
+                                                          "`appliance serve` wrote"}},
             "schemas": _SCHEMAS,
             "responses": _responses(),
         },

@@ -17,6 +17,7 @@ from appliance.client import (
     InvalidRequestError,
     NotFoundError,
     NotReadyError,
+    PermissionDeniedError,
     RateLimitError,
     Sandbox,
     SandboxBusyError,
@@ -24,7 +25,7 @@ from appliance.client import (
 from appliance.client.tools import OPENAI_TOOL, run_tool_call
 from service.api import create_app
 
-from .fakes import BUSY_CODE, CHUNKS_CODE, HOST, KEY_A, KEY_B, states
+from .fakes import BUSY_CODE, CHUNKS_CODE, HOST, KEY_A, KEY_B, KEY_METRICS, states
 
 
 @pytest.fixture
@@ -105,6 +106,10 @@ def test_connect_and_errors_carry_the_api_code(connect, manager, monkeypatch):
     monkeypatch.setenv("APPLIANCE_API_KEY", "wrong")
     with pytest.raises(AuthenticationError):
         connect()
+    monkeypatch.setenv("APPLIANCE_API_KEY", KEY_METRICS)  # a metrics key may not make sandboxes
+    with pytest.raises(PermissionDeniedError) as denied:
+        connect()
+    assert denied.value.code == "forbidden" and denied.value.status == 403
 
 
 def test_create_waits_while_the_service_warms_up(connect, manager, engine, monkeypatch):
