@@ -201,3 +201,18 @@ def test_cli_lists_the_ids_of_configured_keys(keys_cli, monkeypatch, tmp_path):
     secret = (tmp_path / "state" / "deployment.secret").read_bytes()
     assert [row["id"] for row in rows if row["source"] == "config"] == [derived_id(secret, "env-one"),
                                                                        derived_id(secret, "env-two")]
+
+
+def test_a_service_with_a_tenant_key_in_the_store_makes_no_key_file(keys_cli, tmp_path):
+    from service import settings
+
+    spec = settings.load()
+    keys_cli("add", "prometheus", "--metrics")  # a metrics key is no key for tenants: serve still makes one
+    _, created = settings.resolve_api_keys(spec)
+    assert created is not None
+    (tmp_path / "state" / "api-key").unlink()
+    key = keys_cli("add", "alice").stdout.strip()
+    assert settings.resolve_api_keys(spec) == ([], None)
+    assert not (tmp_path / "state" / "api-key").exists()
+    config = settings.load_service_config()
+    assert settings.key_ring(config).lookup(key) is not None
