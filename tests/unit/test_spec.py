@@ -95,8 +95,10 @@ def test_a_service_process_drops_the_keys_from_its_environment_once_read(tmp_pat
     from service import settings
 
     monkeypatch.setenv("APPLIANCE_API_KEYS", "k1,k2")
+    monkeypatch.setenv("APPLIANCE_METRICS_KEYS", "m1")
     monkeypatch.setenv("APPLIANCE_PATHS__STATE_DIR", str(tmp_path / "state"))
     monkeypatch.chdir(tmp_path)
     config = settings.load_service_config()
-    assert config.api_keys == ("k1", "k2") and "k1" not in repr(config)
-    assert "APPLIANCE_API_KEYS" not in os.environ
+    assert config.api_keys == ("k1", "k2") and config.metrics_keys == ("m1",)
+    assert "k1" not in repr(config) and "m1" not in repr(config)
+    assert "APPLIANCE_API_KEYS" not in os.environ and "APPLIANCE_METRICS_KEYS" not in os.environ
