@@ -197,6 +197,8 @@ class KeyStore:
         lock_fd = os.open(self.state_dir / f".{STORE_FILE}.lock",
                           os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
+            if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+                os.fchown(lock_fd, owner.st_uid, owner.st_gid)  # the service's user may change the store next
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             entries = read_store(self.path)
             yield entries

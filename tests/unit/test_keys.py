@@ -216,3 +216,18 @@ def test_a_service_with_a_tenant_key_in_the_store_makes_no_key_file(keys_cli, tm
     assert not (tmp_path / "state" / "api-key").exists()
     config = settings.load_service_config()
     assert settings.key_ring(config).lookup(key) is not None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can act for another user")
+def test_root_keeps_the_files_the_service_users(keys_cli, tmp_path):
+    # On a node the operator runs `appliance keys` as root while the service runs as its own user: what root makes
+    # must stay that user's, or the service could not read its keys (and the secret would be refused).
+    service_uid = 65534
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, service_uid, service_uid)
+    assert keys_cli("add", "alice").exit_code == 0
+    for name in ("keys.json", ".keys.json.lock", "deployment.secret"):
+        info = (state / name).stat()
+        assert (info.st_uid, info.st_mode & 0o777) == (service_uid, 0o600), name
+    assert keys_cli("add", "bob").exit_code == 0  # and root still reads the service user's secret
