@@ -123,6 +123,8 @@ class Registry:
         """Rows owned by an old owner value (a registry from before key ids: the SHA-256 of the key) move to the new
         one (the key id), in one transaction; returns how many moved. Idempotent: run on every open."""
         moved = 0
+        if not owners:  # the usual case: no write lock taken at every worker's start
+            return moved
         with self._transaction() as db:
             for old, new in owners.items():
                 moved += db.execute("UPDATE sandboxes SET owner=? WHERE owner=?", (new, old)).rowcount
