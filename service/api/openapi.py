@@ -25,6 +25,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
+    if 401 in statuses:  # every route that takes a key also refuses a key of the wrong kind
+        statuses = tuple(sorted({*statuses, 403}))
     return {str(status): {"$ref": f"#/components/responses/E{status}"} for status in statuses}
 
 
@@ -264,7 +266,7 @@ def _paths() -> dict[str, Any]:
                                         "a metrics key only",
                              "responses": {"200": {"description": "Prometheus text exposition format.",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                           **_errors(401, 403)}}},
+                                           **_errors(401)}}},
         "/v1/openapi.json": {"get": {"operationId": "openapi", "tags": ["service"], "security": [],
                                      "summary": "This document (no key needed)",
                                      "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document.")}}},
