@@ -76,7 +76,8 @@ def handle_error(req: falcon.Request, resp: falcon.Response, ex: Exception, para
         req.context.error_code = code
         return
     request_id = getattr(req.context, "request_id", "-")
-    log.exception("unexpected error in %s %s (request %s)", req.method, req.path, request_id)
+    log.exception("unexpected error in %s %s (request %s, key %s)", req.method, req.path, request_id,
+                  getattr(req.context, "key_id", None) or "-")  # the key's id, never the key
     message = f"internal error; the service log has the details (request {request_id})"
     _render(resp, 500, error_body("internal", message))
     req.context.error_code = "internal"
