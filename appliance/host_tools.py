@@ -78,7 +78,7 @@ PROGRAMS = (
     Program("apt-cache", "apt", ("guest-image",)),
     Program("dpkg-deb", "dpkg", ("guest-image", "bundle", "tests")),
     Program("dpkg-query", "dpkg", ("setup", "guest-image", "host-image")),
-    Program("dpkg", "dpkg", ("setup",)),  # --compare-versions, for MIN_VERSIONS
+    Program("dpkg", "dpkg", ("setup", "bundle")),  # --compare-versions, for MIN_VERSIONS
     Program("tar", "tar", ("guest-image",)),
     Program("mkfs.ext4", "e2fsprogs", ("guest-image", "host-image")),
     Program("unshare", "util-linux", ("guest-image", "host-image", "tests")),
