@@ -33,7 +33,8 @@ NOT_HOST_SIDE = {
 }
 # Calls whose program the scan cannot see, and what each starts (file, enclosing function) -> programs.
 DYNAMIC: dict[tuple[str, str], set[str]] = {
-    ("appliance/deploy.py", "run_deploy"): {"ansible-playbook"},  # the venv's, beside sys.executable, or on PATH
+    ("appliance/deploy.py", "run_deploy"): {"ansible-playbook"},
+    ("appliance/commands/doctor.py", "doctor_command"): {"qemu-system-x86_64"},  # machine.QEMU_BINARY, imported  # the venv's, beside sys.executable, or on PATH
     ("tests/unit/conftest.py", "agent_factory"): {"setpriv", "unshare"},  # prefix=, from tests/unit/test_agent.py
 }
 # Programs tests start on purpose although no package has them.
