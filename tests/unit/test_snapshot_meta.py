@@ -177,3 +177,40 @@ def test_the_deployment_secret_is_made_once_and_private(tmp_path):
     path.write_bytes(b"short")
     with pytest.raises(deployment_secret.SecretError, match="32 bytes"):
         deployment_secret.read_or_create(path)
+
+
+# --- through the API: the real rule behind the engine's resume, the real error mapping ----------------------------
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"qemu_release": "10.1", "qemu_version": "10.1.0 (Debian 1:10.1.0+ds-1)"},
+     [r"QEMU release '10.1' (QEMU 10.1.0 (Debian 1:10.1.0+ds-1))", f"this host has '10.0' (QEMU {PACKAGE})"]),
+    ({"machine_type": "pc-q35-10.0"}, ["machine type 'pc-q35-10.0'", "this host has 'microvm'"]),
+])
+def test_resuming_an_incompatible_snapshot_is_422_naming_both_sides(client, manager, engine, monkeypatch, change,
+                                                                    words):
+    from tests.unit.api_helpers import A, assert_error
+    from tests.unit.fakes import states
+
+    sandbox_id = client.simulate_post("/v1/sandboxes", headers=A).json["id"]
+    assert client.simulate_post(f"/v1/sandboxes/{sandbox_id}/freeze", headers=A).status_code == 200
+    directory = manager.snapshot_dir(sandbox_id)
+    content = meta() | change
+    (directory / META).write_text(json.dumps({**content, "hmac": _signature(content, KEY)}))
+    fake_resume = engine.resume
+
+    def resume(directory: Path, vm_id: str):
+        Snapshot.load(directory, KEY).check_restorable(machine(), "img-1")  # what Engine.resume does first
+        return fake_resume(directory, vm_id)
+
+    monkeypatch.setattr(engine, "resume", resume)
+    error = assert_error(client.simulate_post(f"/v1/sandboxes/{sandbox_id}/resume", headers=A), 422,
+                         "snapshot_incompatible")
+    for word in words:
+        assert word in error["message"]
+    assert states(manager)[sandbox_id] == "frozen"
+    # the same snapshot, recorded by another package of this release, resumes
+    content = meta(qemu_version="10.0.0 (Debian 1:10.0.0+ds-1~bpo12+1)")
+    (directory / META).write_text(json.dumps({**content, "hmac": _signature(content, KEY)}))
+    assert client.simulate_post(f"/v1/sandboxes/{sandbox_id}/resume", headers=A).status_code == 200
+    assert states(manager)[sandbox_id] == "running"
