@@ -13,16 +13,17 @@ import subprocess
 import pytest
 
 from service.engine import SnapshotMismatch
-from service.engine.machine import MACHINE_TYPE, QEMU_BINARY
+from service.engine.machine import MACHINE_TYPE
 from service.engine.snapshot import META, _signature
 
 pytestmark = pytest.mark.integration
+QEMU = "qemu-system-x86_64"  # the machine's own, asked directly: not through the code under test
 
 
 def this_qemu() -> tuple[str, str]:
     """(major.minor, the rest of the version line) as `qemu-system-x86_64 --version` says: read here, not through
     the code under test."""
-    line = subprocess.run([QEMU_BINARY, "--version"], capture_output=True, text=True, check=True).stdout
+    line = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout
     match = re.search(r"version ((\d+)\.(\d+)\S*.*)", line)
     assert match, line
     return f"{match[2]}.{match[3]}", match[1].strip()
@@ -49,7 +50,7 @@ def test_a_qemu_package_update_keeps_snapshots_and_another_release_or_machine_is
         engine.freeze(source, run_dir / "snap", compress=False, networked=False)
     recorded = json.loads((run_dir / "snap" / META).read_text())
     # the machine type as this QEMU resolves it: `-machine help` lists microvm without a versioned type or alias
-    help_line = next(line for line in subprocess.run([QEMU_BINARY, "-machine", "help"], capture_output=True,
+    help_line = next(line for line in subprocess.run([QEMU, "-machine", "help"], capture_output=True,
                                                      text=True, check=True).stdout.splitlines()
                      if line.split()[:1] == [MACHINE_TYPE])
     assert "alias of" not in help_line

@@ -33,8 +33,8 @@ NOT_HOST_SIDE = {
 }
 # Calls whose program the scan cannot see, and what each starts (file, enclosing function) -> programs.
 DYNAMIC: dict[tuple[str, str], set[str]] = {
-    ("appliance/deploy.py", "run_deploy"): {"ansible-playbook"},
-    ("appliance/commands/doctor.py", "doctor_command"): {"qemu-system-x86_64"},  # machine.QEMU_BINARY, imported  # the venv's, beside sys.executable, or on PATH
+    ("appliance/deploy.py", "run_deploy"): {"ansible-playbook"},  # the venv's, beside sys.executable, or on PATH
+    ("appliance/commands/doctor.py", "doctor_command"): {"qemu-system-x86_64"},  # machine.QEMU_BINARY, imported
     ("tests/unit/conftest.py", "agent_factory"): {"setpriv", "unshare"},  # prefix=, from tests/unit/test_agent.py
 }
 # Programs tests start on purpose although no package has them.
@@ -526,6 +526,8 @@ def test_debian_12_gets_backports_pinned_to_qemu_and_debian_13_nothing(tmp_path)
         {"Package": "*", "Pin": "release n=bookworm-backports", "Pin-Priority": "100"},
     ]
     assert "Suites: bookworm-backports\n" in files["/etc/apt/sources.list.d/bookworm-backports.sources"]
+    makefile = (REPO / "Makefile").read_text()  # what `make host-packages` runs: these files, then the upgrade
+    assert "$(SUDO) $(HOST_TOOLS) apt-sources" in makefile and "$(HOST_TOOLS) to-install" in makefile
 
 
 def test_apt_files_are_written_only_when_they_differ(tmp_path) -> None:
