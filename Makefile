@@ -31,8 +31,10 @@ host-packages:
 		echo "installing Debian packages: python3 python3-venv (the table of the rest is Python)"; \
 		$(SUDO) apt-get update -qq && $(APT_INSTALL) python3 python3-venv; \
 	fi
-	@changed=$$($(SUDO) $(HOST_TOOLS) apt-sources) || exit 1; \
-	if [ -n "$$changed" ]; then echo "apt sources written:" $$changed; fi; \
+	@stale=$$($(HOST_TOOLS) apt-sources --check) || exit 1; \
+	if [ -n "$$stale" ]; then \
+		changed=$$($(SUDO) $(HOST_TOOLS) apt-sources) || exit 1; echo "apt sources written:" $$changed; \
+	fi; \
 	missing=$$($(HOST_TOOLS) to-install) || exit 1; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \

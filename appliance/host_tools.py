@@ -10,8 +10,8 @@ Stdlib only and free of project imports: the Makefile runs it with the system py
     python3 -m appliance.host_tools packages [PURPOSE...]   Debian packages (all purposes if none is named)
     python3 -m appliance.host_tools missing [PURPOSE...]    programs and files not on this machine, with packages
     python3 -m appliance.host_tools to-install [PURPOSE...] packages not installed, or older than their minimum
-    python3 -m appliance.host_tools apt-sources             (root) Debian 12: enable backports for QEMU only;
-                                                            prints the files it changed
+    python3 -m appliance.host_tools apt-sources [--check]   (root) Debian 12: enable backports for QEMU only;
+                                                            prints the files it changed (--check: would change)
 """
 
 from __future__ import annotations
@@ -171,8 +171,9 @@ def apt_files(codename: str) -> dict[str, str]:
             f"{APT_PREFERENCES_DIR}/{APT_PREFERENCES_NAME}": apt_preferences(suite)}
 
 
-def write_apt_files(files: dict[str, str]) -> list[str]:
-    """Write the files whose content differs (so a second `make setup` changes nothing); returns those written."""
+def write_apt_files(files: dict[str, str], dry_run: bool = False) -> list[str]:
+    """Write the files whose content differs (so a second `make setup` changes nothing); returns those written
+    (with dry_run: those that would be, so the Makefile asks for sudo only when something is to be written)."""
     changed = []
     for path, content in files.items():
         try:
@@ -181,6 +182,9 @@ def write_apt_files(files: dict[str, str]) -> list[str]:
                     continue
         except OSError:
             pass
+        if dry_run:
+            changed.append(path)
+            continue
         partial = f"{path}.partial"
         with open(partial, "w") as handle:
             handle.write(content)
@@ -289,7 +293,7 @@ def main(argv: list[str]) -> int:
             print("\n".join(to_install(*argv[1:])))
             return 0
         if argv[0] == "apt-sources":
-            for path in write_apt_files(apt_files(debian_codename())):
+            for path in write_apt_files(apt_files(debian_codename()), dry_run=argv[1:] == ["--check"]):
                 print(path)
             return 0
         absent = missing(*argv[1:])

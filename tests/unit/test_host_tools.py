@@ -527,12 +527,16 @@ def test_debian_12_gets_backports_pinned_to_qemu_and_debian_13_nothing(tmp_path)
     ]
     assert "Suites: bookworm-backports\n" in files["/etc/apt/sources.list.d/bookworm-backports.sources"]
     makefile = (REPO / "Makefile").read_text()  # what `make host-packages` runs: these files, then the upgrade
-    assert "$(SUDO) $(HOST_TOOLS) apt-sources" in makefile and "$(HOST_TOOLS) to-install" in makefile
+    assert "$(HOST_TOOLS) apt-sources --check" in makefile and "$(SUDO) $(HOST_TOOLS) apt-sources)" in makefile
+    assert "$(HOST_TOOLS) to-install" in makefile
 
 
 def test_apt_files_are_written_only_when_they_differ(tmp_path) -> None:
     files = {str(tmp_path / "a.sources"): "one\n", str(tmp_path / "b.pref"): "two\n"}
+    assert host_tools.write_apt_files(files, dry_run=True) == sorted(files)  # `make` asks for sudo only then
+    assert not list(tmp_path.iterdir())
     assert host_tools.write_apt_files(files) == sorted(files)
+    assert host_tools.write_apt_files(files, dry_run=True) == []
     assert host_tools.write_apt_files(files) == []  # a second `make setup` changes nothing
     (tmp_path / "b.pref").write_text("hand-made\n")
     assert host_tools.write_apt_files(files) == [str(tmp_path / "b.pref")]
