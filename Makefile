@@ -23,16 +23,24 @@ test: setup guest-image lint
 
 setup: host-packages $(VENV)/.installed
 
+# QEMU >= 10 (host_tools.MIN_VERSIONS): Debian 13 ships it; on Debian 12 `apt-sources` enables bookworm-backports
+# pinned to QEMU's packages only (/etc/apt/preferences.d/appliance-qemu-backports.pref), and an older QEMU counts as
+# missing, so it is upgraded. A second run writes nothing and installs nothing.
 host-packages:
 	@if [ ! -x /usr/bin/python3 ]; then \
 		echo "installing Debian packages: python3 python3-venv (the table of the rest is Python)"; \
 		$(SUDO) apt-get update -qq && $(APT_INSTALL) python3 python3-venv; \
 	fi
-	@packages=$$($(HOST_TOOLS) packages) || exit 1; \
-	missing=$$(for p in $$packages; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	@stale=$$($(HOST_TOOLS) apt-sources --check) || exit 1; \
+	if [ -n "$$stale" ]; then \
+		changed=$$($(SUDO) $(HOST_TOOLS) apt-sources) || exit 1; echo "apt sources written:" $$changed; \
+	fi; \
+	missing=$$($(HOST_TOOLS) to-install) || exit 1; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
-		$(SUDO) apt-get update -qq && $(APT_INSTALL) $$missing; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) $$missing || exit 1; \
+		still=$$($(HOST_TOOLS) to-install) || exit 1; \
+		if [ -n "$$still" ]; then echo "still missing or too old after apt-get install:" $$still >&2; exit 1; fi; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

@@ -2,7 +2,9 @@
 
     manifest.json           always the first member: format, versions, and sha256 + size of every other file
     debs/                   the host packages and their whole dependency closure, as a flat apt repository
-                            (Packages index written here; no dpkg-dev needed)
+                            (Packages index written here; no dpkg-dev needed). QEMU is >= 10: on Debian 12 it
+                            comes from bookworm-backports (pinned to QEMU only, as `make setup` does); the
+                            manifest's `package_versions` records each package's exact version
     wheels/                 this project's wheel and its runtime dependencies, for `pip install --no-index`
     images/<id>/            the guest image (vmlinuz, initrd.img, rootfs.ext4, manifest.json)
     ansible/                ansible.cfg, playbooks/ and roles/
@@ -28,6 +30,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from . import host_tools
 from .progress import Progress
 
 FORMAT = 1
@@ -41,6 +44,7 @@ _SKIP_PARTS = {"__pycache__", ".pytest_cache"}
 # `apt-get -s install` output: "Inst name (version release [arch])", optionally with "[old version]" after the name.
 _INST = re.compile(r"^Inst (?P<name>\S+) (?:\[[^\]]*\] )?\((?P<version>\S+) .*\[(?P<arch>[^\]]+)\]\)")
 _CHUNK = 1 << 20
+_DEBIAN_VERSION = re.compile(r"[0-9][A-Za-z0-9.+~:-]*")  # what may follow `name=` in the roles' apt install
 
 
 class BundleError(Exception):
@@ -109,7 +113,8 @@ def check_member_name(name: str) -> str:
 
 
 def build_manifest(files: dict[str, dict[str, Any]], *, image_id: str, host_packages: list[str],
-                   created: datetime, appliance_version: str) -> dict[str, Any]:
+                   package_versions: dict[str, str], created: datetime,
+                   appliance_version: str) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "appliance_version": appliance_version,
@@ -117,6 +122,9 @@ def build_manifest(files: dict[str, dict[str, Any]], *, image_id: str, host_pack
         "python": ".".join(map(str, TARGET_PYTHON)),
         "image_id": image_id,
         "host_packages": host_packages,
+        # every .deb of debs/ by package name: the roles install exactly these versions (an older QEMU on a host
+        # is upgraded, a newer one from elsewhere is not silently kept)
+        "package_versions": dict(sorted(package_versions.items())),
         "files": dict(sorted(files.items())),
     }
 
@@ -129,6 +137,10 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{MANIFEST} is not a format-{FORMAT} bundle manifest")
+    versions = manifest.get("package_versions", {})
+    if not isinstance(versions, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and _DEBIAN_VERSION.fullmatch(v) for k, v in versions.items()):
+        raise BundleError(f"{MANIFEST}: package_versions must map package names to Debian versions")
     for name, record in manifest["files"].items():
         check_member_name(name)
         if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
@@ -231,13 +243,15 @@ def download_debs(packages: list[str], mirror: str, suite: str, cache_dir: Path)
 
     Resolving as if nothing were installed makes the repository complete for any Debian 12 host, whatever it
     already has; apt on the host then installs only what is missing. Files are cached in <cache_dir>/debs.
+    QEMU comes from the suite's backports where its own is too old (Apt.with_qemu_backports).
     """
     from .build.apt import Apt
     from .build.common import BuildError
 
     phase = "bundle: host packages"
-    key = hashlib.sha256(json.dumps([mirror, suite]).encode()).hexdigest()[:16]
-    apt = Apt(cache_dir / "apt" / f"bundle-{key}", Apt.sources(mirror, suite))
+    sources, preferences = Apt.with_qemu_backports(mirror, suite)
+    key = hashlib.sha256(json.dumps([sources, preferences]).encode()).hexdigest()[:16]
+    apt = Apt(cache_dir / "apt" / f"bundle-{key}", sources, preferences)
     debs_dir = cache_dir / "debs"
     debs_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -259,9 +273,10 @@ def download_debs(packages: list[str], mirror: str, suite: str, cache_dir: Path)
     return paths
 
 
-def write_packages_index(debs: list[Path], index: Path) -> None:
-    """The flat repository's Packages file (what dpkg-scanpackages would write), from `dpkg-deb --field`."""
-    stanzas = []
+def write_packages_index(debs: list[Path], index: Path) -> dict[str, str]:
+    """The flat repository's Packages file (what dpkg-scanpackages would write), from `dpkg-deb --field`.
+    Returns package -> version, as the control fields (what apt will install) say."""
+    stanzas, versions = [], {}
     for deb in sorted(debs, key=lambda p: p.name):
         try:
             control = subprocess.run(["dpkg-deb", "--field", str(deb)], check=True, capture_output=True,
@@ -276,7 +291,18 @@ def write_packages_index(debs: list[Path], index: Path) -> None:
                     digest.update(block)
         stanzas.append(packages_stanza(control, deb.name, deb.stat().st_size,
                                        {k: d.hexdigest() for k, d in digests.items()}))
+        fields = dict(line.split(": ", 1) for line in control.splitlines() if ": " in line and line[0] != " ")
+        versions[fields.get("Package", deb.name)] = fields.get("Version", "")
     index.write_text("\n".join(stanzas))
+    return versions
+
+
+def check_minimum_versions(versions: dict[str, str]) -> None:
+    """Refuse a bundle whose QEMU is older than the supported release (a suite without it, a stale mirror)."""
+    for package, minimum in host_tools.MIN_VERSIONS.items():
+        if package in versions and not host_tools.version_at_least(versions[package], minimum):
+            raise BundleError(f"bundle: {package} {versions[package]} is older than the supported {minimum}; on "
+                              "Debian 12 it comes from bookworm-backports: check that the mirror carries it")
 
 
 def build_wheels(project_dir: Path, cache_dir: Path, dest: Path) -> list[Path]:
@@ -381,7 +407,8 @@ def gather(
     scratch.mkdir(parents=True, exist_ok=True)
     with progress.phase("host packages", f"{len(packages)} packages and their dependencies"):
         debs = fetch_debs(packages, mirror, suite, cache_dir)
-        write_packages_index(debs, scratch / "Packages")
+        versions = write_packages_index(debs, scratch / "Packages")
+        check_minimum_versions(versions)
     with progress.phase("wheelhouse", "appliance and its dependencies"):
         wheels = fetch_wheels(project_dir, cache_dir, scratch / "wheels")
     entries: list[tuple[str, Path]] = [
@@ -393,8 +420,8 @@ def gather(
     ]
     with progress.phase("checksums", f"{len(entries)} files"):
         files = {arcname: file_record(path) for arcname, path in entries}
-    manifest = build_manifest(files, image_id=image_id, host_packages=packages, created=datetime.now(UTC),
-                              appliance_version=package_version("appliance"))
+    manifest = build_manifest(files, image_id=image_id, host_packages=packages, package_versions=versions,
+                              created=datetime.now(UTC), appliance_version=package_version("appliance"))
     return Contents(entries, manifest)
 
 
@@ -423,5 +450,8 @@ def summary(manifest: dict[str, Any]) -> Iterable[str]:
     yield f"appliance {manifest['appliance_version']}, created {manifest['created']}"
     yield f"guest image {manifest['image_id']} ({image_mib:.0f} MiB)"
     yield f"{debs - 1} Debian packages ({debs_mib:.0f} MiB) for: {', '.join(manifest['host_packages'])}"
+    versions = manifest.get("package_versions", {})
+    if "qemu-system-x86" in versions:
+        yield f"QEMU {versions['qemu-system-x86']}"
     yield f"{wheels} wheels ({wheels_mib:.0f} MiB) for Python {manifest['python']}"
     yield f"{len(files)} files, each checked against its sha256"

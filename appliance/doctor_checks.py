@@ -40,6 +40,22 @@ def tool_findings(
     return findings
 
 
+QEMU_FIX = ("make host-packages (on Debian 12 it enables bookworm-backports pinned to QEMU; Debian 13 ships QEMU 10); "
+            "on a node: appliance deploy with a current bundle")
+
+
+def qemu_finding(release: tuple[int, int] | None, version: str, problem: str = "") -> Finding:
+    """QEMU's release against the supported minimum (host_tools.QEMU_MIN_RELEASE): older fails, since the engine
+    needs mapped-ram migration, `file:` URIs and read-only file-backed memory. `release` None: not probed
+    (`problem` says why; a missing binary is the tools check's finding)."""
+    minimum = ".".join(map(str, host_tools.QEMU_MIN_RELEASE))
+    if release is None:
+        return Finding("fail", "qemu version", problem or "unknown", QEMU_FIX)
+    if release < host_tools.QEMU_MIN_RELEASE:
+        return Finding("fail", "qemu version", f"{version}: older than the supported {minimum}", QEMU_FIX)
+    return Finding("ok", "qemu version", version)
+
+
 def disk_finding(path: Path, free_bytes: Callable[[Path], int]) -> Finding:
     probe = path
     while not probe.exists():

@@ -9,12 +9,17 @@ Stdlib only and free of project imports: the Makefile runs it with the system py
 
     python3 -m appliance.host_tools packages [PURPOSE...]   Debian packages (all purposes if none is named)
     python3 -m appliance.host_tools missing [PURPOSE...]    programs and files not on this machine, with packages
+    python3 -m appliance.host_tools to-install [PURPOSE...] packages not installed, or older than their minimum
+    python3 -m appliance.host_tools apt-sources [--check]   (root) Debian 12: enable backports for QEMU only;
+                                                            prints the files it changed (--check: would change)
 """
 
 from __future__ import annotations
 
 import glob
+import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -72,7 +77,8 @@ PROGRAMS = (
     Program("apt-get", "apt", ("guest-image", "bundle")),
     Program("apt-cache", "apt", ("guest-image",)),
     Program("dpkg-deb", "dpkg", ("guest-image", "bundle", "tests")),
-    Program("dpkg-query", "dpkg", ("guest-image", "host-image")),
+    Program("dpkg-query", "dpkg", ("setup", "guest-image", "host-image")),
+    Program("dpkg", "dpkg", ("setup", "bundle")),  # --compare-versions, for MIN_VERSIONS
     Program("tar", "tar", ("guest-image",)),
     Program("mkfs.ext4", "e2fsprogs", ("guest-image", "host-image")),
     Program("unshare", "util-linux", ("guest-image", "host-image", "tests")),
@@ -109,6 +115,108 @@ VENV_PROGRAMS = {
     "gunicorn": "appliance serve",
     "appliance": "this project's own CLI",
 }
+
+
+# QEMU 10 is the supported release: the fast paths need its mapped-ram migration, `file:` URIs and read-only
+# file-backed memory, which Debian 12's QEMU 7.2 lacks. A package below its minimum is reinstalled (upgraded).
+QEMU_PACKAGES = ("qemu-system-x86", "qemu-utils")
+QEMU_MIN_RELEASE = (10, 0)
+MIN_VERSIONS = {package: f"1:{QEMU_MIN_RELEASE[0]}.{QEMU_MIN_RELEASE[1]}" for package in QEMU_PACKAGES}
+# Debian releases whose own QEMU is too old, and the suite that carries a new enough one. Debian 13 (trixie) ships
+# QEMU 10 itself. Backports are pinned to what QEMU needs (apt_preferences below): nothing else is upgraded.
+BACKPORTS = {"bookworm": "bookworm-backports"}
+# QEMU's packages and what they need newer than bookworm has (qemu-system-x86 10.0 depends on seabios >> 1.16.3).
+BACKPORTED = ("qemu-*", "seabios")
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+APT_SOURCE_DIR = "/etc/apt/sources.list.d"
+APT_PREFERENCES_DIR = "/etc/apt/preferences.d"
+APT_PREFERENCES_NAME = "appliance-qemu-backports.pref"
+
+
+def apt_preferences(suite: str) -> str:
+    """Pin `suite` to the QEMU packages (500: as the release itself, so the newer version wins) and everything
+    else from it to 100 (never installed or upgraded unless asked for by name). Per apt_preferences(5) the first
+    specific record (a named or glob package) that matches decides; the `*` record covers the rest."""
+    return (f"# Written by appliance/host_tools.py: QEMU from {suite}, nothing else.\n"
+            f"Package: {' '.join(BACKPORTED)}\nPin: release n={suite}\nPin-Priority: 500\n\n"
+            f"Package: *\nPin: release n={suite}\nPin-Priority: 100\n")
+
+
+def apt_source(suite: str, mirror: str = DEBIAN_MIRROR) -> str:
+    """The deb822 source of `suite` (same path and name as Debian's wiki uses: <suite>.sources)."""
+    return (f"# Written by appliance/host_tools.py: QEMU >= {'.'.join(map(str, QEMU_MIN_RELEASE))} for this "
+            f"release (pinned in {APT_PREFERENCES_DIR}/{APT_PREFERENCES_NAME}).\n"
+            f"Types: deb\nURIs: {mirror}\nSuites: {suite}\nComponents: main\nSigned-By: {DEBIAN_KEYRING}\n")
+
+
+def debian_codename(os_release: str = "/etc/os-release") -> str:
+    try:
+        with open(os_release) as handle:
+            for line in handle:
+                key, _, value = line.strip().partition("=")
+                if key == "VERSION_CODENAME":
+                    return value.strip('"')
+    except OSError:
+        pass
+    return ""
+
+
+def apt_files(codename: str) -> dict[str, str]:
+    """path -> content of the apt files this Debian release needs for QEMU >= the minimum (none on Debian 13)."""
+    suite = BACKPORTS.get(codename)
+    if suite is None:
+        return {}
+    return {f"{APT_SOURCE_DIR}/{suite}.sources": apt_source(suite),
+            f"{APT_PREFERENCES_DIR}/{APT_PREFERENCES_NAME}": apt_preferences(suite)}
+
+
+def write_apt_files(files: dict[str, str], dry_run: bool = False) -> list[str]:
+    """Write the files whose content differs (so a second `make setup` changes nothing); returns those written
+    (with dry_run: those that would be, so the Makefile asks for sudo only when something is to be written)."""
+    changed = []
+    for path, content in files.items():
+        try:
+            with open(path) as handle:
+                if handle.read() == content:
+                    continue
+        except OSError:
+            pass
+        if dry_run:
+            changed.append(path)
+            continue
+        partial = f"{path}.partial"
+        with open(partial, "w") as handle:
+            handle.write(content)
+        os.chmod(partial, 0o644)
+        os.replace(partial, path)
+        changed.append(path)
+    return changed
+
+
+def installed_version(package: str) -> str | None:
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}\t${Version}", package], capture_output=True,
+                            text=True)
+    status, _, version = result.stdout.partition("\t")
+    return version if result.returncode == 0 and status.endswith(" installed") else None
+
+
+def version_at_least(version: str, minimum: str) -> bool:
+    return subprocess.run(["dpkg", "--compare-versions", version, "ge", minimum]).returncode == 0
+
+
+def to_install(
+    *purposes: str,
+    installed: Callable[[str], str | None] = installed_version,
+    at_least: Callable[[str, str], bool] = version_at_least,
+) -> list[str]:
+    """The packages of these purposes that are not installed, or older than their MIN_VERSIONS entry."""
+    wanted = []
+    for package in packages(*purposes):
+        version = installed(package)
+        if version is None or (package in MIN_VERSIONS and not at_least(version, MIN_VERSIONS[package])):
+            wanted.append(package)
+    return wanted
 
 
 def _selected(purposes: Iterable[str]) -> set[str]:
@@ -174,12 +282,19 @@ def missing(
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("packages", "missing"):
+    if not argv or argv[0] not in ("packages", "missing", "to-install", "apt-sources"):
         print(__doc__.split("\n\n")[-1], file=sys.stderr)
         return 2
     try:
         if argv[0] == "packages":
             print("\n".join(packages(*argv[1:])))
+            return 0
+        if argv[0] == "to-install":
+            print("\n".join(to_install(*argv[1:])))
+            return 0
+        if argv[0] == "apt-sources":
+            for path in write_apt_files(apt_files(debian_codename()), dry_run=argv[1:] == ["--check"]):
+                print(path)
             return 0
         absent = missing(*argv[1:])
     except ValueError as exc:

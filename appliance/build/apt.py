@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from appliance import host_tools
 from appliance.build.common import run
 
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -20,13 +21,15 @@ ARCH = "amd64"
 class Apt:
     """apt-get / apt-cache confined to `state` (made on construction, with `sources` as its only sources)."""
 
-    def __init__(self, state: Path, sources: list[str]) -> None:
+    def __init__(self, state: Path, sources: list[str], preferences: str = "") -> None:
         self.state = state
         for sub in ("sources.list.d", "preferences.d", "state", "lists/partial", "cache/archives/partial"):
             (state / sub).mkdir(parents=True, exist_ok=True)
         signed = f"[signed-by={DEBIAN_KEYRING}] " if DEBIAN_KEYRING.exists() else ""
         (state / "sources.list").write_text("".join(f"deb {signed}{line[4:]}\n" for line in sources))
         (state / "status").touch()
+        # Written every time (also empty): a state directory reused with other sources keeps no stale pins.
+        (state / "preferences").write_text(preferences)
 
     def __call__(self, phase: str, tool: str, *args: str, cwd: Path | None = None) -> str:
         """Run apt-get or apt-cache on this state; a failure is a one-line BuildError naming `phase`."""
@@ -40,6 +43,16 @@ class Apt:
         if mirror.endswith("/debian"):
             lines.append(f"deb {mirror}-security {suite}-security main")
         return lines
+
+    @staticmethod
+    def with_qemu_backports(mirror: str, suite: str) -> tuple[list[str], str]:
+        """(sources, preferences) for the host packages: a suite whose QEMU is older than the supported release
+        (host_tools.BACKPORTS: Debian 12) gets its backports suite, pinned to QEMU's packages only."""
+        backports = host_tools.BACKPORTS.get(suite)
+        if backports is None:
+            return Apt.sources(mirror, suite), ""
+        return [*Apt.sources(mirror, suite), f"deb {mirror.rstrip('/')} {backports} main"], \
+            host_tools.apt_preferences(backports)
 
     @staticmethod
     def options(state: Path) -> list[str]:

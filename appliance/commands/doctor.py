@@ -16,15 +16,23 @@ _MARKS = {"ok": ("✓", "green"), "warn": ("!", "yellow"), "fail": ("✗", "red"
 @click.command("doctor")
 @spec_option
 def doctor_command(spec_path: Path | None) -> None:
-    """What this host can do: KVM or TCG, tools, disk, guest image. Exits non-zero if it cannot run sandboxes."""
+    """What this host can do: KVM or TCG, tools, QEMU >= 10, disk, guest image. Exits non-zero if it cannot run
+    sandboxes."""
     from service import settings
-    from service.engine import EngineError, accel, jail
+    from service.engine import EngineError, accel, jail, qemu_probe
+    from service.engine.machine import QEMU_BINARY
 
     spec = load_spec(spec_path)
     jailed = settings.engine_config(spec).isolation is not None
     # With isolation.jail = 'on', a missing jail tool stops every sandbox; with 'auto' the VMs run unjailed.
     required = {*host_tools.REQUIRED_PURPOSES, *(("jail",) if spec.isolation.jail == "on" else ())}
     findings = doctor_checks.tool_findings(required=required)
+    if shutil.which(QEMU_BINARY):
+        try:
+            version = qemu_probe.qemu_version(QEMU_BINARY)
+            findings.append(doctor_checks.qemu_finding(version.release_tuple, version.full))
+        except qemu_probe.QemuProbeError as exc:
+            findings.append(doctor_checks.qemu_finding(None, "", str(exc)))
     findings.append(doctor_checks.disk_finding(spec.paths.images, lambda p: shutil.disk_usage(p).free))
     choice = None
     try:

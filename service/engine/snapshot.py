@@ -1,7 +1,8 @@
 """Freezing a sandbox to disk and resuming it; forking it into n live copies.
 
 A snapshot is a directory: `state` (QEMU's full migration stream: RAM and device state, optionally zstd) and
-`snapshot.json` (what it needs to be restorable: QEMU version, the machine, the guest image's id). It is written
+`snapshot.json` (what it needs to be restorable: QEMU's release, the resolved machine type, the accelerator, the
+guest image's id; compat_facts). It is written
 as `<dir>.partial` and renamed into place only when complete, so a crash mid-freeze leaves the previous snapshot
 (or none), never a half-written one that looks complete. A failed freeze resumes the VM.
 
@@ -17,7 +18,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import secrets
 import shutil
 import stat
@@ -30,6 +30,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from . import qemu_probe
 from .errors import EngineError
 from .launch import VmmLauncher
 from .machine import MACHINE_TYPE, QEMU_BINARY, MachineConfig, machine_to_json
@@ -62,11 +63,32 @@ class SnapshotTampered(SnapshotError):
 @cache
 def qemu_release(binary: str = QEMU_BINARY) -> str:
     """QEMU's major.minor ("10.0"): what migration compatibility follows (a package's security update keeps it)."""
-    output = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True, env=CHILD_ENV).stdout
-    match = re.search(r"version (\d+)\.(\d+)", output)
-    if match is None:
-        raise SnapshotError(f"cannot tell the QEMU version from {output.splitlines()[:1]}")
-    return f"{match.group(1)}.{match.group(2)}"
+    return _probe(qemu_probe.qemu_version, binary).release
+
+
+def qemu_version(binary: str = QEMU_BINARY) -> str:
+    """The whole version line ("10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)"): recorded for people, not compared."""
+    return _probe(qemu_probe.qemu_version, binary).full
+
+
+def machine_type(binary: str = QEMU_BINARY) -> str:
+    """The machine type MACHINE_TYPE resolves to in this QEMU: the versioned one where the name is an alias; microvm
+    is unversioned, so its release (qemu_release) stands for the version."""
+    return _probe(qemu_probe.machine_type, binary, MACHINE_TYPE)
+
+
+def _probe(ask: Callable[..., Any], *args: str) -> Any:
+    try:
+        return ask(*args)
+    except qemu_probe.QemuProbeError as exc:
+        raise SnapshotError(str(exc)) from None
+
+
+def compat_facts(machine: MachineConfig) -> dict[str, str]:
+    """What a snapshot records and resume compares (decisions §5): QEMU's release, the resolved machine type and
+    the accelerator. (The guest image is the engine's, given to freeze and check_restorable.)"""
+    return {"qemu_release": qemu_release(machine.qemu_binary), "machine_type": machine_type(machine.qemu_binary),
+            "accelerator": machine.accelerator}
 
 
 def _signature(meta: dict[str, Any], key: bytes) -> str:
@@ -120,14 +142,18 @@ class Snapshot:
         return (self.directory / STATE).stat().st_size
 
     def check_restorable(self, machine: MachineConfig, image_id: str) -> None:
-        """Refuse, with the reason, a snapshot that `machine` on this host cannot restore faithfully."""
+        """Refuse, with the reason, a snapshot that `machine` on this host cannot restore faithfully. The QEMU
+        package's own version ("qemu_version") is not compared: a security update of the same release loads."""
         if self.meta.get("format") != SNAPSHOT_FORMAT:
             raise SnapshotMismatch(f"snapshot format {self.meta.get('format')} is not {SNAPSHOT_FORMAT}")
-        facts = (("QEMU release", "qemu_release", qemu_release()), ("machine type", "machine_type", MACHINE_TYPE),
-                 ("accelerator", "accelerator", machine.accelerator), ("guest image", "image_id", image_id))
-        for what, name, here in facts:
-            if self.meta.get(name) != here:
-                raise SnapshotMismatch(f"snapshot made with {what} {self.meta.get(name)!r}; this host has {here!r}")
+        here = {**compat_facts(machine), "image_id": image_id}
+        words = {"qemu_release": "QEMU release", "machine_type": "machine type", "accelerator": "accelerator",
+                 "image_id": "guest image"}
+        for name, what in words.items():
+            if self.meta.get(name) != here[name]:
+                made = f" (QEMU {self.meta['qemu_version']})" if isinstance(self.meta.get("qemu_version"), str) else ""
+                raise SnapshotMismatch(f"snapshot made with {what} {self.meta.get(name)!r}{made}; this host has "
+                                       f"{here[name]!r} (QEMU {qemu_version(machine.qemu_binary)})")
 
 
 def freeze(sandbox: Sandbox, directory: Path, image_id: str, key: bytes, compress: bool = False,
@@ -143,9 +169,8 @@ def freeze(sandbox: Sandbox, directory: Path, image_id: str, key: bytes, compres
             _stream_full_state(vm, partial / STATE, compress)
         meta = {
             "format": SNAPSHOT_FORMAT,
-            "qemu_release": qemu_release(),
-            "machine_type": MACHINE_TYPE,
-            "accelerator": vm.config.accelerator,
+            **compat_facts(vm.config),
+            "qemu_version": qemu_version(vm.config.qemu_binary),
             "image_id": image_id,
             "vcpus": vm.config.vcpus,
             "memory_mib": vm.config.memory_mib,

@@ -72,14 +72,14 @@ def test_a_package_list_that_is_not_a_list_of_names_is_refused(tmp_path):
 # --- a small real bundle ------------------------------------------------------------------------------------------
 
 
-def _tiny_deb(directory: Path, name: str) -> Path:
+def _tiny_deb(directory: Path, name: str, version: str = "1.0") -> Path:
     root = directory / f"{name}-root"
     (root / "DEBIAN").mkdir(parents=True)
     (root / "DEBIAN" / "control").write_text(
-        f"Package: {name}\nVersion: 1.0\nArchitecture: all\nMaintainer: test <t@example.invalid>\n"
+        f"Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: test <t@example.invalid>\n"
         "Description: test package\n a package for the bundle tests\n"
     )
-    deb = directory / f"{name}_1.0_all.deb"
+    deb = directory / f"{name}_{version.replace(':', '%3a')}_all.deb"
     subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(root), str(deb)], check=True, capture_output=True)
     return deb
 
@@ -277,3 +277,45 @@ def test_summary_counts_what_is_inside(built):
     lines = list(bundle.summary(manifest))
     assert "guest image guest-0123456789abcdef" in lines[1]
     assert lines[2].startswith("2 Debian packages") and "demo-a, demo-b" in lines[2]
+
+
+# --- QEMU >= 10 ---------------------------------------------------------------------------------------------------
+
+
+def test_the_manifest_records_each_packages_exact_version_from_its_control_fields(built):
+    _, manifest = built
+    assert manifest["package_versions"] == {"demo-a": "1.0", "demo-b": "1.0"}
+
+
+def test_a_qemu_older_than_the_supported_release_is_not_bundled(tmp_path, project):
+    (project / "roles" / "demo" / "defaults" / "main.yml").write_text("demo_packages: [qemu-system-x86]\n")
+    image = stand_in_image(tmp_path / "images", "guest-q")
+
+    def fetch_debs(version: str):
+        return lambda packages, mirror, suite, cache_dir: [_tiny_deb(tmp_path / version, "qemu-system-x86", version)]
+
+    wheels = {"fetch_wheels": lambda p, c, dest: []}
+    with pytest.raises(BundleError, match=r"qemu-system-x86 1:7.2\+dfsg-7 is older than the supported 1:10.0"):
+        _create(tmp_path / "old.tar", image, tmp_path / "c", project, fetch_debs=fetch_debs("1:7.2+dfsg-7"), **wheels)
+    manifest = _create(tmp_path / "new.tar", image, tmp_path / "c", project,
+                       fetch_debs=fetch_debs("1:10.0.2+ds-2+deb13u1~bpo12+1"), **wheels)
+    assert manifest["package_versions"] == {"qemu-system-x86": "1:10.0.2+ds-2+deb13u1~bpo12+1"}
+    assert "QEMU 1:10.0.2+ds-2+deb13u1~bpo12+1" in list(bundle.summary(manifest))
+
+
+def test_debian_12_bundles_resolve_qemu_from_backports_pinned_to_qemu_only():
+    from appliance import host_tools
+    from appliance.build.apt import Apt
+
+    sources, preferences = Apt.with_qemu_backports("http://mirror/debian/", "bookworm")
+    assert sources[-1] == "deb http://mirror/debian bookworm-backports main"
+    assert preferences == host_tools.apt_preferences("bookworm-backports")  # the same pins as `make setup`
+    assert Apt.with_qemu_backports("http://mirror/debian", "trixie") == (Apt.sources("http://mirror/debian", "trixie"),
+                                                                         "")
+
+
+@pytest.mark.parametrize("versions", [[], {"qemu-system-x86": "1.0; rm -rf /"}, {"qemu-system-x86": 10}])
+def test_a_manifest_with_malformed_package_versions_is_refused(versions):
+    data = json.dumps({"format": bundle.FORMAT, "files": {}, "package_versions": versions}).encode()
+    with pytest.raises(BundleError, match="package_versions"):
+        bundle.parse_manifest(data)

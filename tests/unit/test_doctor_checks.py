@@ -82,3 +82,29 @@ def test_a_root_only_kvm_device_is_a_kvm_finding_with_the_group_fix_not_a_missin
         assert jail.kvm_jail_problem(stat.S_IFCHR | mode, gid) is None
     (kvm, _) = doctor_checks.accelerator_findings(None, ("kvm", "probe booted"), None)
     assert (kvm.level, kvm.subject) == ("ok", "kvm device")
+
+
+def test_a_qemu_older_than_10_fails_and_the_finding_names_the_fix():
+    old = doctor_checks.qemu_finding((7, 2), "7.2.19 (Debian 1:7.2+dfsg-7+deb12u18+b3)")
+    assert (old.level, old.subject) == ("fail", "qemu version")
+    assert old.detail == "7.2.19 (Debian 1:7.2+dfsg-7+deb12u18+b3): older than the supported 10.0"
+    assert "make host-packages" in old.fix and "bookworm-backports" in old.fix and "appliance deploy" in old.fix
+    assert not doctor_checks.can_run_sandboxes([old])
+    assert doctor_checks.qemu_finding((9, 2), "9.2.1").level == "fail"
+    for release in ((10, 0), (10, 1), (11, 0)):
+        assert doctor_checks.qemu_finding(release, "x").level == "ok"
+    unknown = doctor_checks.qemu_finding(None, "", "cannot tell the QEMU version from ['bash: no']")
+    assert unknown.level == "fail" and "cannot tell" in unknown.detail
+
+
+def test_doctor_reports_this_machines_qemu_version(tmp_path):
+    """The real command on this machine (QEMU 10 from `make setup`): the version line is there and ok."""
+    from click.testing import CliRunner
+
+    from appliance.commands.doctor import doctor_command
+
+    spec = tmp_path / "appliance.toml"
+    spec.write_text(f'[paths]\nimages_dir = "{tmp_path / "images"}"\ncache_dir = "{tmp_path / "cache"}"\n')
+    result = CliRunner().invoke(doctor_command, ["--spec", str(spec)])
+    (line,) = [line for line in result.output.splitlines() if "qemu version" in line]
+    assert line.startswith("✓") and " 10." in line, result.output

@@ -34,6 +34,7 @@ NOT_HOST_SIDE = {
 # Calls whose program the scan cannot see, and what each starts (file, enclosing function) -> programs.
 DYNAMIC: dict[tuple[str, str], set[str]] = {
     ("appliance/deploy.py", "run_deploy"): {"ansible-playbook"},  # the venv's, beside sys.executable, or on PATH
+    ("appliance/commands/doctor.py", "doctor_command"): {"qemu-system-x86_64"},  # machine.QEMU_BINARY, imported
     ("tests/unit/conftest.py", "agent_factory"): {"setpriv", "unshare"},  # prefix=, from tests/unit/test_agent.py
 }
 # Programs tests start on purpose although no package has them.
@@ -493,3 +494,50 @@ def test_the_makefile_gets_its_packages_from_the_table_with_the_system_python() 
     assert done.stdout.split() == ["iproute2", "nftables", "procps", "qemu-system-x86"]
     makefile = (REPO / "Makefile").read_text()
     assert "-m appliance.host_tools" in makefile and "--no-install-recommends" in makefile
+
+
+# --- QEMU >= 10: the minimum versions and Debian 12's backports ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("version", "listed"), [
+    (None, True),  # not installed
+    ("1:7.2+dfsg-7+deb12u18+b3", True),  # Debian 12's own: upgraded
+    ("1:10.0~rc1+ds-1", True),  # a release candidate is not the release
+    ("1:10.0.2+ds-2+deb13u1~bpo12+1", False),  # bookworm-backports
+    ("1:10.1.0+ds-5", False),
+])
+def test_a_qemu_older_than_the_minimum_is_to_install(version, listed) -> None:
+    """Compared by the real `dpkg --compare-versions`: epochs, `~` and backports suffixes as apt sees them."""
+    installed = {"qemu-system-x86": version, "iproute2": "6.1.0-3"}
+    assert host_tools.to_install("sandboxes", installed=installed.get) == (["qemu-system-x86"] if listed else [])
+
+
+def test_debian_12_gets_backports_pinned_to_qemu_and_debian_13_nothing(tmp_path) -> None:
+    assert host_tools.apt_files("trixie") == {}
+    files = host_tools.apt_files("bookworm")
+    assert sorted(files) == ["/etc/apt/preferences.d/appliance-qemu-backports.pref",
+                             "/etc/apt/sources.list.d/bookworm-backports.sources"]
+    preferences = files["/etc/apt/preferences.d/appliance-qemu-backports.pref"]
+    records = [dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith("#"))
+               for block in preferences.split("\n\n")]
+    # apt_preferences(5): the first specific (named or glob) record decides; `*` only what no such record matches
+    assert records == [
+        {"Package": "qemu-* seabios", "Pin": "release n=bookworm-backports", "Pin-Priority": "500"},
+        {"Package": "*", "Pin": "release n=bookworm-backports", "Pin-Priority": "100"},
+    ]
+    assert "Suites: bookworm-backports\n" in files["/etc/apt/sources.list.d/bookworm-backports.sources"]
+    makefile = (REPO / "Makefile").read_text()  # what `make host-packages` runs: these files, then the upgrade
+    assert "$(HOST_TOOLS) apt-sources --check" in makefile and "$(SUDO) $(HOST_TOOLS) apt-sources)" in makefile
+    assert "$(HOST_TOOLS) to-install" in makefile
+
+
+def test_apt_files_are_written_only_when_they_differ(tmp_path) -> None:
+    files = {str(tmp_path / "a.sources"): "one\n", str(tmp_path / "b.pref"): "two\n"}
+    assert host_tools.write_apt_files(files, dry_run=True) == sorted(files)  # `make` asks for sudo only then
+    assert not list(tmp_path.iterdir())
+    assert host_tools.write_apt_files(files) == sorted(files)
+    assert host_tools.write_apt_files(files, dry_run=True) == []
+    assert host_tools.write_apt_files(files) == []  # a second `make setup` changes nothing
+    (tmp_path / "b.pref").write_text("hand-made\n")
+    assert host_tools.write_apt_files(files) == [str(tmp_path / "b.pref")]
+    assert (tmp_path / "b.pref").read_text() == "two\n" and (tmp_path / "b.pref").stat().st_mode & 0o777 == 0o644

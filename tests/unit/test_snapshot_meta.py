@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.engine import deployment_secret
-from service.engine.machine import MACHINE_TYPE, MachineConfig
+from service.engine import deployment_secret, qemu_probe
+from service.engine.machine import MachineConfig
 from service.engine.snapshot import (
     META,
     SNAPSHOT_FORMAT,
@@ -24,19 +24,23 @@ from service.engine.snapshot import (
 
 KEY = b"k" * 32
 RELEASE = "10.0"
+PACKAGE = "10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)"
+MACHINE = "microvm"
 
 
 @pytest.fixture(autouse=True)
 def this_qemu(monkeypatch):
-    """This host's QEMU release, without running a QEMU."""
+    """This host's QEMU (release, package version, resolved machine type), without running a QEMU."""
     qemu_release.cache_clear()
     monkeypatch.setattr("service.engine.snapshot.qemu_release", lambda binary="": RELEASE)
+    monkeypatch.setattr("service.engine.snapshot.qemu_version", lambda binary="": PACKAGE)
+    monkeypatch.setattr("service.engine.snapshot.machine_type", lambda binary="": MACHINE)
 
 
 def meta(**changes) -> dict:
-    return {"format": SNAPSHOT_FORMAT, "qemu_release": RELEASE, "machine_type": MACHINE_TYPE, "accelerator": "tcg",
-            "image_id": "img-1", "vcpus": 1, "memory_mib": 512, "agent_ports": 4, "nic": True, "compressed": False,
-            "created_at": 1.0} | changes
+    return {"format": SNAPSHOT_FORMAT, "qemu_release": RELEASE, "qemu_version": PACKAGE, "machine_type": MACHINE,
+            "accelerator": "tcg", "image_id": "img-1", "vcpus": 1, "memory_mib": 512, "agent_ports": 4, "nic": True,
+            "compressed": False, "created_at": 1.0} | changes
 
 
 def write(directory: Path, content: dict, key: bytes = KEY, signed: dict | None = None) -> Path:
@@ -101,10 +105,14 @@ def test_a_state_file_that_is_a_link_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(("change", "words"), [
-    ({"qemu_release": "7.2"}, "QEMU release '7.2'; this host has '10.0'"),
-    ({"machine_type": "q35"}, "machine type"),
-    ({"image_id": "img-0"}, "guest image"),
-    ({"accelerator": "kvm"}, "accelerator"),
+    # another minor (or major): refused naming both, the release and each side's QEMU package
+    ({"qemu_release": "9.2", "qemu_version": "9.2.1 (Debian 1:9.2.1+ds-1)"},
+     r"QEMU release '9\.2' \(QEMU 9\.2\.1 \(Debian 1:9\.2\.1\+ds-1\)\); this host has '10\.0' \(QEMU 10\.0\.2 "),
+    ({"qemu_release": "7.2"}, r"QEMU release '7\.2'.*this host has '10\.0'"),
+    ({"qemu_release": "10.1"}, r"QEMU release '10\.1'.*this host has '10\.0'"),
+    ({"machine_type": "pc-q35-10.0"}, r"machine type 'pc-q35-10\.0'.*this host has 'microvm'"),
+    ({"image_id": "img-0"}, "guest image 'img-0'"),
+    ({"accelerator": "kvm"}, "accelerator 'kvm'"),
     ({"format": 1}, "format"),
 ])
 def test_what_this_host_cannot_restore_is_refused_with_the_reason(tmp_path, change, words):
@@ -113,24 +121,48 @@ def test_what_this_host_cannot_restore_is_refused_with_the_reason(tmp_path, chan
         snapshot.check_restorable(machine(), "img-1")
 
 
-def test_a_package_update_within_the_release_keeps_snapshots(tmp_path, monkeypatch):
-    snapshot = Snapshot.load(write(tmp_path / "s", meta()), KEY)
-    monkeypatch.setattr("service.engine.snapshot.qemu_release", lambda binary="": "10.0")  # e.g. 10.0.2 → 10.0.3
-    snapshot.check_restorable(machine(), "img-1")
+@pytest.mark.parametrize("package", ["10.0.0 (Debian 1:10.0.0+ds-1~bpo12+1)", "10.0.7 (Debian 1:10.0.7+ds-2+deb13u4)",
+                                     None])
+def test_a_package_update_within_the_release_keeps_snapshots(tmp_path, package):
+    """Snapshots record the package's version but are compared by release: 10.0.2 -> 10.0.7 (or a snapshot from
+    before qemu_version was recorded) resumes."""
+    recorded = meta(qemu_version=package) if package else {k: v for k, v in meta().items() if k != "qemu_version"}
+    Snapshot.load(write(tmp_path / "s", recorded), KEY).check_restorable(machine(), "img-1")
 
 
-def test_qemu_release_is_major_minor(monkeypatch):
-    qemu_release.cache_clear()
-    monkeypatch.undo()
+@pytest.mark.parametrize(("output", "release", "full"), [
+    ("QEMU emulator version 10.0.3 (Debian 1:10.0.3+ds-1~bpo12+1)\nCopyright (c) 2003-2025\n", "10.0",
+     "10.0.3 (Debian 1:10.0.3+ds-1~bpo12+1)"),
+    ("QEMU emulator version 7.2.19\n", "7.2", "7.2.19"),
+    ("QEMU emulator version 10.1.0 (v10.1.0-dirty)\n", "10.1", "10.1.0 (v10.1.0-dirty)"),
+])
+def test_qemu_version_is_read_as_release_and_package(output, release, full):
+    version = qemu_probe.parse_version(output)
+    assert (version.release, version.full) == (release, full)
 
-    class Done:
-        stdout = "QEMU emulator version 10.0.3 (Debian 1:10.0.3+ds-1~bpo12+1)\nCopyright (c) 2003-2025\n"
 
-    monkeypatch.setattr("service.engine.snapshot.subprocess.run", lambda *a, **k: Done())
-    from service.engine import snapshot
+def test_a_version_line_that_is_not_qemus_is_an_error():
+    with pytest.raises(qemu_probe.QemuProbeError, match="cannot tell"):
+        qemu_probe.parse_version("bash: qemu: command not found\n")
 
-    assert snapshot.qemu_release("qemu-system-x86_64") == "10.0"
-    snapshot.qemu_release.cache_clear()
+
+MACHINE_HELP = """Supported machines are:
+microvm              microvm (i386)
+pc-i440fx-10.0       Standard PC (i440FX + PIIX, 1996)
+pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-10.0)
+pc-q35-10.0          Standard PC (Q35 + ICH9, 2009) (default)
+q35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)
+x-remote             Experimental remote machine
+"""
+
+
+def test_the_machine_type_recorded_is_the_versioned_one_an_alias_resolves_to():
+    assert qemu_probe.resolve_machine(MACHINE_HELP, "q35") == "pc-q35-10.0"
+    assert qemu_probe.resolve_machine(MACHINE_HELP, "pc") == "pc-i440fx-10.0"
+    assert qemu_probe.resolve_machine(MACHINE_HELP, "pc-q35-10.0") == "pc-q35-10.0"
+    assert qemu_probe.resolve_machine(MACHINE_HELP, "microvm") == "microvm"  # unversioned: the release pins it
+    with pytest.raises(qemu_probe.QemuProbeError, match="no machine type 'virt'"):
+        qemu_probe.resolve_machine(MACHINE_HELP, "virt")
 
 
 def test_the_deployment_secret_is_made_once_and_private(tmp_path):
@@ -145,3 +177,40 @@ def test_the_deployment_secret_is_made_once_and_private(tmp_path):
     path.write_bytes(b"short")
     with pytest.raises(deployment_secret.SecretError, match="32 bytes"):
         deployment_secret.read_or_create(path)
+
+
+# --- through the API: the real rule behind the engine's resume, the real error mapping ----------------------------
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"qemu_release": "10.1", "qemu_version": "10.1.0 (Debian 1:10.1.0+ds-1)"},
+     [r"QEMU release '10.1' (QEMU 10.1.0 (Debian 1:10.1.0+ds-1))", f"this host has '10.0' (QEMU {PACKAGE})"]),
+    ({"machine_type": "pc-q35-10.0"}, ["machine type 'pc-q35-10.0'", "this host has 'microvm'"]),
+])
+def test_resuming_an_incompatible_snapshot_is_422_naming_both_sides(client, manager, engine, monkeypatch, change,
+                                                                    words):
+    from tests.unit.api_helpers import A, assert_error
+    from tests.unit.fakes import states
+
+    sandbox_id = client.simulate_post("/v1/sandboxes", headers=A).json["id"]
+    assert client.simulate_post(f"/v1/sandboxes/{sandbox_id}/freeze", headers=A).status_code == 200
+    directory = manager.snapshot_dir(sandbox_id)
+    content = meta() | change
+    (directory / META).write_text(json.dumps({**content, "hmac": _signature(content, KEY)}))
+    fake_resume = engine.resume
+
+    def resume(directory: Path, vm_id: str):
+        Snapshot.load(directory, KEY).check_restorable(machine(), "img-1")  # what Engine.resume does first
+        return fake_resume(directory, vm_id)
+
+    monkeypatch.setattr(engine, "resume", resume)
+    error = assert_error(client.simulate_post(f"/v1/sandboxes/{sandbox_id}/resume", headers=A), 422,
+                         "snapshot_incompatible")
+    for word in words:
+        assert word in error["message"]
+    assert states(manager)[sandbox_id] == "frozen"
+    # the same snapshot, recorded by another package of this release, resumes
+    content = meta(qemu_version="10.0.0 (Debian 1:10.0.0+ds-1~bpo12+1)")
+    (directory / META).write_text(json.dumps({**content, "hmac": _signature(content, KEY)}))
+    assert client.simulate_post(f"/v1/sandboxes/{sandbox_id}/resume", headers=A).status_code == 200
+    assert states(manager)[sandbox_id] == "running"

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from appliance import bundle as bundle_mod
 from appliance import host_tools, node_setup
 from appliance.build import rootfs
 from appliance.build.apt import Apt
@@ -229,6 +230,10 @@ def _build_root(spec: ApplianceSpec, base: Path, guest_dir: Path, root_image: Pa
             (tree / "boot/grub/grub.cfg").write_text(disk.grub_cfg(root_uuid, kernel, initrd, KERNEL_CMDLINE))
             root.scrub(tree)
             debian = rootfs.parse_dpkg_query(rootfs.dpkg_query(tree))
+            try:  # the roles installed the bundle's QEMU (>= 10); an image that could not run the engine is no image
+                bundle_mod.check_minimum_versions(debian)
+            except bundle_mod.BundleError as exc:
+                raise BuildError(f"roles: {exc}") from None
             guest_manifest = read_manifest(guest_dir)
             manifest = {
                 "recipe_hash": recipe_hash(),

@@ -5,6 +5,11 @@ kernel): for those we check the files that apply them at boot; net.* settings be
 namespace and are checked live.
 """
 
+import json
+import os
+import re
+from pathlib import Path
+
 import pytest
 
 testinfra_hosts = ["all"]
@@ -16,6 +21,14 @@ def test_qemu_is_installed_from_the_bundle_repository(host):
     assert host.exists("qemu-system-x86_64")
     policy = host.check_output("apt-cache policy qemu-system-x86")
     assert "file:/var/lib/appliance-bundle/debs ./" in policy
+
+
+def test_qemu_is_at_least_10_at_the_exact_versions_the_bundle_records(host):
+    manifest = json.loads((Path(os.environ["APPLIANCE_TEST_BUNDLE_DIR"]) / "manifest.json").read_text())
+    for package in ("qemu-system-x86", "qemu-utils"):
+        assert host.package(package).version == manifest["package_versions"][package]
+    release = re.search(r"version (\d+)\.(\d+)", host.check_output("qemu-system-x86_64 --version"))
+    assert release and (int(release[1]), int(release[2])) >= (10, 0)
 
 
 def test_the_only_apt_source_is_the_bundle_and_there_is_no_default_route(host):
