@@ -195,10 +195,10 @@ def test_swapped_directories_and_planted_links_never_redirect_roots_writes(setup
     put it) renamed away and replaced by a link to root's directory, and a link to root's file planted under each
     name root writes in the VM dir the launcher makes. Each start may fail; none may touch the canary."""
     results = attack(setup, "race", machine_json(setup["images"] / "bad"), RACES)
+    assert snapshot(setup["canary"]) == setup["before"]
     assert len(results) == RACES and not any(r["ok"] for r in results)  # not a kernel: no start succeeds
     # ... but each got as far as the file steps (QEMU ran and failed), or was refused by one of them
     assert all("QEMU did not start" in r["error"] or "File exists" in r["error"] for r in results), results[:3]
-    assert snapshot(setup["canary"]) == setup["before"]
     # A failed start removes its VM dir, unless the racer planted links again meanwhile: then only those are left
     for vm_dir in setup["vms"].glob("vm-*"):
         assert all(p.is_symlink() and p.lstat().st_uid == CLIENT_UID for p in vm_dir.iterdir()), vm_dir

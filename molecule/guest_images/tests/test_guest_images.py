@@ -10,7 +10,7 @@ import pytest
 
 testinfra_hosts = ["all"]
 
-IMAGES = "/var/lib/appliance/images"
+IMAGES = "/var/lib/appliance-images"
 ARTIFACTS = ("vmlinuz", "initrd.img", "rootfs.ext4")
 
 
