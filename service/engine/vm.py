@@ -145,6 +145,7 @@ class VirtualMachine:
         # Every file operation as root below is relative to the VM dir's descriptor, made here, with no-follow and
         # exclusive create: whoever else can write the run dir or the VM dir cannot redirect one (dirfd.py).
         vm_dir = cls.dir_path(run_dir, vm_id)
+        run_dir.mkdir(parents=True, exist_ok=True)  # the run dir is this process's (or the launcher's own)
         run_fd = dirfd.open_dir(run_dir)
         try:
             vm_fd = dirfd.make_dir(run_fd, vm_dir.name, 0, jail.identity.gid, 0o3770)

@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -260,6 +261,9 @@ def test_the_slot_marker_and_network_record_are_written_by_root_in_roots_directo
     vm_dir = Path(started["answer"]["vm_dir"])
     resolved = {"egress": "none", "rules": [], "hosts": {}}
     try:
+        # bwrap bound the launcher's descriptors and closed them: QEMU holds no directory (a way out of its view)
+        held = [os.stat(fd).st_mode for fd in Path(f"/proc/{started['answer']['pid']}/fd").iterdir()]
+        assert held and not any(stat.S_ISDIR(mode) for mode in held)
         planted = vm_dir / "network.json"
         link = [*as_uid(CLIENT_UID, setup["vm_gid"]), "ln", "-s", str(setup["canary"] / "dir" / "file"),
                 str(planted)]
