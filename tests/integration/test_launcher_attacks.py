@@ -121,10 +121,12 @@ def snapshot(tree: Path) -> dict[str, tuple]:
         info = path.lstat()
         if path.is_symlink():
             content = os.readlink(path)
-        elif path.is_file():
+        elif stat.S_ISREG(info.st_mode):
             content = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
+        elif stat.S_ISDIR(info.st_mode):
             content = sorted(child.name for child in path.iterdir())
+        else:  # a socket or fifo someone made there
+            content = stat.S_IFMT(info.st_mode)
         state[str(path.relative_to(tree))] = (info.st_mode, info.st_uid, info.st_gid, content)
     return state
 
