@@ -161,6 +161,11 @@ class IsolationSpec(_Section):
         description="the root VMM launcher's socket (`appliance launcher`): a service that is not root asks it to "
         "start jailed VMs and attach networks; used when the service is not root and the socket exists",
     )
+    launcher_dir: Path = Field(
+        Path("/run/appliance-launcher"),
+        description="the VMM launcher's own directory for the VM dirs it makes (root's; it and every directory "
+        "above it must be writable by root alone). Short: VM socket paths must stay under 108 bytes",
+    )
     network_range: str = Field(
         "100.96.0.0/16", pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$",
         description="IPv4 range for sandboxes created with a network policy: 8 addresses each (host link and "

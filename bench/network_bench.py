@@ -13,6 +13,7 @@ Needs root. Ratios matter more than absolute values: the machine is shared, and 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -106,8 +107,9 @@ def launcher_rows(spec, image: Path, root: Path, runs: int) -> list[tuple[str, s
     run.mkdir()
     socket_path = root / "launcher.sock"
     server = serve(LauncherConfig(socket_path=socket_path, policy=settings.jail_policy(spec),
-                                  network=settings.network_settings(spec),
-                                  scope=LauncherScope(run_root=run, image_roots=(image.parent,))))
+                                  network=settings.network_settings(spec), allowed_uids=frozenset({os.getuid()}),
+                                  scope=LauncherScope(vms_dir=root / "lvms", run_root=run,
+                                                      image_roots=(image.parent,))))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     config = replace(settings.engine_config(spec, image), run_dir=run, memory_mib=512,

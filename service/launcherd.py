@@ -3,9 +3,12 @@ stops it, and attaches networks (engine/network.py) for an API that runs as an u
 engine/launch.py (RemoteLauncher), its request checks engine/launch_checks.py. Run it with `appliance launcher`
 (a systemd unit on a node).
 
-Who may ask: root and the uids in the launcher's own `allowed_uids` (the API's user, from its command line, never
-from a client), checked by SO_PEERCRED on each connection; the socket's mode (0660, the service's group) is only the
-first fence. What they may ask is bounded by the scope (image dirs, run root), never by trust.
+Who may ask: the uids in the launcher's own `allowed_uids` (the API's user, from its command line, never from a
+client; it must name one) and root, checked by SO_PEERCRED on each connection; the socket's mode (0660, the
+service's group) is only the first fence. What they may ask is bounded by the scope, never by trust: a client names
+VMs by id; the launcher makes their directories in its own root-owned directory (scope.vms_dir), binds images only
+from a root-owned store, and makes every file operation relative to a directory descriptor (engine/dirfd.py). The
+ordered steps of a start are in docs/security.md ("The launcher's steps").
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.engine import network
+from service.engine import dirfd, network
 from service.engine.errors import LauncherError
 from service.engine.jail import Jail, JailPolicy
 from service.engine.launch import LAUNCHER_FILE, MAX_REQUEST, JailedLauncher
@@ -41,13 +44,13 @@ class LauncherConfig:
     policy: JailPolicy
     network: NetworkSettings  # isolation.network_range
     client_group: str | None = None  # the socket's group (the API's); None: root's
-    allowed_uids: frozenset[int] = field(default_factory=frozenset)  # besides root; empty: root alone
+    allowed_uids: frozenset[int] = field(default_factory=frozenset)  # the API's user (required), besides root
 
 
 class Launcher:
     def __init__(self, config: LauncherConfig) -> None:
         self.config = config
-        self.jail = Jail(config.policy)
+        self.jail = Jail(config.policy, memory_root=config.scope.run_root)
         self.launcher = JailedLauncher(self.jail)
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -55,10 +58,18 @@ class Launcher:
         if op == "ping":
             return {"uid": self.jail.identity.uid, "gid": self.jail.identity.gid}
         if op == "start":
-            machine, run_dir, incoming, vm_id = check_start(request, self.config.scope)
-            vm = self.launcher.start(machine, run_dir, incoming=incoming, detach=True, vm_id=vm_id)
+            machine, incoming, vm_id = check_start(request, self.config.scope)
+            vm = self.launcher.start(machine, self.config.scope.vms_dir, incoming=incoming, detach=True, vm_id=vm_id)
             vm.close_monitor()
-            (vm.dir / LAUNCHER_FILE).write_text(f"{self.config.socket_path}\n")
+            try:
+                vm_fd = dirfd.open_dir(vm.dir)
+                try:
+                    dirfd.write_new(vm_fd, LAUNCHER_FILE, f"{self.config.socket_path}\n")
+                finally:
+                    os.close(vm_fd)
+            except OSError as exc:  # a name planted in the VM dir (the VM group can write there): no VM then
+                vm.stop()
+                raise LauncherError(f"cannot record the launcher in {vm.dir}: {exc}") from None
             return {"vm_dir": str(vm.dir), "pid": vm.pid}
         if op == "stop":
             vm_dir = check_vm_dir(request.get("vm_dir"), self.config.scope)
@@ -125,8 +136,23 @@ def _peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
+def prepare_vms_dir(vms_dir: Path) -> None:
+    """The launcher's own directory for VM dirs: made if missing (0711: clients reach their VMs' sockets by name
+    but cannot list or write it), and refused unless it and every directory above it are root's alone."""
+    if not vms_dir.is_dir():
+        vms_dir.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            vms_dir.mkdir(mode=0o711)
+    fd = dirfd.open_root_owned_dir(vms_dir)
+    os.fchmod(fd, 0o711)
+    os.close(fd)
+
+
 def serve(config: LauncherConfig) -> _Server:
     """Bind the socket (0660, the client group) and return the server; call serve_forever() on it."""
+    if not config.allowed_uids:  # a launcher that serves no one but root is a misconfiguration, said at once
+        raise ValueError("no allowed user: name the API's user (--allow-user)")
+    prepare_vms_dir(config.scope.vms_dir)
     launcher = Launcher(config)
     path = config.socket_path
     path.parent.mkdir(parents=True, exist_ok=True)

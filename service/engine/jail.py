@@ -15,11 +15,13 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import dirfd
 from .machine import MachineConfig
 
 log = logging.getLogger(__name__)
@@ -150,8 +152,13 @@ def jail_argv(
     cgroup_procs: list[Path],
     die_with_parent: bool = False,
     detach: bool = False,
+    fds: dict[Path, int] | None = None,
 ) -> list[str]:
-    """The full argv: [setsid -f] sh (join cgroup) -> bwrap (namespaces, mount view) -> setpriv (drop) -> QEMU."""
+    """The full argv: [setsid -f] sh (join cgroup) -> bwrap (namespaces, mount view) -> setpriv (drop) -> QEMU.
+
+    `fds` holds a descriptor the host opened for each bound path it has one for: bwrap binds what that descriptor
+    holds (--ro-bind-fd/--bind-fd; bwrap closes it before QEMU runs), never what the path names by then."""
+    fds = fds or {}
     ro = [machine.kernel, machine.initrd, machine.rootfs]
     rw = [vm_dir] + ([machine.memory_file] if machine.memory_file is not None else [])
     argv: list[str] = ["setsid", "--fork"] if detach else []
@@ -174,9 +181,9 @@ def jail_argv(
     for ancestor in bind_ancestors(ro + rw):
         argv += ["--perms", "0755", "--dir", str(ancestor)]
     for path in ro:
-        argv += ["--ro-bind", str(path), str(path)]
+        argv += ["--ro-bind-fd", str(fds[path]), str(path)] if path in fds else ["--ro-bind", str(path), str(path)]
     for path in rw:
-        argv += ["--bind", str(path), str(path)]
+        argv += ["--bind-fd", str(fds[path]), str(path)] if path in fds else ["--bind", str(path), str(path)]
     if machine.accelerator == "kvm":
         argv += ["--dev-bind", "/dev/kvm", "/dev/kvm"]
     argv += ["--chdir", "/", "--info-fd", str(info_fd), "--"]
@@ -259,11 +266,12 @@ def ensure_user(name: str) -> tuple[int, int]:
 class Jail:
     """One per engine: the resolved VM identity and cgroup layout, and the per-VM setup and teardown."""
 
-    def __init__(self, policy: JailPolicy, layout: CgroupLayout | None = None) -> None:
+    def __init__(self, policy: JailPolicy, layout: CgroupLayout | None = None, memory_root: Path | None = None) -> None:
         why = jail_unavailable()
         if why is not None:
             raise JailError(f"cannot jail sandbox VMs: {why}")
         self.policy = policy
+        self.memory_root = memory_root  # memory files are opened below it (the launcher: its clients' run root)
         uid, gid = ensure_user(policy.user)
         groups: tuple[int, ...] = ()
         with contextlib.suppress(OSError):
@@ -281,24 +289,48 @@ class Jail:
             if layout.version == 1 and controller not in layout.own:
                 warn_once(f"cgroup-{controller}", f"cgroup v1 controller {controller!r} is not mounted: no limit")
 
-    def prepare(self, machine: MachineConfig, vm_dir: Path) -> list[Path]:
-        """Make the VM dir and memory file usable by the VM user, create its cgroups; returns the cgroup.procs
-        files the launcher joins. The VM dir is root-owned, group VM user, setgid + sticky: QEMU creates its
-        sockets and logs there but cannot replace the pidfile or anything else the host wrote."""
+    def prepare(self, machine: MachineConfig, vm_dir: Path, vm_fd: int) -> tuple[list[Path], dict[Path, int]]:
+        """Open what the VM is given and create its cgroups; returns the cgroup.procs files the launcher joins and
+        a descriptor per path bwrap binds (the caller closes them). The VM dir (`vm_fd`, made root-owned, group VM
+        user, setgid + sticky by the caller) lets QEMU create its sockets and logs but not replace what the host
+        wrote. Images: only files that are root's alone, in directories that are root's alone (dirfd.py), so what
+        is opened here is what QEMU sees. The memory file: opened below the memory root without following links."""
         if machine.accelerator == "kvm" and self.kvm_problem is not None and "kvm" not in _warned:
             _warned.add("kvm")  # not warn_once: isolation is in force, only KVM is lost
             log.warning("KVM NOT USABLE BY THE JAILED VM USER: %s; fix: %s", self.kvm_problem, KVM_GROUP_FIX)
-        os.chown(vm_dir, 0, self.identity.gid)
-        os.chmod(vm_dir, 0o3770)
-        if machine.memory_file is not None and not machine.memory_file.exists():
-            # bwrap binds existing files only; QEMU sizes it. Owned by the VM user: a clone opens it read-write
-            # (QEMU 7.2 maps share=off files only from O_RDWR descriptors).
-            fd = os.open(machine.memory_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.fchown(fd, self.identity.uid, self.identity.gid)
-            os.close(fd)
-        return self._create_cgroups(machine, vm_dir)
+        fds: dict[Path, int] = {vm_dir: os.dup(vm_fd)}
+        try:
+            for image in (machine.kernel, machine.initrd, machine.rootfs):
+                fds[image] = dirfd.open_root_owned(image)
+            if machine.memory_file is not None:
+                fds[machine.memory_file] = self._open_memory_file(machine.memory_file)
+            return self._create_cgroups(machine, vm_dir, vm_fd), fds
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
 
-    def _create_cgroups(self, machine: MachineConfig, vm_dir: Path) -> list[Path]:
+    def _open_memory_file(self, path: Path) -> int:
+        """bwrap binds existing files only; QEMU sizes it. Owned by the VM user: a clone opens it read-write (QEMU
+        maps share=off files only from O_RDWR descriptors). An existing one must be a file we made for the VM user
+        (one link: not a hard link to someone else's file)."""
+        root = self.memory_root or path.parent
+        try:
+            fd = dirfd.open_beneath(root, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.fchown(fd, self.identity.uid, self.identity.gid)
+            finally:
+                os.close(fd)
+        except FileExistsError:
+            pass
+        fd = dirfd.open_beneath(root, path, os.O_PATH)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != self.identity.uid or info.st_nlink != 1:
+            os.close(fd)
+            raise JailError(f"memory file {path} is not one made for the VM user")
+        return fd
+
+    def _create_cgroups(self, machine: MachineConfig, vm_dir: Path, vm_fd: int) -> list[Path]:
         settings = cgroup_settings(self.layout.version, limits_for(machine, self.policy))
         created: list[Path] = []
         try:
@@ -322,7 +354,7 @@ class Jail:
             warn_once("cgroup-create", f"cannot create the VM's cgroup ({exc}): VMs run without limits")
             remove_cgroups(created)
             return []
-        (vm_dir / CGROUP_FILE).write_text("".join(f"{d}\n" for d in created))
+        dirfd.write_new(vm_fd, CGROUP_FILE, "".join(f"{d}\n" for d in created))
         return [d / "cgroup.procs" for d in created]
 
     def _enable_v2_controllers(self, own: Path, parent: Path) -> None:

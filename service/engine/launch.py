@@ -39,7 +39,7 @@ class VmmLauncher(Protocol):
 
     def start(self, machine: MachineConfig, run_dir: Path, *, incoming: str | None = None,
               die_with_parent: bool = False, detach: bool = False, vm_id: str | None = None) -> VirtualMachine:
-        """Start QEMU for `machine` in a new VM directory below `run_dir`."""
+        """Start QEMU for `machine` in a new VM directory below `run_dir` (the root daemon: below its own)."""
         ...
 
     def network_unavailable(self) -> str | None:
@@ -129,10 +129,9 @@ class RemoteLauncher:
 
     def start(self, machine: MachineConfig, run_dir: Path, *, incoming: str | None = None,
               die_with_parent: bool = False, detach: bool = False, vm_id: str | None = None) -> VirtualMachine:
-        # The daemon's VMs are detached whatever the caller asked: they outlive the process that asked.
-        run_dir.mkdir(parents=True, exist_ok=True)
-        answer = self.request("start", machine=machine_to_json(machine), run_dir=str(run_dir), incoming=incoming,
-                              vm_id=vm_id)
+        # The daemon's VMs are detached whatever the caller asked: they outlive the process that asked. They live
+        # in the daemon's own directory, not `run_dir`: a client names a VM by id, never where root writes.
+        answer = self.request("start", machine=machine_to_json(machine), incoming=incoming, vm_id=vm_id)
         return VirtualMachine(machine, Path(answer["vm_dir"]), int(answer["pid"]), None, incoming)
 
     def stop(self, vm_dir: Path, keep_files: bool) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import dirfd
 from .errors import EngineError
 
 if TYPE_CHECKING:
@@ -114,10 +115,18 @@ def attach_host(vm: Any, resolved: ResolvedPolicy, settings: NetworkSettings) ->
     sandbox_range = check_range(settings.sandbox_range)
     _ensure_host_rules(sandbox_range)
     slot = _claim_slot(sandbox_range)
-    marker = vm.dir.parent / SLOTS_DIR / str(slot.index)
+    # Root writes only into directories it opened without following links, by names it picks (dirfd.py): the
+    # slot marker beside the VM dirs (the launcher's own directory under a launcher), the record in the VM dir.
+    parent_fd = slots_fd = vm_fd = -1
+    wrote_record = False
     try:
-        marker.parent.mkdir(exist_ok=True)
-        marker.write_text(json.dumps({"vm_dir": str(vm.dir), "range": str(sandbox_range)}))
+        parent_fd = dirfd.open_dir(vm.dir.parent)
+        slots_fd = dirfd.ensure_dir(parent_fd, SLOTS_DIR, 0o700)
+        vm_fd = dirfd.open_dir(vm.dir.name, parent_fd)
+        dirfd.replace_file(slots_fd, str(slot.index), json.dumps({"vm_dir": str(vm.dir), "range": str(sandbox_range)}))
+        # The record first, before QEMU is touched: a name planted in the VM dir refuses the network right here.
+        dirfd.write_new(vm_fd, NETWORK_FILE, json.dumps({"slot": slot.index, "range": str(sandbox_range)}))
+        wrote_record = True
         tap_fd = _build_namespace(slot, resolved, sandbox_range)
         try:
             qmp = vm.qmp()
@@ -128,17 +137,21 @@ def attach_host(vm: Any, resolved: ResolvedPolicy, settings: NetworkSettings) ->
         qmp.cmd("netdev_add", type="tap", id=_TAP_NETDEV, fd=_TAP_FD_NAME)
         qmp.cmd("netdev_add", type="hubport", id=_TAP_HUB_PORT, hubid=0, netdev=_TAP_NETDEV)
         set_link(vm, up=True)  # a fork's or resume's NIC arrives down (link_down below)
-        (vm.dir / NETWORK_FILE).write_text(json.dumps({"slot": slot.index, "range": str(sandbox_range)}))
     except BaseException as exc:
         teardown_slot(slot)
-        for path in (vm.dir / NETWORK_FILE, marker):
-            with contextlib.suppress(OSError):
-                path.unlink()
+        for fd, name in ((vm_fd if wrote_record else -1, NETWORK_FILE), (slots_fd, str(slot.index))):
+            if fd >= 0:  # only what we wrote: a name someone else planted is left alone
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=fd)
         if isinstance(exc, NetworkError):
             raise
         if isinstance(exc, Exception):
             raise NetworkError(f"cannot give the sandbox its network: {exc}") from None
         raise
+    finally:
+        for fd in (parent_fd, slots_fd, vm_fd):
+            if fd >= 0:
+                os.close(fd)
     return Attachment(slot, random_mac(secrets.token_bytes(5)), resolved.hosts)
 
 
@@ -154,9 +167,10 @@ def detach(vm_dir: Path) -> None:
         log.warning("cannot read %s: %s", record, exc)
         return
     teardown_slot(slot)
-    for path in (record, vm_dir.parent / SLOTS_DIR / str(slot.index)):
-        with contextlib.suppress(OSError):
-            path.unlink()
+    with contextlib.suppress(OSError):
+        record.unlink()
+    with contextlib.suppress(OSError):
+        dirfd.unlink_below(vm_dir.parent, SLOTS_DIR, str(slot.index))
 
 
 def remove_leftovers(vms_dir: Path, min_age_s: float = 60.0) -> list[str]:

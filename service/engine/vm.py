@@ -16,8 +16,8 @@ from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from . import dirfd, network
 from . import jail as jails
-from . import network
 from .errors import BootFailed
 from .machine import MachineConfig, RuntimePaths, build_qemu_command
 
@@ -66,11 +66,17 @@ class VirtualMachine:
         return cls(None, vm_dir, pid)  # type: ignore[arg-type]
 
     @staticmethod
-    def new_dir(run_dir: Path, vm_id: str | None) -> Path:
-        """A VM's own directory (created here; it must not exist): sockets, logs, pidfile."""
+    def dir_path(run_dir: Path, vm_id: str | None) -> Path:
+        """Where a VM's own directory goes (sockets, logs, pidfile): vm-<id> below run_dir."""
         vm_dir = run_dir / f"vm-{vm_id or secrets.token_hex(6)}"
         if len(str(vm_dir / "agent-00.sock")) >= _UNIX_PATH_MAX:
             raise OSError(f"run directory {run_dir} is too deep: socket paths must stay under {_UNIX_PATH_MAX} bytes")
+        return vm_dir
+
+    @classmethod
+    def new_dir(cls, run_dir: Path, vm_id: str | None) -> Path:
+        """A VM's own directory, created here (it must not exist)."""
+        vm_dir = cls.dir_path(run_dir, vm_id)
         vm_dir.mkdir(parents=True, exist_ok=False)
         return vm_dir
 
@@ -136,27 +142,39 @@ class VirtualMachine:
         PID is the pidfile. Detached, the jail forks off (setsid -f) so init, not this process, is its parent."""
         if die_with_parent and detach:
             raise ValueError("a VM cannot both die with its parent and be detached from it")
-        vm_dir = cls.new_dir(run_dir, vm_id)
+        # Every file operation as root below is relative to the VM dir's descriptor, made here, with no-follow and
+        # exclusive create: whoever else can write the run dir or the VM dir cannot redirect one (dirfd.py).
+        vm_dir = cls.dir_path(run_dir, vm_id)
+        run_dir.mkdir(parents=True, exist_ok=True)  # the run dir is this process's (or the launcher's own)
+        run_fd = dirfd.open_dir(run_dir)
+        try:
+            vm_fd = dirfd.make_dir(run_fd, vm_dir.name, 0, jail.identity.gid, 0o3770)
+        finally:
+            os.close(run_fd)
         paths = RuntimePaths(vm_dir, incoming=incoming, seccomp=True)
         info_read, info_write = os.pipe()
         process: subprocess.Popen[bytes] | None = None
         pid: int | None = None
+        binds: dict[Path, int] = {}
         try:
-            procs = jail.prepare(config, vm_dir)
+            procs, binds = jail.prepare(config, vm_dir, vm_fd)
             argv = jails.jail_argv(build_qemu_command(config, paths), config, vm_dir, jail.identity, jail.policy,
-                                   info_write, procs, die_with_parent=die_with_parent, detach=detach)
-            with open(vm_dir / "qemu.log", "wb") as log:
+                                   info_write, procs, die_with_parent=die_with_parent, detach=detach, fds=binds)
+            log = dirfd.create_file(vm_fd, "qemu.log", 0o640)
+            try:
                 process = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                    preexec_fn=_die_with_parent if die_with_parent else None, close_fds=True, pass_fds=(info_write,),
-                    env=CHILD_ENV,
+                    preexec_fn=_die_with_parent if die_with_parent else None, close_fds=True,
+                    pass_fds=(info_write, *binds.values()), env=CHILD_ENV,
                     umask=0o007,  # sockets and logs group-accessible: service processes in the VM group connect
                 )
+            finally:
+                os.close(log)
             os.close(info_write)
             info_write = -1
             pid = _read_child_pid(info_read, deadline=time.monotonic() + 30)
             if pid is not None:
-                paths.pidfile.write_text(str(pid))
+                dirfd.write_new(vm_fd, "qemu.pid", str(pid))
                 vm = cls(config, vm_dir, pid, None if detach else process, incoming)
                 if _wait_for_sockets(vm, paths, deadline=time.monotonic() + 60):
                     if detach:
@@ -169,6 +187,8 @@ class VirtualMachine:
             os.close(info_read)
             if info_write >= 0:
                 os.close(info_write)
+            for fd in (vm_fd, *binds.values()):
+                os.close(fd)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

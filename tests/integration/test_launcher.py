@@ -111,7 +111,7 @@ def start_launcher(root: Path, name: str, run: Path, image_dir: Path, *options: 
     """`appliance launcher` as the node's unit runs it, on its own spec; returns once root's ping is answered."""
     socket_path = root / f"{name}.sock"
     spec = root / f"{name}.toml"
-    spec.write_text(f'[isolation]\njail = "on"\nlauncher_socket = "{socket_path}"\n'
+    spec.write_text(f'[isolation]\njail = "on"\nlauncher_socket = "{socket_path}"\nlauncher_dir = "{root / name}"\n'
                     f'[paths]\nrun_dir = "{run}"\nguest_image = "{image_dir}"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}  # only the spec file counts
     with open(root / f"{name}.log", "wb") as log:
@@ -161,7 +161,7 @@ def setup(image_dir) -> Iterator[dict]:
             stop_launcher(process)
         kill_qemus_under(root)
         for netns in Path("/run/netns").glob(f"{NETNS_PREFIX}*"):
-            marker = run / ".netslots" / netns.name.removeprefix(NETNS_PREFIX)
+            marker = root / "launcher" / ".netslots" / netns.name.removeprefix(NETNS_PREFIX)
             if marker.exists():
                 subprocess.run(["ip", "netns", "delete", netns.name], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
@@ -230,7 +230,6 @@ def test_the_launcher_refuses_what_is_outside_its_scope(setup, image_dir):
     secret = machine_to_json(base) | {"rootfs": "/etc/shadow"}
     for request, words in [
         ({"machine": secret, "run_dir": str(setup["run"])}, "outside the image directories"),
-        ({"machine": machine_to_json(base), "run_dir": "/tmp"}, "not a directory under the run root"),
         ({"machine": machine_to_json(base) | {"memory_file": "/etc/passwd"}, "run_dir": str(setup["run"])},
          "memory file"),
         ({"machine": machine_to_json(base), "run_dir": str(setup["run"]), "incoming": "exec:sh -c id"},
@@ -262,7 +261,7 @@ def test_a_peer_of_another_uid_is_refused_and_the_apis_uid_is_served(setup):
 
     assert other("start", **start) == {"error": f"the VMM launcher refused start: uid {OTHER_UID} may not use this "
                                                 f"launcher (it serves root, uid {CLIENT_UID})"}
-    assert not list(run.iterdir()) and not qemu_pids_under(setup["root"])
+    assert not list((setup["root"] / "launcher").glob("vm-*")) and not qemu_pids_under(setup["root"])
     for op, args in (("ping", {}), ("stop", {"vm_dir": str(run / "vm-x")})):
         assert "may not use this launcher" in other(op, **args)["error"]
 
@@ -270,18 +269,18 @@ def test_a_peer_of_another_uid_is_refused_and_the_apis_uid_is_served(setup):
     assert "error" not in served, served
     vm_dir, pid = Path(served["answer"]["vm_dir"]), served["answer"]["pid"]
     try:
-        assert vm_dir.parent == run and pid in qemu_pids_under(setup["root"])
+        assert vm_dir.parent == setup["root"] / "launcher" and pid in qemu_pids_under(setup["root"])
     finally:
         assert client("stop", vm_dir=str(vm_dir)) == {"answer": {"ok": True}}
     assert not vm_dir.exists() and pid not in qemu_pids_under(setup["root"])
 
 
-def test_a_launcher_told_no_user_serves_root_alone(setup):
-    """The default: `appliance launcher` without --allow-user refuses every uid but root, the API's too."""
-    run = setup["root"] / "run-default"
-    run.mkdir()
-    setup["launchers"].append(start_launcher(setup["root"], "default", run, setup["image"]))
-    socket_path = setup["root"] / "default.sock"
-    assert request_as(CLIENT_UID, setup["vm_gid"], socket_path, "ping") == {
-        "error": f"the VMM launcher refused ping: uid {CLIENT_UID} may not use this launcher (it serves root)"}
-    assert set(request_as(None, setup["vm_gid"], socket_path, "ping")["answer"]) == {"ok", "uid", "gid"}
+def test_a_launcher_told_no_user_does_not_start(setup):
+    """A launcher that would serve no one but root is a misconfiguration: said at once, in one line."""
+    spec = setup["root"] / "launcher.toml"  # the running launcher's spec: only the flag differs
+    done = subprocess.run([str(APPLIANCE), "launcher", "--group", "appliance-vm", "--spec", str(spec)],
+                          capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")})
+    assert done.returncode != 0
+    assert done.stderr.strip() == ("Error: --allow-user is required: name the API's user (the launcher serves only "
+                                   "it)")

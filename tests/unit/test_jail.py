@@ -168,3 +168,14 @@ def test_sweep_removes_only_old_empty_vm_cgroups(tmp_path, monkeypatch):
             os.utime(tmp_path / name, (0, 0))
     sweep_stale_cgroups(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"vm-b", "vm-c", "keep"}
+
+
+def test_paths_the_host_opened_are_bound_by_descriptor_never_by_name():
+    """What the launcher checked is what QEMU sees: bwrap binds the descriptor (and closes it before QEMU runs);
+    a path bound by name would be whatever a swap made of it by then."""
+    fds = {MACHINE.rootfs: 11, MACHINE.kernel: 12, MACHINE.initrd: 13, VM_DIR: 14, MACHINE.memory_file: 15}
+    args = argv(fds=fds)
+    assert set(pairs(args, "--ro-bind-fd")) == {("11", str(MACHINE.rootfs)), ("12", str(MACHINE.kernel)),
+                                                ("13", str(MACHINE.initrd))}
+    assert set(pairs(args, "--bind-fd")) == {("14", str(VM_DIR)), ("15", str(MACHINE.memory_file))}
+    assert not [p for p in pairs(args, "--ro-bind") + pairs(args, "--bind") if p[0].startswith(str(IMG))]

@@ -108,7 +108,7 @@ def test_secrets_and_config_files_have_tight_permissions(host):
     spec = host.file("/etc/appliance/appliance.toml")
     assert spec.user == "root" and spec.group == "appliance" and spec.mode == 0o640
     assert KEY not in spec.content_string
-    assert 'guest_image = "/var/lib/appliance/images/current"' in spec.content_string
+    assert 'guest_image = "/var/lib/appliance-images/current"' in spec.content_string
     config_dir = host.file("/etc/appliance")
     assert config_dir.group == "appliance" and config_dir.mode == 0o750
     state = host.file("/var/lib/appliance")

@@ -10,7 +10,7 @@ import pytest
 
 testinfra_hosts = ["all"]
 
-IMAGES = "/var/lib/appliance/images"
+IMAGES = "/var/lib/appliance-images"
 ARTIFACTS = ("vmlinuz", "initrd.img", "rootfs.ext4")
 
 
@@ -41,3 +41,9 @@ def test_installed_files_match_their_manifest_and_are_read_only_for_the_service(
         artifact = host.file(f"{directory}/{name}")
         assert artifact.user == "root" and artifact.mode == 0o644
         assert artifact.sha256sum == manifest["artifacts"][name]["sha256"]
+
+
+def test_the_image_store_is_roots_alone(host):
+    """The VMM launcher boots only images from a store that root alone can change (docs/security.md)."""
+    store = host.file(IMAGES)
+    assert (store.user, store.group, store.mode) == ("root", "root", 0o755)

@@ -52,7 +52,7 @@ def test_every_part_is_running(host):
     for unit in ("appliance-api.service", "nftables.service", "run-appliance.mount"):
         assert host.service(unit).is_enabled, unit
         assert host.run(f"systemctl is-active {unit}").stdout.strip() == "active", unit
-    assert host.file("/var/lib/appliance/images/current").is_symlink
+    assert host.file("/var/lib/appliance-images/current").is_symlink
     assert host.check_output("ip route show default") == ""
 
 
