@@ -36,6 +36,9 @@ DYNAMIC: dict[tuple[str, str], set[str]] = {
     ("appliance/deploy.py", "run_deploy"): {"ansible-playbook"},  # the venv's, beside sys.executable, or on PATH
     ("appliance/commands/doctor.py", "doctor_command"): {"qemu-system-x86_64"},  # machine.QEMU_BINARY, imported
     ("tests/unit/conftest.py", "agent_factory"): {"setpriv", "unshare"},  # prefix=, from tests/unit/test_agent.py
+    # APPLIANCE, imported from tests/integration/test_launcher.py: the venv's CLI
+    ("tests/integration/test_launcher_attacks.py",
+     "test_only_the_apis_uid_is_served_and_a_launcher_must_be_told_which"): {"appliance"},
 }
 # Programs tests start on purpose although no package has them.
 NOT_PROGRAMS = {"no-such-tool-xyz"}  # test_guest_build: the error for a tool that is not installed
