@@ -134,8 +134,10 @@ class FakeSandbox:
             prefix = path.rstrip("/") + "/"
             entries = [{"name": name[len(prefix):], "type": "file", "size": len(data), "mtime": 0.0}
                        for name, data in sorted(files.items())
-                       if name.startswith(prefix) and "/" not in name[len(prefix):]]
-            return {"ev": "ok", "entries": entries}
+                       if name.startswith(prefix) and "/" not in name[len(prefix):]
+                       and name[len(prefix):] > args.get("after", "")]
+            more, entries = len(entries) > args["limit"], entries[:args["limit"]]
+            return {"ev": "ok", "entries": entries, "more": more, "after": entries[-1]["name"] if more else None}
         return {"ev": "ok"}
 
     def detach(self) -> None:

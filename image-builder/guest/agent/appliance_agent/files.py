@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import heapq
 import os
 import stat
 from typing import Any
@@ -81,23 +82,38 @@ def file_read(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     return {"size": info.st_size, "eof": offset + len(data) >= info.st_size}, data
 
 
+# A listing comes in pages: a directory of 230k entries was one 37 MiB reply. A page holds at most MAX_PAGE
+# entries (names are at most 255 bytes, so a page stays a few MiB); `after` is the last name of the previous page.
+DEFAULT_PAGE, MAX_PAGE = 1000, 10000
+
+
 def list_dir(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """One page of a directory, in name order: the first `limit` entries whose names sort after `after`.
+    Only the names are collected for the whole directory (no stat), so a page costs one pass over the names
+    plus `limit` stats, whatever the directory's size; `more` says whether entries remain past this page."""
     path = _path(message)
-    entries = []
+    limit, after = message.get("limit", DEFAULT_PAGE), message.get("after")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
+        raise FileOpError("io_error", f"limit must be an integer from 1 to {MAX_PAGE}")
+    if after is not None and not isinstance(after, str):
+        raise FileOpError("io_error", "after must be a name (the last name of the previous page)")
     try:
         with os.scandir(path) as scan:
-            for entry in scan:
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                kind = "dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode) else (
-                    "link" if stat.S_ISLNK(info.st_mode) else "other")
-                entries.append({"name": entry.name, "type": kind, "size": info.st_size, "mtime": info.st_mtime})
+            names = [entry.name for entry in scan if after is None or entry.name > after]
     except OSError as exc:
         raise _fail(exc, path) from None
-    entries.sort(key=lambda e: e["name"])
-    return {"entries": entries}, b""
+    page = heapq.nsmallest(limit + 1, names)  # one more than asked: says whether more remain
+    more = len(page) > limit
+    entries = []
+    for name in page[:limit]:
+        try:
+            info = os.lstat(os.path.join(path, name))
+        except OSError:
+            continue  # gone since the scan
+        kind = "dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode) else (
+            "link" if stat.S_ISLNK(info.st_mode) else "other")
+        entries.append({"name": name, "type": kind, "size": info.st_size, "mtime": info.st_mtime})
+    return {"entries": entries, "more": more, "after": page[limit - 1] if more else None}, b""
 
 
 HANDLERS = {"file_write": file_write, "file_read": file_read, "list_dir": list_dir}
