@@ -461,7 +461,7 @@ class SandboxManager:
     def _network_request(self, requested: dict[str, Any] | None) -> NetworkRequest | None:
         """The policy checked and its names resolved (now: at creation, and again at each resume)."""
         try:
-            return self.engine.network_request(requested)
+            return self.engine.network_request(requested, self.config.network)
         except PolicyError as exc:
             raise Invalid(str(exc)) from None
         except NetworkUnavailable as exc:

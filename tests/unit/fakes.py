@@ -37,7 +37,7 @@ from service.engine import (
     Template,
 )
 from service.engine.machine import MachineConfig, machine_to_json
-from service.engine.netpolicy import parse_policy, resolve
+from service.engine.netpolicy import check_private_allow, parse_policy, resolve
 from service.manager import SandboxManager
 from service.registry import Registry
 from service.settings import ServiceConfig
@@ -48,6 +48,7 @@ BUSY_CODE = "# busy"  # the agent answers that it is already running code
 LOST_CODE = "# lose the vm"  # the VM dies after printing a line
 CRASH_CODE = "# crash the service"  # something unexpected is raised mid-exec
 CHUNKS_CODE = "# three chunks"  # stdout in three events, then a display, then a value
+FAKE_PUBLIC_ADDRESS = "192.88.99.7"  # what every name resolves to here: public as far as the policy goes
 FAKE_MEMORY_MIB = 256
 KEY_A, KEY_B = "key-a", "key-b"
 # The host the manager sees (its /proc/meminfo, in bytes): 8 GiB with 6 GiB available. The default reserve is then
@@ -262,13 +263,14 @@ class FakeEngine:
     def agent_ports(machine_json: dict[str, Any]) -> int:
         return int(machine_json.get("agent_ports", 4))
 
-    def network_request(self, requested: dict[str, Any] | None) -> NetworkRequest | None:
+    def network_request(self, requested: dict[str, Any] | None, settings: Any) -> NetworkRequest | None:
         policy = parse_policy(None if requested is None else {"egress": requested.get("egress")})
         if policy is None:
             return None
         if self.network_unavailable is not None:
             raise NetworkUnavailable(self.network_unavailable)
-        return NetworkRequest(policy, resolve(policy, resolver=lambda name: ["203.0.113.7"]))
+        return NetworkRequest(policy, resolve(policy, resolver=lambda name: [FAKE_PUBLIC_ADDRESS],
+                                              private_allow=check_private_allow(settings.private_allow)))
 
     def give_network(self, sandbox: FakeSandbox, request: NetworkRequest, settings: Any) -> dict[str, Any]:
         return {**request.policy.to_json(), "mac": "02:00:00:00:00:01", "address": "100.96.0.14",
