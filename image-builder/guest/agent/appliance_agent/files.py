@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
 import errno
-import heapq
 import os
 import stat
 from typing import Any
@@ -85,12 +85,28 @@ def file_read(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
 # A listing comes in pages: a directory of 230k entries was one 37 MiB reply. A page holds at most MAX_PAGE
 # entries (names are at most 255 bytes, so a page stays a few MiB); `after` is the last name of the previous page.
 DEFAULT_PAGE, MAX_PAGE = 1000, 10000
+# The sorted names of the directory listed last, for its next pages: without it every page of a 200k-entry
+# directory would scan and sort all of it again. Valid while the directory's inode and mtime are unchanged.
+_last_listing: tuple[tuple[int, int, int], list[str]] | None = None
+
+
+def _sorted_names(path: str) -> list[str]:
+    global _last_listing
+    info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(errno.ENOTDIR, "not a directory")
+    key = (info.st_dev, info.st_ino, info.st_mtime_ns)
+    cached = _last_listing
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    names = sorted(os.listdir(path))
+    _last_listing = (key, names)
+    return names
 
 
 def list_dir(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    """One page of a directory, in name order: the first `limit` entries whose names sort after `after`.
-    Only the names are collected for the whole directory (no stat), so a page costs one pass over the names
-    plus `limit` stats, whatever the directory's size; `more` says whether entries remain past this page."""
+    """One page of a directory, in name order: the first `limit` entries whose names sort after `after`, and
+    `more` if entries remain. Only the page's entries are stat'ed, whatever the directory's size."""
     path = _path(message)
     limit, after = message.get("limit", DEFAULT_PAGE), message.get("after")
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
@@ -98,14 +114,14 @@ def list_dir(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     if after is not None and not isinstance(after, str):
         raise FileOpError("io_error", "after must be a name (the last name of the previous page)")
     try:
-        with os.scandir(path) as scan:
-            names = [entry.name for entry in scan if after is None or entry.name > after]
+        names = _sorted_names(path)
     except OSError as exc:
         raise _fail(exc, path) from None
-    page = heapq.nsmallest(limit + 1, names)  # one more than asked: says whether more remain
-    more = len(page) > limit
+    start = 0 if after is None else bisect.bisect_right(names, after)
+    page = names[start:start + limit]
+    more = start + limit < len(names)
     entries = []
-    for name in page[:limit]:
+    for name in page:
         try:
             info = os.lstat(os.path.join(path, name))
         except OSError:
@@ -113,7 +129,7 @@ def list_dir(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         kind = "dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode) else (
             "link" if stat.S_ISLNK(info.st_mode) else "other")
         entries.append({"name": name, "type": kind, "size": info.st_size, "mtime": info.st_mtime})
-    return {"entries": entries, "more": more, "after": page[limit - 1] if more else None}, b""
+    return {"entries": entries, "more": more, "after": page[-1] if more else None}, b""
 
 
 HANDLERS = {"file_write": file_write, "file_read": file_read, "list_dir": list_dir}
