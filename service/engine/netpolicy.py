@@ -5,7 +5,8 @@ and the nftables ruleset of its network namespace.
 Policy JSON (the API's `network` field):  {"egress": "none" | "all" | {"allow": ["10.1.2.0/24", "db:5432", ...]}}
 An allow entry is a CIDR, an address, or either with ":port", or a host name with an optional ":port". Names
 are resolved on the host when the sandbox is created (and again when it is resumed): the guest gets them in its
-/etc/hosts, but only the resolved addresses pass the filter.
+/etc/hosts, but only the resolved addresses pass the filter. Whatever the policy, only the public internet is
+reachable (NOT_PUBLIC below), plus what the operator opts in, and never the host's own addresses.
 """
 
 from __future__ import annotations

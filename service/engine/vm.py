@@ -257,7 +257,8 @@ class VirtualMachine:
 
     def console_tail(self) -> str:
         """What the guest console's ring holds (at most CONSOLE_RING_BYTES), while QEMU lives: the ring is in
-        its memory (machine.py says why), so a QEMU that has exited took its console with it."""
+        its memory (machine.py says why), so a QEMU that has exited took its console with it. Reading empties
+        the ring (QMP ringbuf-read consumes): a failure report reads it once."""
         if self.exited() is not None:
             return ""
         self.close_monitor()  # QEMU greets one QMP client at a time; the next qmp() call connects again
