@@ -7,6 +7,7 @@ Precedence, highest first: values passed by the caller (CLI flags) > APPLIANCE_*
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -133,6 +134,22 @@ class ServiceSpec(_Section):
         description="host memory kept for the host itself: a create, fork or resume that would leave less available "
         "gets 507 insufficient_capacity (default: the larger of 2048 MiB and 10 % of host memory, at most half of it)",
     )
+    egress_private_allow: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="non-public IPv4 ranges (CIDRs) sandboxes with a network policy may reach: by default egress "
+        "'all' and allow-lists reach the public internet only (no RFC 1918, CGNAT, link-local/cloud metadata, "
+        "loopback, benchmarking or documentation ranges), and never the host's own addresses, opted in or not",
+    )
+
+    @field_validator("egress_private_allow")
+    @classmethod
+    def _cidrs(cls, cidrs: list[str]) -> list[str]:
+        for cidr in cidrs:
+            try:
+                ipaddress.IPv4Network(cidr)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not an IPv4 CIDR such as '10.20.0.0/16' ({exc})") from None
+        return cidrs
 
 
 class IsolationSpec(_Section):

@@ -59,7 +59,7 @@ def service_rows(image: Path, root: Path, runs: int) -> list[tuple[str, str, str
     spec = load_spec(overrides={
         "guest": {"memory_mib": 512}, "paths": {"run_dir": root / "svc", "state_dir": root / "state"},
         "service": {"pool_size": 1, "warm_code": "import random", "max_sandboxes_per_key": 8, "max_sandboxes": 10,
-                    "workers": 1},
+                    "workers": 1, "egress_private_allow": ["198.18.0.0/15", "10.20.30.40/32"]},  # POLICIES' ranges
     })
     config = settings.service_config(spec, [], image)
     keeper = PoolKeeper(config)

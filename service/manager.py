@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance_agent import frames
+from appliance_agent.files import DEFAULT_PAGE as LIST_PAGE  # entries per files/list page
 
 from service.engine import (
     Engine,
@@ -258,9 +259,17 @@ class SandboxManager:
         self.registry.touch(sandbox_id)
         return size, chunks()
 
-    def list_dir(self, owner: str, sandbox_id: str, path: str) -> list[dict[str, Any]]:
+    def list_dir(self, owner: str, sandbox_id: str, path: str, limit: int = LIST_PAGE,
+                 cursor: str | None = None) -> dict[str, Any]:
+        """One page of a directory, in name order: {entries, more, cursor}; pass `cursor` back for the next page.
+        The guest's reply is held to `limit` entries whatever it sends."""
         sandbox = self._attach(self._running(owner, sandbox_id))
-        return self._file_call(sandbox, "list_dir", path)["entries"]
+        args: dict[str, Any] = {"limit": limit} if cursor is None else {"limit": limit, "after": cursor}
+        reply = self._file_call(sandbox, "list_dir", path, **args)
+        entries = reply.get("entries")
+        entries = entries[:limit] if isinstance(entries, list) else []
+        more = reply.get("more") is True and isinstance(reply.get("after"), str)
+        return {"entries": entries, "more": more, "cursor": reply["after"] if more else None}
 
     def _file_call(self, sandbox: Sandbox, op: str, path: str, payload: bytes = b"", **args: Any) -> dict[str, Any]:
         try:
@@ -456,7 +465,7 @@ class SandboxManager:
     def _network_request(self, requested: dict[str, Any] | None) -> NetworkRequest | None:
         """The policy checked and its names resolved (now: at creation, and again at each resume)."""
         try:
-            return self.engine.network_request(requested)
+            return self.engine.network_request(requested, self.config.network)
         except PolicyError as exc:
             raise Invalid(str(exc)) from None
         except NetworkUnavailable as exc:

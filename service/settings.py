@@ -126,7 +126,8 @@ def jail_policy(spec: ApplianceSpec) -> JailPolicy:
 
 
 def network_settings(spec: ApplianceSpec) -> NetworkSettings:
-    return NetworkSettings(sandbox_range=spec.isolation.network_range)
+    return NetworkSettings(sandbox_range=spec.isolation.network_range,
+                           private_allow=tuple(spec.service.egress_private_allow))
 
 
 def _launcher_socket(spec: ApplianceSpec) -> Path | None:

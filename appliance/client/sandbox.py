@@ -196,9 +196,31 @@ class Files:
             raise ConnectionFailed(f"cannot reach {api.url}: {exc}", code="connection") from None
 
     def list(self, path: str = "/") -> list[dict[str, Any]]:
-        """Entries of a directory: [{name, type, size, mtime}]."""
-        response = self._sandbox._api.request("GET", self._sandbox._path("/files/list"), params={"path": path})
-        return response.json()["entries"]
+        """Entries of a directory, [{name, type, size, mtime}] in name order, fetched page by page (see iter)."""
+        return list(self.iter(path))
+
+    def iter(self, path: str = "/", page_size: int | None = None) -> Iterator[dict[str, Any]]:
+        """Entries of a directory, one page (GET /files/list) at a time: a huge directory never arrives whole."""
+        cursor: str | None = None
+        while True:
+            page = self.list_page(path, cursor, page_size)
+            yield from page["entries"]
+            cursor = page["cursor"]
+            if not page["more"] or cursor is None:
+                return
+
+    def list_page(self, path: str = "/", cursor: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        """One page: {path, entries, more, cursor}; pass `cursor` back for the next one."""
+        params: dict[str, Any] = {"path": path}
+        if cursor is not None:
+            params["cursor"] = cursor
+        if limit is not None:
+            params["limit"] = limit
+        response = self._sandbox._api.request("GET", self._sandbox._path("/files/list"), params=params)
+        page = response.json()
+        page.setdefault("more", False)  # a service from before paging sends the whole directory
+        page.setdefault("cursor", None)
+        return page
 
 
 class Commands:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import falcon
+from appliance_agent.files import DEFAULT_PAGE as LIST_PAGE
+from appliance_agent.files import MAX_PAGE as MAX_LIST_PAGE
 
 from service.errors import TooLarge
 
@@ -16,6 +18,7 @@ from .body_streams import body_stream
 from .error_responses import InvalidField
 
 CHUNK = 1 << 20
+MAX_NAME_BYTES = 255  # NAME_MAX: a cursor is a name
 
 
 def _path(req: falcon.Request) -> str:
@@ -60,9 +63,21 @@ class Files:
 
 
 class FileList:
+    """A directory, one page at a time (a guest directory may hold any number of entries): at most `limit`
+    entries in name order, `more` if entries remain, and the `cursor` that asks for the next page."""
+
     def __init__(self, manager) -> None:
         self._manager = manager
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, sandbox_id: str) -> None:
         path = req.get_param("path") or "/"
-        resp.media = {"path": path, "entries": self._manager.list_dir(req.context.owner, sandbox_id, path)}
+        limit = req.get_param("limit")
+        if limit is None:
+            limit = LIST_PAGE
+        elif not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_PAGE:
+            raise InvalidField("limit", f"must be an integer from 1 to {MAX_LIST_PAGE}")
+        cursor = req.get_param("cursor")
+        if cursor is not None and ("\x00" in cursor or "/" in cursor or len(cursor.encode()) > MAX_NAME_BYTES):
+            raise InvalidField("cursor", "must be the cursor of the previous page (a name in the directory)")
+        page = self._manager.list_dir(req.context.owner, sandbox_id, path, int(limit), cursor)
+        resp.media = {"path": path, **page}

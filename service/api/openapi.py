@@ -158,11 +158,14 @@ _SCHEMAS: dict[str, Any] = {
     "StreamEvent": _STREAM_EVENT,
     "FileInfo": {"type": "object", "required": ["path", "size", "sha256"], "properties": {
         "path": {"type": "string"}, "size": {"type": "integer"}, "sha256": {"type": "string"}}},
-    "DirListing": {"type": "object", "required": ["path", "entries"], "properties": {
+    "DirListing": {"type": "object", "required": ["path", "entries", "more", "cursor"], "properties": {
         "path": {"type": "string"},
-        "entries": {"type": "array", "items": {"type": "object", "required": ["name", "type"], "properties": {
-            "name": {"type": "string"}, "type": {"type": "string", "examples": ["file", "dir", "symlink"]},
-            "size": {"type": "integer"}, "mtime": {"type": "number"}}}}}},
+        "entries": {"type": "array", "maxItems": 10000, "description": "at most `limit` entries, in name order",
+                    "items": {"type": "object", "required": ["name", "type"], "properties": {
+                        "name": {"type": "string"}, "type": {"type": "string", "examples": ["file", "dir", "link"]},
+                        "size": {"type": "integer"}, "mtime": {"type": "number"}}}},
+        "more": {"type": "boolean", "description": "entries remain after this page"},
+        "cursor": {"type": ["string", "null"], "description": "pass as ?cursor= for the next page (null: none)"}}},
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
 }
 
@@ -251,8 +254,15 @@ def _paths() -> dict[str, Any]:
         "/v1/sandboxes/{sandbox_id}/files/list": {
             "parameters": sandbox,
             "get": {"operationId": "listDir", "tags": ["files"], "summary": "List a directory",
-                    "parameters": [_file_path(False, "directory in the sandbox (default /)")],
-                    "responses": {"200": _json(_ref("DirListing"), "The directory's entries."),
+                    "description": "A page of at most `limit` entries in name order; `more` and `cursor` ask for "
+                                   "the next one.",
+                    "parameters": [_file_path(False, "directory in the sandbox (default /)"),
+                                   {"name": "limit", "in": "query", "required": False,
+                                    "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000},
+                                    "description": "entries per page"},
+                                   {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+                                    "description": "the previous page's cursor (omit for the first page)"}],
+                    "responses": {"200": _json(_ref("DirListing"), "One page of the directory's entries."),
                                   **_errors(401, 404, 409, 410, 422, 429, 507)}},
         },
         "/v1/healthz": {"get": {"operationId": "healthz", "tags": ["service"], "security": [],

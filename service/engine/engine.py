@@ -20,7 +20,7 @@ from .image import GuestImage
 from .jail import Jail, JailPolicy
 from .launch import DirectLauncher, JailedLauncher, RemoteLauncher, VmmLauncher
 from .machine import MachineConfig, machine_from_json, machine_to_json
-from .netpolicy import NetworkPolicy, ResolvedPolicy, parse_policy, resolve
+from .netpolicy import NetworkPolicy, ResolvedPolicy, check_private_allow, parse_policy, resolve
 from .sandbox import ExecLimits, Sandbox
 from .template import Template
 from .vm import VirtualMachine
@@ -217,16 +217,18 @@ class Engine:
 
     # ---- networks ----------------------------------------------------------------------------------------------
 
-    def network_request(self, requested: dict[str, Any] | None) -> NetworkRequest | None:
+    def network_request(self, requested: dict[str, Any] | None, settings: network.NetworkSettings
+                        ) -> NetworkRequest | None:
         """The policy ({"egress": ...}) checked and its names resolved; None for no network. PolicyError for a
-        bad policy, NetworkUnavailable when this host cannot give sandboxes networks."""
+        bad policy (or one naming what is not public and not opted in), NetworkUnavailable when this host cannot
+        give sandboxes networks."""
         policy = parse_policy(None if requested is None else {"egress": requested.get("egress")})
         if policy is None:
             return None
         why = self.launcher.network_unavailable()
         if why is not None:
             raise NetworkUnavailable(f"this host cannot give sandboxes a network: {why}")
-        return NetworkRequest(policy, resolve(policy))
+        return NetworkRequest(policy, resolve(policy, private_allow=check_private_allow(settings.private_allow)))
 
     def give_network(self, sandbox: Sandbox, request: NetworkRequest, settings: network.NetworkSettings
                      ) -> dict[str, Any]:

@@ -16,6 +16,8 @@ GUEST_KERNEL_HZ = 250
 # affinity changes. spawn=deny is why migrations use descriptors the host opens (fd:), never exec: (template.py).
 NIC_ID, NIC_HUB_PORT = "nic0", "nichub0"  # the guest NIC and its port on hub 0 (network.py adds the backend's)
 SECCOMP_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# The guest console: a ring of this many bytes in QEMU (a power of two, as QEMU requires), read on failure.
+CONSOLE_ID, CONSOLE_RING_BYTES = "console", 64 << 10
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,6 @@ class RuntimePaths:
         return self.directory / "qmp.sock"
 
     @property
-    def console_log(self) -> Path:
-        return self.directory / "console.log"
-
-    @property
     def pidfile(self) -> Path:
         return self.directory / "qemu.pid"
 
@@ -115,7 +113,13 @@ def build_qemu_command(config: MachineConfig, paths: RuntimePaths) -> list[str]:
         *memory,
         "-smp", str(config.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-serial", f"file:{paths.console_log}",
+        # The guest console is a ring in QEMU's own memory (counted in its cgroup), never a host file: root in
+        # the guest can write /dev/ttyS0 as fast as the UART goes (10 MB in 30 s measured), and a `file:` chardev
+        # grew without bound on the host's tmpfs. The ring keeps the last CONSOLE_RING_BYTES; a failure report
+        # reads it over QMP (vm.py). Why not a file truncated now and then, or a pipe read by the service: both
+        # need a process that lives as long as the VM, which a daemonized or launcher-started QEMU has not.
+        "-chardev", f"ringbuf,id={CONSOLE_ID},size={CONSOLE_RING_BYTES}",
+        "-serial", f"chardev:{CONSOLE_ID}",
         "-kernel", str(config.kernel),
         "-initrd", str(config.initrd),
         "-append", kernel_command_line(config),

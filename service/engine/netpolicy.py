@@ -5,14 +5,16 @@ and the nftables ruleset of its network namespace.
 Policy JSON (the API's `network` field):  {"egress": "none" | "all" | {"allow": ["10.1.2.0/24", "db:5432", ...]}}
 An allow entry is a CIDR, an address, or either with ":port", or a host name with an optional ":port". Names
 are resolved on the host when the sandbox is created (and again when it is resumed): the guest gets them in its
-/etc/hosts, but only the resolved addresses pass the filter.
+/etc/hosts, but only the resolved addresses pass the filter. Whatever the policy, only the public internet is
+reachable (NOT_PUBLIC below), plus what the operator opts in, and never the host's own addresses.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,23 @@ NS_VETH, NS_TAP = "uplink", "tap0"  # inside the sandbox's namespace
 SLOT_SIZE = 8  # addresses per sandbox: a /30 for the host link, a /30 for the guest link
 
 Resolver = Callable[[str], list[str]]
+
+# What is not the public internet (IANA's special-purpose registry, RFC 6890 and successors): "all" never reaches it
+# and an allow-list may not name it, unless the operator opts a range in (spec `service.egress_private_allow`).
+# Cloud metadata (169.254.169.254) is link-local; 198.18.0.0/15 (benchmarking) and the documentation nets are no
+# one's internet either. The host's own addresses are refused on top of these, whatever the opt-in.
+NOT_PUBLIC: tuple[IPv4Net, ...] = tuple(ipaddress.IPv4Network(cidr) for cidr in (
+    "0.0.0.0/8",  # "this network"
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918
+    "100.64.0.0/10",  # carrier-grade NAT (RFC 6598): often the provider's own network
+    "127.0.0.0/8",  # loopback
+    "169.254.0.0/16",  # link-local, cloud metadata services
+    "192.0.0.0/24",  # IETF protocol assignments
+    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",  # documentation (TEST-NET-1/2/3)
+    "198.18.0.0/15",  # benchmarking (RFC 2544)
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, and the limited broadcast address
+))
 
 
 class PolicyError(ValueError):
@@ -140,12 +159,41 @@ def system_resolver(name: str) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
-def resolve(policy: NetworkPolicy, resolver: Resolver = system_resolver) -> ResolvedPolicy:
-    """Names to addresses, now. A name that does not resolve is an error: the user asked for it by name."""
+def check_private_allow(cidrs: Iterable[str]) -> tuple[IPv4Net, ...]:
+    """The operator's opt-in (spec `service.egress_private_allow`) as networks, merged where they overlap."""
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.IPv4Network(cidr))
+        except ValueError as exc:
+            raise PolicyError(f"service.egress_private_allow: {cidr!r} is not an IPv4 CIDR: {exc}") from None
+    return tuple(ipaddress.collapse_addresses(networks))
+
+
+def not_public(network: IPv4Net, private_allow: tuple[IPv4Net, ...] = ()) -> IPv4Net | None:
+    """The non-public range (NOT_PUBLIC) that holds all of `network`, unless the operator opted `network` in;
+    None when `network` is public, opted in, or only partly private (the filter refuses that part anyway)."""
+    if any(network.subnet_of(allowed) for allowed in private_allow):
+        return None
+    return next((denied for denied in NOT_PUBLIC if network.subnet_of(denied)), None)
+
+
+_OPT_IN = "the operator can allow it with the spec setting service.egress_private_allow"
+
+
+def resolve(policy: NetworkPolicy, resolver: Resolver = system_resolver,
+            private_allow: tuple[IPv4Net, ...] = ()) -> ResolvedPolicy:
+    """Names to addresses, now. A name that does not resolve is an error: the user asked for it by name. An entry
+    (or what a name resolves to) that is not on the public internet is refused unless the operator opted it in:
+    the filter would drop its traffic anyway, and a name pointing inside the host's networks is an attack."""
     rules: list[Rule] = []
     hosts: dict[str, str] = {}
     for entry in policy.allow:
         if entry.network is not None:
+            denied = not_public(entry.network, private_allow)
+            if denied is not None:
+                raise PolicyError(f"network.egress.allow: {entry.text!r} is not on the public internet "
+                                  f"(it is in {denied}); {_OPT_IN}")
             rules.append(Rule(entry.network, entry.port))
             continue
         assert entry.name is not None
@@ -155,9 +203,27 @@ def resolve(policy: NetworkPolicy, resolver: Resolver = system_resolver) -> Reso
             raise PolicyError(f"network.egress.allow: cannot resolve {entry.name!r} on the host: {exc}") from None
         if not addresses:
             raise PolicyError(f"network.egress.allow: {entry.name!r} has no IPv4 address")
+        for address in addresses:
+            denied = not_public(ipaddress.IPv4Network(address), private_allow)
+            if denied is not None:
+                raise PolicyError(f"network.egress.allow: {entry.name!r} resolves to {address}, which is not on the "
+                                  f"public internet (it is in {denied}); {_OPT_IN}")
         hosts[entry.name] = addresses[0]
         rules += [Rule(ipaddress.IPv4Network(address), entry.port) for address in addresses]
     return ResolvedPolicy(policy.egress, tuple(dict.fromkeys(rules)), hosts)
+
+
+def host_addresses(ip_json: str, sandbox_range: IPv4Net) -> tuple[ipaddress.IPv4Address, ...]:
+    """The host's own IPv4 addresses from `ip -j -4 addr show` (the sandbox links' own ends excepted: the whole
+    sandbox range is refused by its own rule)."""
+    found = set()
+    for interface in json.loads(ip_json):
+        for info in interface.get("addr_info", []):
+            if info.get("family") == "inet":
+                address = ipaddress.IPv4Address(info["local"])
+                if address not in sandbox_range:
+                    found.add(address)
+    return tuple(sorted(found))
 
 
 @dataclass(frozen=True)
@@ -228,14 +294,25 @@ def random_mac(random_bytes: bytes) -> str:
     return ":".join(f"{b:02x}" for b in (0x02, *random_bytes[:5]))
 
 
-def namespace_ruleset(resolved: ResolvedPolicy, slot: Slot, sandbox_range: IPv4Net) -> str:
+def _nft_set(items: Iterable[object]) -> str:
+    return "{ " + ", ".join(str(item) for item in items) + " }"
+
+
+def namespace_ruleset(resolved: ResolvedPolicy, slot: Slot, sandbox_range: IPv4Net,
+                      host: tuple[ipaddress.IPv4Address, ...] = (), private_allow: tuple[IPv4Net, ...] = ()) -> str:
     """nftables for the sandbox's own namespace (`nft -f`): the guest may reach what the policy allows and
     nothing else; nothing may start a connection into the guest; the namespace itself sends nothing (the only
-    process there is none: QEMU writes the tap through a descriptor from its own, empty namespace)."""
+    process there is none: QEMU writes the tap through a descriptor from its own, empty namespace).
+
+    Before any policy rule: the sandbox range, the host's own addresses (`host`, read when the network is made)
+    and every NOT_PUBLIC range the operator did not opt in (`private_allow`) are refused, so "all" means the
+    public internet and an allow-list cannot reach further whatever the API handed over. IPv4 only: the guest has
+    no IPv6 address, and an IPv6 packet matches no accept rule."""
     tap, uplink = NS_TAP, NS_VETH
+    reject = "reject with icmpx type admin-prohibited"  # denied: fail fast, not a timeout
     accept: list[str]
     if resolved.egress == "all":
-        accept = ["accept"]
+        accept = ["meta nfproto ipv4 accept"]
     elif resolved.egress == "none":
         accept = []
     else:
@@ -245,6 +322,7 @@ def namespace_ruleset(resolved: ResolvedPolicy, slot: Slot, sandbox_range: IPv4N
                 accept.append(f"ip daddr {rule.network} accept")
             else:
                 accept.append(f"ip daddr {rule.network} meta l4proto {{ tcp, udp }} th dport {rule.port} accept")
+    opted_in = f"ip daddr != {_nft_set(private_allow)} " if private_allow else ""
     forward = [
         "type filter hook forward priority filter; policy drop;",
         "ct state established,related accept",
@@ -252,9 +330,11 @@ def namespace_ruleset(resolved: ResolvedPolicy, slot: Slot, sandbox_range: IPv4N
         # A guest may change its own address (user code is root there): only its assigned one leaves.
         f'iifname "{tap}" ip saddr != {slot.guest_ip} drop',
         # Never to other sandboxes or the host's end of any sandbox link, whatever the policy says.
-        f'iifname "{tap}" ip daddr {sandbox_range} reject with icmpx type admin-prohibited',
+        f'iifname "{tap}" ip daddr {sandbox_range} {reject}',
+        *([f'iifname "{tap}" ip daddr {_nft_set(host)} {reject}'] if host else []),  # the host itself
+        f'iifname "{tap}" {opted_in}ip daddr {_nft_set(NOT_PUBLIC)} {reject}',  # not the public internet
         *(f'iifname "{tap}" oifname "{uplink}" {rule}' for rule in accept),
-        f'iifname "{tap}" reject with icmpx type admin-prohibited',  # denied: fail fast, not a timeout
+        f'iifname "{tap}" {reject}',
     ]
     lines = ["table inet appliance {"]
     lines += ["  chain forward {", *(f"    {line}" for line in forward), "  }"]

@@ -38,7 +38,9 @@ from .netpolicy import (
     NS_VETH,
     ResolvedPolicy,
     Slot,
+    check_private_allow,
     check_range,
+    host_addresses,
     host_ruleset,
     namespace_ruleset,
     random_mac,
@@ -67,6 +69,7 @@ class NetworkError(EngineError):
 @dataclass(frozen=True)
 class NetworkSettings:
     sandbox_range: str  # isolation.network_range: 8 addresses per networked sandbox
+    private_allow: tuple[str, ...]  # service.egress_private_allow: non-public ranges the operator opted in
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ def attach_host(vm: Any, resolved: ResolvedPolicy, settings: NetworkSettings) ->
         raise NetworkError(why)
     sandbox_range = check_range(settings.sandbox_range)
     _ensure_host_rules(sandbox_range)
+    private_allow = check_private_allow(settings.private_allow)
     slot = _claim_slot(sandbox_range)
     # Root writes only into directories it opened without following links, by names it picks (dirfd.py): the
     # slot marker beside the VM dirs (the launcher's own directory under a launcher), the record in the VM dir.
@@ -127,7 +131,7 @@ def attach_host(vm: Any, resolved: ResolvedPolicy, settings: NetworkSettings) ->
         # The record first, before QEMU is touched: a name planted in the VM dir refuses the network right here.
         dirfd.write_new(vm_fd, NETWORK_FILE, json.dumps({"slot": slot.index, "range": str(sandbox_range)}))
         wrote_record = True
-        tap_fd = _build_namespace(slot, resolved, sandbox_range)
+        tap_fd = _build_namespace(slot, resolved, sandbox_range, private_allow)
         try:
             qmp = vm.qmp()
             qmp.send_fd_scm(tap_fd)
@@ -235,9 +239,11 @@ def _claim_slot(sandbox_range: Any) -> Slot:
     raise NetworkError(f"no free address slot left in the sandbox network range {sandbox_range}")
 
 
-def _build_namespace(slot: Slot, resolved: ResolvedPolicy, sandbox_range: Any) -> int:
+def _build_namespace(slot: Slot, resolved: ResolvedPolicy, sandbox_range: Any, private_allow: Any) -> int:
     """Links, addresses, routes and rules; returns the tap's descriptor (for QEMU)."""
     ns = slot.netns
+    # The host's addresses as they are now, before this sandbox's link adds one: the filter refuses them all.
+    host = host_addresses(_output([IP, "-j", "-4", "addr", "show"], "reading the host's addresses"), sandbox_range)
     # The tap is created here and moved: its descriptor stays valid and its packets flow in the namespace.
     tap_fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -263,7 +269,7 @@ def _build_namespace(slot: Slot, resolved: ResolvedPolicy, sandbox_range: Any) -
         _run([IP, "-n", ns, "-batch", "-"], _lines(ns_batch), "addressing the sandbox namespace")
         # The filter first, then forwarding: no packet is ever forwarded unfiltered.
         _run([IP, "netns", "exec", ns, NFT, "-f", "-"],
-             namespace_ruleset(resolved, slot, sandbox_range), "loading the sandbox's filter")
+             namespace_ruleset(resolved, slot, sandbox_range, host, private_allow), "loading the sandbox's filter")
         _run([IP, "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"], "",
              "enabling forwarding in the sandbox namespace")
     except BaseException:
@@ -274,6 +280,16 @@ def _build_namespace(slot: Slot, resolved: ResolvedPolicy, sandbox_range: Any) -
 
 def _lines(lines: list[str]) -> str:
     return "".join(f"{line}\n" for line in lines)
+
+
+def _output(argv: list[str], what: str) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NetworkError(f"{what} failed: {exc}") from None
+    if done.returncode != 0:
+        raise NetworkError(f"{what} failed: {done.stderr.strip()[:500]}")
+    return done.stdout
 
 
 def _run(argv: list[str], stdin: str, what: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
@@ -10,6 +11,7 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,13 +21,43 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from . import dirfd, network
 from . import jail as jails
 from .errors import BootFailed
-from .machine import MachineConfig, RuntimePaths, build_qemu_command
+from .machine import CONSOLE_ID, CONSOLE_RING_BYTES, MachineConfig, RuntimePaths, build_qemu_command
 
 _PR_SET_PDEATHSIG = 1
 # The whole environment of every program the engine starts (QEMU, the jail's tools, zstd): nothing of the
 # service's own, whose API keys a VMM escape would otherwise hand over.
 CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 _UNIX_PATH_MAX = 108
+REPORT_TAIL_CHARS = 2000  # of each log in a failure report
+_LOG_TAIL_BYTES = 8192  # read from the end of qemu.log: never the whole file, whatever its size
+
+
+def _qmp_once(path: Path, command: str, arguments: dict[str, object], timeout: float = 5.0) -> object:
+    """One QMP command on a connection of its own, every step under `timeout` (a failure report must not hang
+    on a QEMU that is busy or serving another client) and every reply line bounded."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        replies = sock.makefile("rb")
+        json.loads(replies.readline(4096))  # the greeting
+        reply: dict[str, object] = {}
+        for message in ({"execute": "qmp_capabilities"}, {"execute": command, "arguments": arguments}):
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            reply = {}
+            while "return" not in reply and "error" not in reply:  # events may come first
+                reply = json.loads(replies.readline(1 << 18))
+        if "error" in reply:
+            raise ValueError(f"QMP {command}: {reply['error']}")
+        return reply["return"]
+
+
+def _file_tail(path: Path) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
+            return handle.read(_LOG_TAIL_BYTES).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -233,15 +265,29 @@ class VirtualMachine:
         return self._qmp
 
     def failure_report(self) -> str:
-        """The host's OOM kill if there was one, then the last useful lines QEMU and the guest console printed."""
+        """The host's OOM kill if there was one, then the last useful lines QEMU and the guest console printed.
+        Bounded whatever the guest did: the tail of QEMU's log and of the console ring, never more."""
         oom = jails.oom_report(self.dir)
         lines: list[str] = [oom] if oom else []
-        for name in ("qemu.log", "console.log"):
-            with contextlib.suppress(OSError):
-                text = (self.dir / name).read_text(errors="replace").strip()
-                if text:
-                    lines.append(f"{name}: " + " | ".join(text.splitlines()[-3:]))
+        for name, text in (("qemu.log", _file_tail(self.dir / "qemu.log")), ("console", self.console_tail())):
+            text = text.strip()
+            if text:
+                lines.append(f"{name}: " + " | ".join(text.splitlines()[-3:])[-REPORT_TAIL_CHARS:])
         return "; ".join(lines) or "no output from QEMU or the guest console"
+
+    def console_tail(self) -> str:
+        """What the guest console's ring holds (at most CONSOLE_RING_BYTES), while QEMU lives: the ring is in
+        its memory (machine.py says why), so a QEMU that has exited took its console with it. Reading empties
+        the ring (QMP ringbuf-read consumes): a failure report reads it once."""
+        if self.exited() is not None:
+            return ""
+        self.close_monitor()  # QEMU greets one QMP client at a time; the next qmp() call connects again
+        try:
+            data = _qmp_once(self.paths.qmp_socket, "ringbuf-read",
+                             {"device": CONSOLE_ID, "size": CONSOLE_RING_BYTES, "format": "base64"})
+            return base64.b64decode(data)[-CONSOLE_RING_BYTES:].decode(errors="replace")
+        except (OSError, ValueError, KeyError, TypeError):  # best effort: the VM may be going away right now
+            return ""
 
     def close_monitor(self) -> None:
         """Drop our QMP connection (the VM keeps running; QEMU accepts the next one)."""

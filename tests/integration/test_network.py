@@ -1,8 +1,12 @@
 """Sandbox networks for real: a test server in a network namespace this module creates, sandboxes with and
 without a policy (from the pool, forked, frozen and resumed), and what reaches what.
 
-Addresses: the servers live in 198.18.7.0/24 (a benchmarking range no real network uses); the host's end of the
-test link is 198.18.7.1 and also runs a server, which no sandbox may reach (it is the host itself)."""
+Addresses: the servers live in 198.18.7.0/24 (a benchmarking range no real network uses, so not public: the
+module's service opts it in with service.egress_private_allow); the host's end of the test link is 198.18.7.1 and
+also runs a server, which no sandbox may reach (it is the host itself, opted in or not). Behind the same link the
+namespace also serves at a private address (10.254.7.2), at the cloud metadata address (169.254.169.254) and at
+a public one (192.88.99.7, the retired 6to4 relay range): the host routes each of them into that link only, so
+none of this traffic could leave the machine even if the filter let it."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,8 @@ from tests.configs import service_config
 pytestmark = pytest.mark.integration
 OWNER = "net-owner"
 HOST_END, ALLOWED, DENIED = "198.18.7.1", "198.18.7.2", "198.18.7.3"
+PRIVATE, METADATA, PUBLIC = "10.254.7.2", "169.254.169.254", "192.88.99.7"
+OPTED_IN = ["198.18.7.0/24"]  # the module's service.egress_private_allow
 PORT, OTHER_PORT = 8000, 8001
 # How a guest's connect fails: with no interface but loopback there is no route at all; what a policy denies, the
 # sandbox's namespace rejects at once with ICMP admin-prohibited (docs/security.md), which connect() reports so.
@@ -109,7 +116,13 @@ def servers():
             sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for address in (PRIVATE, METADATA, PUBLIC):  # each behind this link only, by a host route of its own
+            sh("ip", "-n", ns, "addr", "add", f"{address}/32", "dev", "eth0")
+            sh("ip", "route", "add", f"{address}/32", "dev", host_if)
+            route = subprocess.run(["ip", "route", "get", address], capture_output=True, text=True, check=True)
+            assert f"dev {host_if} " in route.stdout, route.stdout  # never towards a real network
         endpoints = [(a, p) for a in (ALLOWED, DENIED) for p in (PORT, OTHER_PORT)]
+        endpoints += [(address, PORT) for address in (PRIVATE, METADATA, PUBLIC)]
         processes.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER,
                                            *(f"{a}:{p}" for a, p in endpoints)]))
         processes.append(subprocess.Popen([sys.executable, "-c", SERVER, f"{HOST_END}:{PORT}"]))
@@ -119,7 +132,7 @@ def servers():
         for process in processes:  # ours, by PID
             process.kill()
             process.wait()
-        subprocess.run(["ip", "link", "delete", host_if], capture_output=True)
+        subprocess.run(["ip", "link", "delete", host_if], capture_output=True)  # its routes go with it
         subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
 
 
@@ -128,7 +141,8 @@ def manager(spec, image_dir, run_root, tmp_path_factory, servers):
     config = service_config(
         image_dir, guest={"memory_mib": 512},
         paths={"run_dir": run_root / "net", "state_dir": tmp_path_factory.mktemp("netstate")},
-        service={"pool_size": 1, "max_sandboxes_per_key": 8, "max_sandboxes": 10, "workers": 1},
+        service={"pool_size": 1, "max_sandboxes_per_key": 8, "max_sandboxes": 10, "workers": 1,
+                 "egress_private_allow": OPTED_IN},
     )
     keeper = PoolKeeper(config)
     thread = threading.Thread(target=keeper.run, daemon=True)
@@ -190,13 +204,30 @@ def test_allow_list_lets_through_what_it_names_and_nothing_else(manager):
     assert namespace not in our_namespaces()  # closing a sandbox removes its namespace, links and rules
 
 
-def test_egress_all_reaches_the_network_but_never_the_host_itself(manager):
+def test_egress_all_reaches_the_public_internet_but_not_private_ranges_metadata_or_the_host(manager):
     record = manager.create(OWNER, network_policy={"egress": "all"})
-    ok_allowed, ok_denied, host = probes(manager, record.id, (ALLOWED, OTHER_PORT), (DENIED, PORT), (HOST_END, PORT))
-    assert ok_allowed == f"hello from {ALLOWED}:{OTHER_PORT}" and ok_denied == f"hello from {DENIED}:{PORT}"
-    assert answer_to_host(HOST_END, PORT) == hello(HOST_END, PORT)
-    assert host == "failed: TimeoutError timed out"  # the host's input chain drops what comes from sandbox links
+    for address in (PUBLIC, PRIVATE, METADATA, HOST_END):  # a server answers at each: a refusal is the filter's
+        assert answer_to_host(address, PORT) == hello(address, PORT)
+    public, private, metadata, host, opted_in, opted_in_too = probes(
+        manager, record.id, (PUBLIC, PORT), (PRIVATE, PORT), (METADATA, PORT), (HOST_END, PORT), (ALLOWED, OTHER_PORT),
+        (DENIED, PORT))
+    assert public == hello(PUBLIC, PORT)
+    assert (private, metadata) == (REJECTED, REJECTED)
+    assert host == REJECTED  # the host's own address, though in an opted-in range
+    assert (opted_in, opted_in_too) == (hello(ALLOWED, OTHER_PORT), hello(DENIED, PORT))
     manager.delete(OWNER, record.id)
+
+
+def test_the_operator_can_opt_private_ranges_in_but_never_the_host(manager, monkeypatch):
+    wider = replace(manager.config.network, private_allow=(*OPTED_IN, "10.254.7.0/24", f"{METADATA}/32"))
+    monkeypatch.setattr(manager, "config", replace(manager.config, network=wider))
+    record = manager.create(OWNER, network_policy={"egress": "all"})
+    assert probes(manager, record.id, (PRIVATE, PORT), (METADATA, PORT), (HOST_END, PORT)) == [
+        hello(PRIVATE, PORT), hello(METADATA, PORT), REJECTED]
+    named = manager.create(OWNER, network_policy={"egress": {"allow": [f"{METADATA}:{PORT}"]}})
+    assert probes(manager, named.id, (METADATA, PORT), (PRIVATE, PORT)) == [hello(METADATA, PORT), REJECTED]
+    for sandbox in (record, named):
+        manager.delete(OWNER, sandbox.id)
 
 
 def test_egress_none_has_an_interface_that_reaches_nothing(manager):
@@ -255,6 +286,9 @@ def test_bad_policies_are_refused_before_anything_is_made(manager):
         ({"egress": {"allow": []}}, "1 to"),
         ({"egress": {"allow": ["10.0.0.0/8:99999"]}}, "port"),
         ({"egress": {"allow": ["no-such-host.invalid"]}}, "cannot resolve"),
+        ({"egress": {"allow": [f"{METADATA}:80"]}}, "not on the public internet"),
+        ({"egress": {"allow": [f"{PRIVATE}/32"]}}, "service.egress_private_allow"),
+        ({"egress": {"allow": ["localhost:80"]}}, "'localhost' resolves to 127.0.0.1, which is not on the public"),
     ]:
         with pytest.raises(Invalid, match=words):
             manager.create(OWNER, network_policy=policy)

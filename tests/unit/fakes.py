@@ -38,7 +38,7 @@ from service.engine import (
 )
 from service.engine.deployment_secret import read_or_create
 from service.engine.machine import MachineConfig, machine_to_json
-from service.engine.netpolicy import parse_policy, resolve
+from service.engine.netpolicy import check_private_allow, parse_policy, resolve
 from service.keys import derived_id
 from service.manager import SandboxManager
 from service.registry import Registry
@@ -50,6 +50,7 @@ BUSY_CODE = "# busy"  # the agent answers that it is already running code
 LOST_CODE = "# lose the vm"  # the VM dies after printing a line
 CRASH_CODE = "# crash the service"  # something unexpected is raised mid-exec
 CHUNKS_CODE = "# three chunks"  # stdout in three events, then a display, then a value
+FAKE_PUBLIC_ADDRESS = "192.88.99.7"  # what every name resolves to here: public as far as the policy goes
 FAKE_MEMORY_MIB = 256
 KEY_A, KEY_B = "key-a", "key-b"
 KEY_METRICS = "key-metrics"  # may read /metrics, nothing else
@@ -137,8 +138,10 @@ class FakeSandbox:
             prefix = path.rstrip("/") + "/"
             entries = [{"name": name[len(prefix):], "type": "file", "size": len(data), "mtime": 0.0}
                        for name, data in sorted(files.items())
-                       if name.startswith(prefix) and "/" not in name[len(prefix):]]
-            return {"ev": "ok", "entries": entries}
+                       if name.startswith(prefix) and "/" not in name[len(prefix):]
+                       and name[len(prefix):] > args.get("after", "")]
+            more, entries = len(entries) > args["limit"], entries[:args["limit"]]
+            return {"ev": "ok", "entries": entries, "more": more, "after": entries[-1]["name"] if more else None}
         return {"ev": "ok"}
 
     def detach(self) -> None:
@@ -263,13 +266,14 @@ class FakeEngine:
     def agent_ports(machine_json: dict[str, Any]) -> int:
         return int(machine_json.get("agent_ports", 4))
 
-    def network_request(self, requested: dict[str, Any] | None) -> NetworkRequest | None:
+    def network_request(self, requested: dict[str, Any] | None, settings: Any) -> NetworkRequest | None:
         policy = parse_policy(None if requested is None else {"egress": requested.get("egress")})
         if policy is None:
             return None
         if self.network_unavailable is not None:
             raise NetworkUnavailable(self.network_unavailable)
-        return NetworkRequest(policy, resolve(policy, resolver=lambda name: ["203.0.113.7"]))
+        return NetworkRequest(policy, resolve(policy, resolver=lambda name: [FAKE_PUBLIC_ADDRESS],
+                                              private_allow=check_private_allow(settings.private_allow)))
 
     def give_network(self, sandbox: FakeSandbox, request: NetworkRequest, settings: Any) -> dict[str, Any]:
         return {**request.policy.to_json(), "mac": "02:00:00:00:00:01", "address": "100.96.0.14",

@@ -26,7 +26,30 @@ def test_file_round_trip_and_listing(client, manager, sandbox_id):
     assert listing == {
         "path": "/data",
         "entries": [{"name": "blob.bin", "type": "file", "size": len(data), "mtime": 0.0}],
+        "more": False, "cursor": None,
     }
+
+
+def test_listing_comes_in_pages_with_a_cursor(client, sandbox_id):
+    files = f"/v1/sandboxes/{sandbox_id}/files"
+    names = [f"f{i:02d}" for i in range(7)]
+    for name in reversed(names):
+        client.simulate_put(files, params={"path": f"/d/{name}"}, body=b"x", headers=A)
+    seen, cursor, pages = [], None, 0
+    for _ in range(10):  # a cursor that does not advance would loop: 10 pages is far past 3
+        params = {"path": "/d", "limit": "3", **({} if cursor is None else {"cursor": cursor})}
+        page = client.simulate_get(f"{files}/list", params=params, headers=A).json
+        assert len(page["entries"]) <= 3
+        seen += [entry["name"] for entry in page["entries"]]
+        pages += 1
+        if not page["more"]:
+            assert page["cursor"] is None
+            break
+        cursor = page["cursor"]
+    assert (seen, pages) == (names, 3)
+    for bad in ({"limit": "0"}, {"limit": "10001"}, {"limit": "x"}, {"cursor": "a/b"}, {"cursor": "n" * 256}):
+        result = client.simulate_get(f"{files}/list", params={"path": "/d", **bad}, headers=A)
+        assert assert_error(result, 422, "invalid")["field"] == next(iter(bad))
 
 
 def test_upload_is_handed_on_in_chunks(tmp_path):

@@ -90,7 +90,7 @@ def test_create_persistent_must_be_a_boolean(client, value):
 
 
 def test_create_with_a_network_policy_shows_it_with_the_identity(client, manager):
-    policy = {"egress": {"allow": ["10.1.2.0/24", "db.internal:5432"]}}
+    policy = {"egress": {"allow": ["192.88.99.0/24", "db.internal:5432"]}}
     created = client.simulate_post("/v1/sandboxes", json={"network": policy}, headers=A)
     assert created.status_code == 201 and manager.registry.get(created.json["id"]).network["egress"] == policy["egress"]
     assert created.json["network"]["egress"] == policy["egress"] and created.json["network"]["mac"]
@@ -106,6 +106,13 @@ def test_a_malformed_network_policy_is_refused_naming_the_field(client, manager,
     error = assert_error(client.simulate_post("/v1/sandboxes", json={"network": network}, headers=A), 422, "invalid")
     assert error["field"] == "network" and words in error["message"]
     assert states(manager) == {}  # nothing was created
+
+
+def test_a_policy_naming_what_is_not_public_is_refused_naming_the_operators_setting(client, manager):
+    policy = {"egress": {"allow": ["169.254.169.254:80"]}}  # cloud metadata; this config opts nothing in
+    error = assert_error(client.simulate_post("/v1/sandboxes", json={"network": policy}, headers=A), 422, "invalid")
+    assert "not on the public internet" in error["message"] and "service.egress_private_allow" in error["message"]
+    assert states(manager) == {}
 
 
 def test_other_keys_cannot_fork_freeze_or_resume(client, manager, sandbox_id):

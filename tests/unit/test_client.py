@@ -76,6 +76,10 @@ def test_files_bytes_file_objects_and_iterables(connect, manager):
         assert sb.files.read("/d/a.bin") == data
         assert b"".join(sb.files.read_stream("/d/c.bin", chunk_size=2)) == b"abcdef"
         assert [e["name"] for e in sb.files.list("/d")] == ["a.bin", "b.bin", "c.bin"]
+        assert [e["name"] for e in sb.files.iter("/d", page_size=1)] == ["a.bin", "b.bin", "c.bin"]  # 3 pages
+        first = sb.files.list_page("/d", limit=2)
+        assert [e["name"] for e in first["entries"]] == ["a.bin", "b.bin"] and first["more"]
+        assert [e["name"] for e in sb.files.list_page("/d", first["cursor"])["entries"]] == ["c.bin"]
         with pytest.raises(NotFoundError):
             sb.files.read("/d/missing")
 

@@ -42,6 +42,29 @@ def test_write_append_read_and_list(tmp_path):
     assert [(e["name"], e["type"], e["size"]) for e in entries] == [("data.bin", "file", 11)]
 
 
+def test_a_listing_comes_in_pages_in_name_order(tmp_path):
+    for i in range(25):
+        (tmp_path / f"n{i:03d}").write_bytes(b"x" * i)
+    (tmp_path / "dir").mkdir()
+    names, after, pages = [], None, 0
+    for _ in range(10):  # a cursor that does not advance would loop: 10 pages is far past 3
+        reply = files.list_dir({"path": str(tmp_path), "limit": 10, **({} if after is None else {"after": after})})[0]
+        assert len(reply["entries"]) <= 10
+        names += [entry["name"] for entry in reply["entries"]]
+        pages += 1
+        if not reply["more"]:
+            assert reply["after"] is None
+            break
+        after = reply["after"]
+        if pages == 1:
+            (tmp_path / "zz-added-between-pages").write_bytes(b"")  # the next page sees it
+    assert names == ["dir", *(f"n{i:03d}" for i in range(25)), "zz-added-between-pages"] and pages == 3
+    assert files.list_dir({"path": str(tmp_path)})[0]["more"] is False  # the default page holds them all
+    for bad in ({"limit": 0}, {"limit": files.MAX_PAGE + 1}, {"limit": "5"}, {"limit": True}, {"after": 5}):
+        with pytest.raises(files.FileOpError, match=r"limit|after"):
+            files.list_dir({"path": str(tmp_path), **bad})
+
+
 @pytest.mark.parametrize(
     ("op", "message", "code"),
     [

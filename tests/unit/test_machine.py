@@ -41,7 +41,10 @@ def test_tcg_machine():
     assert option(argv, "-M")[0].startswith("microvm")
     assert "-nodefaults" in argv and "-no-reboot" in argv
     assert any("readonly=on" in d and "/img/rootfs.ext4" in d for d in option(argv, "-drive"))
-    assert option(argv, "-chardev") == ["socket,id=agent0,path=/run/vm/agent-0.sock,server=on,wait=off"]
+    assert option(argv, "-chardev") == ["ringbuf,id=console,size=65536",
+                                        "socket,id=agent0,path=/run/vm/agent-0.sock,server=on,wait=off"]
+    # The guest console is a bounded ring in QEMU, never a file on the host that the guest can grow.
+    assert option(argv, "-serial") == ["chardev:console"] and not any("file" in a for a in option(argv, "-chardev"))
     assert "virtserialport,chardev=agent0,name=org.appliance.agent.0,nr=1" in option(argv, "-device")
     assert option(argv, "-qmp") == ["unix:/run/vm/qmp.sock,server=on,wait=off"]
     assert "-incoming" not in argv
@@ -85,7 +88,7 @@ def test_invalid_machines_are_refused(bad):
 
 def test_one_socket_and_port_per_agent_connection():
     argv = build_qemu_command(config(agent_ports=3), PATHS)
-    sockets = option(argv, "-chardev")
+    sockets = [c for c in option(argv, "-chardev") if c.startswith("socket,")]
     assert [s.split("path=")[1].split(",")[0] for s in sockets] == [f"/run/vm/agent-{k}.sock" for k in range(3)]
     ports = [d for d in option(argv, "-device") if d.startswith("virtserialport")]
     assert [p.split("name=")[1].split(",")[0] for p in ports] == [f"org.appliance.agent.{k}" for k in range(3)]

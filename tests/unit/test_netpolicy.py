@@ -9,9 +9,12 @@ from appliance_agent.arguments import BadRequest
 from appliance_agent.netconfig import NetConfig, hosts_file, ip_batch
 
 from service.engine.netpolicy import (
+    NOT_PUBLIC,
     PolicyError,
     Slot,
+    check_private_allow,
     check_range,
+    host_addresses,
     host_ruleset,
     namespace_ruleset,
     parse_policy,
@@ -22,6 +25,7 @@ from service.engine.netpolicy import (
 )
 
 RANGE = ipaddress.IPv4Network("100.96.0.0/16")
+TENS = check_private_allow(["10.0.0.0/8"])  # an operator's opt-in, for the tests that use such addresses
 
 
 def test_no_policy_means_no_network_and_modes_round_trip():
@@ -51,7 +55,7 @@ def test_malformed_policies_are_refused_with_the_entry_named(data, words):
 
 def test_names_resolve_to_rules_and_guest_hosts_entries():
     policy = parse_policy({"egress": {"allow": ["DB.internal:5432", "10.1.2.0/24"]}})
-    resolved = resolve(policy, lambda name: {"db.internal": ["10.9.9.8", "10.9.9.9"]}[name])
+    resolved = resolve(policy, lambda name: {"db.internal": ["10.9.9.8", "10.9.9.9"]}[name], TENS)
     assert [(str(r.network), r.port) for r in resolved.rules] == [
         ("10.9.9.8/32", 5432), ("10.9.9.9/32", 5432), ("10.1.2.0/24", None)]
     assert resolved.hosts == {"db.internal": "10.9.9.8"}
@@ -90,7 +94,7 @@ def test_macs_are_locally_administered_unicast_and_random():
 
 def test_namespace_ruleset_per_mode():
     slot = Slot(3, RANGE)
-    allow = resolve(parse_policy({"egress": {"allow": ["10.1.2.3:443", "10.5.0.0/16"]}}))
+    allow = resolve(parse_policy({"egress": {"allow": ["10.1.2.3:443", "10.5.0.0/16"]}}), private_allow=TENS)
     rules = namespace_ruleset(allow, slot, RANGE)
     assert "policy drop" in rules.split("chain forward")[1].split("\n")[1]
     assert "ip daddr 10.1.2.3/32 meta l4proto { tcp, udp } th dport 443 accept" in rules
@@ -101,7 +105,69 @@ def test_namespace_ruleset_per_mode():
     none = namespace_ruleset(resolve(parse_policy({"egress": "none"})), slot, RANGE)
     assert 'oifname "uplink"' not in none
     everything = namespace_ruleset(resolve(parse_policy({"egress": "all"})), slot, RANGE)
-    assert 'iifname "tap0" oifname "uplink" accept' in everything
+    assert 'iifname "tap0" oifname "uplink" meta nfproto ipv4 accept' in everything  # IPv6 matches nothing
+
+
+def test_the_non_public_ranges_are_what_ipaddress_calls_not_global():
+    for network in NOT_PUBLIC:
+        assert not network.is_global or network.is_multicast, network  # multicast: "global", but not a server
+    for public in ("1.1.1.1", "8.8.8.8", "192.88.99.7", "100.128.0.1", "172.32.0.1", "198.20.0.1", "223.255.255.1"):
+        assert not any(ipaddress.IPv4Address(public) in network for network in NOT_PUBLIC), public
+    for private in ("169.254.169.254", "10.0.0.1", "172.31.255.255", "192.168.0.1", "100.64.0.1", "127.0.0.1",
+                    "198.18.7.2", "198.19.255.255", "0.0.0.0", "224.0.0.1", "255.255.255.255", "192.0.2.2"):
+        assert any(ipaddress.IPv4Address(private) in network for network in NOT_PUBLIC), private
+
+
+@pytest.mark.parametrize("entry", ["169.254.169.254", "169.254.169.254:80", "10.1.2.0/24", "100.64.1.1:443",
+                                   "127.0.0.1", "192.168.1.0/24", "172.16.0.0/12", "198.18.7.2:8000", "224.0.0.1"])
+def test_allow_entries_off_the_public_internet_are_refused_unless_opted_in(entry):
+    policy = parse_policy({"egress": {"allow": [entry]}})
+    with pytest.raises(PolicyError, match=r"not on the public internet \(it is in .*service.egress_private_allow"):
+        resolve(policy)
+    opt_in = check_private_allow([str(ipaddress.IPv4Network(entry.split(":")[0], strict=False).supernet(4))])
+    assert resolve(policy, private_allow=opt_in).rules  # the operator's opt-in lets it through
+    assert resolve(parse_policy({"egress": {"allow": ["1.2.3.0/24", "8.0.0.0/6"]}})).rules  # public, or partly
+
+
+def test_a_name_that_resolves_off_the_public_internet_is_refused_and_says_why():
+    policy = parse_policy({"egress": {"allow": ["metadata.internal:80"]}})
+    with pytest.raises(PolicyError, match=r"'metadata.internal' resolves to 169.254.169.254, which is not on the "
+                                          r"public internet.*service.egress_private_allow"):
+        resolve(policy, lambda name: ["1.2.3.4", "169.254.169.254"])  # one bad address is enough
+    opt_in = check_private_allow(["169.254.169.254/32"])
+    assert resolve(policy, lambda name: ["169.254.169.254"], opt_in).hosts == {"metadata.internal": "169.254.169.254"}
+
+
+def test_the_private_allow_setting_is_checked_and_merged():
+    assert check_private_allow(["10.0.0.0/8", "10.1.0.0/16", "192.168.0.0/24"]) == (
+        ipaddress.IPv4Network("10.0.0.0/8"), ipaddress.IPv4Network("192.168.0.0/24"))  # no overlap reaches nft
+    with pytest.raises(PolicyError, match="egress_private_allow"):
+        check_private_allow(["10.0.0.1/8"])
+
+
+def test_the_filter_refuses_the_host_and_what_is_not_public_before_any_policy_rule():
+    slot = Slot(3, RANGE)
+    host = (ipaddress.IPv4Address("192.0.2.2"), ipaddress.IPv4Address("198.18.7.1"))
+    opt_in = check_private_allow(["198.18.7.0/24"])
+    for policy in ({"egress": "all"}, {"egress": {"allow": ["198.18.7.0/24"]}}):
+        rules = namespace_ruleset(resolve(parse_policy(policy), private_allow=opt_in), slot, RANGE, host, opt_in)
+        forward = rules.split("chain forward")[1].split("}\n")[0]
+        host_rule = 'iifname "tap0" ip daddr { 192.0.2.2, 198.18.7.1 } reject'
+        private_rule = 'iifname "tap0" ip daddr != { 198.18.7.0/24 } ip daddr { 0.0.0.0/8, 10.0.0.0/8,'
+        first_accept = forward.index('oifname "uplink"')
+        assert forward.index(host_rule) < forward.index(private_rule) < first_accept
+        assert "169.254.0.0/16" in forward.split(private_rule)[1].split("\n")[0]
+    everything = namespace_ruleset(resolve(parse_policy({"egress": "all"})), slot, RANGE)
+    assert 'iifname "tap0" ip daddr { 0.0.0.0/8, 10.0.0.0/8,' in everything  # no opt-in: no exception either
+
+
+def test_the_host_addresses_are_read_from_ip_json_without_the_sandbox_links():
+    text = """[{"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8}]},
+              {"ifname": "eth0", "addr_info": [{"family": "inet", "local": "203.0.113.9", "prefixlen": 24},
+                                               {"family": "inet6", "local": "fd00::2", "prefixlen": 64}]},
+              {"ifname": "aplsb1h", "addr_info": [{"family": "inet", "local": "100.96.0.9", "prefixlen": 30}]},
+              {"ifname": "dummy0"}]"""
+    assert [str(a) for a in host_addresses(text, RANGE)] == ["127.0.0.1", "203.0.113.9"]
 
 
 def test_host_ruleset_shields_the_host_and_masquerades_the_range():
@@ -132,7 +198,7 @@ def test_guest_commands_drop_the_old_identity_first():
 
 def test_a_resolved_policy_crosses_the_launcher_socket_intact_and_checked():
     resolved = resolve(parse_policy({"egress": {"allow": ["db.internal:5432", "10.1.2.0/24"]}}),
-                       lambda name: ["10.9.9.9"])
+                       lambda name: ["10.9.9.9"], TENS)
     assert resolved_from_json(resolved.to_json()) == resolved
     for bad in ({**resolved.to_json(), "egress": "some"},
                 {**resolved.to_json(), "rules": [["10.0.0.0/8", 70000]]},

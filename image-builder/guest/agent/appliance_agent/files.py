@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import stat
@@ -81,23 +82,54 @@ def file_read(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     return {"size": info.st_size, "eof": offset + len(data) >= info.st_size}, data
 
 
+# A listing comes in pages: a directory of 230k entries was one 37 MiB reply. A page holds at most MAX_PAGE
+# entries (names are at most 255 bytes, so a page stays a few MiB); `after` is the last name of the previous page.
+DEFAULT_PAGE, MAX_PAGE = 1000, 10000
+# The sorted names of the directory listed last, for its next pages: without it every page of a 200k-entry
+# directory would scan and sort all of it again. Valid while the directory's inode and mtime are unchanged.
+_last_listing: tuple[tuple[int, int, int], list[str]] | None = None
+
+
+def _sorted_names(path: str) -> list[str]:
+    global _last_listing
+    info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(errno.ENOTDIR, "not a directory")
+    key = (info.st_dev, info.st_ino, info.st_mtime_ns)
+    cached = _last_listing
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    names = sorted(os.listdir(path))
+    _last_listing = (key, names)
+    return names
+
+
 def list_dir(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """One page of a directory, in name order: the first `limit` entries whose names sort after `after`, and
+    `more` if entries remain. Only the page's entries are stat'ed, whatever the directory's size."""
     path = _path(message)
-    entries = []
+    limit, after = message.get("limit", DEFAULT_PAGE), message.get("after")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
+        raise FileOpError("io_error", f"limit must be an integer from 1 to {MAX_PAGE}")
+    if after is not None and not isinstance(after, str):
+        raise FileOpError("io_error", "after must be a name (the last name of the previous page)")
     try:
-        with os.scandir(path) as scan:
-            for entry in scan:
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                kind = "dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode) else (
-                    "link" if stat.S_ISLNK(info.st_mode) else "other")
-                entries.append({"name": entry.name, "type": kind, "size": info.st_size, "mtime": info.st_mtime})
+        names = _sorted_names(path)
     except OSError as exc:
         raise _fail(exc, path) from None
-    entries.sort(key=lambda e: e["name"])
-    return {"entries": entries}, b""
+    start = 0 if after is None else bisect.bisect_right(names, after)
+    page = names[start:start + limit]
+    more = start + limit < len(names)
+    entries = []
+    for name in page:
+        try:
+            info = os.lstat(os.path.join(path, name))
+        except OSError:
+            continue  # gone since the scan
+        kind = "dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode) else (
+            "link" if stat.S_ISLNK(info.st_mode) else "other")
+        entries.append({"name": name, "type": kind, "size": info.st_size, "mtime": info.st_mtime})
+    return {"entries": entries, "more": more, "after": page[-1] if more else None}, b""
 
 
 HANDLERS = {"file_write": file_write, "file_read": file_read, "list_dir": list_dir}

@@ -4,7 +4,7 @@ A message whose "length" field is an integer is followed, right after its newlin
 bytes. Everything else is as in protocol.py: one JSON object per line. Used by the file operations:
     file_write {path, append, length} + bytes   -> ok {size}            (size of the file after the write)
     file_read  {path, offset, max}              -> ok {size, eof, length} + bytes
-    list_dir   {path}                           -> ok {entries: [{name, type, size, mtime}]}
+    list_dir   {path, limit, after}             -> ok {entries: [{name, type, size, mtime}], more, after}
 Relative paths are relative to the agent's working directory (/data in the guest). A failure is
 error {code, message} with code one of FILE_ERRORS.
 """
