@@ -18,6 +18,7 @@ from appliance_agent.arguments import error as error_result
 from appliance_agent.arguments import seconds as _seconds
 from appliance_agent.channel import HostChannel, Outbox
 from appliance_agent.children import Child, WorkerProcess
+from appliance_agent.codeuser import CodeUser
 from appliance_agent.loop import Loop
 from appliance_agent.output import OutputSink
 from appliance_agent.pipes import DONE_QUIET, exec_request
@@ -67,8 +68,9 @@ class Exec:
 
 
 class Agent:
-    def __init__(self, loop: Loop, *, die_with_agent: bool, pid1: bool) -> None:
+    def __init__(self, loop: Loop, *, die_with_agent: bool, pid1: bool, code_user: CodeUser | None = None) -> None:
         self._loop = loop
+        self._user = code_user  # None: user code runs as the agent's own user (root)
         self._die_with_agent = die_with_agent
         self._pid1 = pid1
         self._channels: list[HostChannel] = []
@@ -113,6 +115,11 @@ class Agent:
             why = self._groups.setup()
             if why is not None:
                 sysops.log(why)
+            if self._user is not None:  # the user's files live in /data (the working directory of its code)
+                try:
+                    os.chown(sysops.DATA_DIR, self._user.uid, self._user.gid)
+                except OSError as exc:
+                    sysops.log(f"cannot give {sysops.DATA_DIR} to {self._user.name}: {exc}")
         for channel in self._channels:
             channel.start()
             self._hello(channel)
@@ -211,7 +218,11 @@ class Agent:
     def _op_file(self, channel: HostChannel, request_id: int, message: dict[str, Any]) -> None:
         """File operations run here, between events: they are quick, bounded I/O on the guest's RAM disk."""
         try:
-            reply, data = files.HANDLERS[message["op"]](message)
+            if self._user is None:
+                reply, data = files.HANDLERS[message["op"]](message)
+            else:
+                with self._user.acting():
+                    reply, data = files.HANDLERS[message["op"]](message)
         except files.FileOpError as exc:
             self._send_error(channel, request_id, exc.code, exc.message)
             return
@@ -283,7 +294,7 @@ class Agent:
         source: Child
         if language == "bash":
             try:
-                source = children.start_bash(args.code, self._groups.procs_file(codegroups.BASH))
+                source = children.start_bash(args.code, self._groups.procs_file(codegroups.BASH), self._user)
             except OSError as exc:
                 self._send_error(channel, request_id, ErrorCode.INTERNAL, f"cannot start bash: {exc}")
                 return
@@ -515,7 +526,7 @@ class Agent:
         self._retire(running.source)
 
     def _start_worker(self) -> None:
-        worker = children.start_worker(die_with_agent=self._die_with_agent,
+        worker = children.start_worker(die_with_agent=self._die_with_agent, user=self._user,
                                        cgroup_procs=self._groups.procs_file(codegroups.WORKER))
         self._worker = worker
         self._worker_requests = Outbox(self._loop, worker.requests)

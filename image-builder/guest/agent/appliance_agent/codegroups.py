@@ -1,7 +1,10 @@
 """Guest cgroups for user code (cgroup v2, mounted by appliance-init): the REPL worker and bash commands each
-start in a cgroup of their own with a pids limit. A fork bomb then meets EAGAIN instead of starving the agent
-(PID 1, left in the root cgroup), and whatever a killed worker or command left behind (setsid or not) is ended at
-once with cgroup.kill. Only the agent as PID 1 of a guest uses this; on a host (tests) it stays disabled.
+start in a cgroup of their own with a pids limit and a tiny cpu.weight. A fork bomb then meets EAGAIN instead of
+starving the agent (PID 1, left in the root cgroup, where it weighs as a nice-0 task: ~100 times a code group),
+and whatever a killed worker or command left behind (setsid or not) is ended with cgroup.freeze, then cgroup.kill:
+the kernel stops and ends them without their cooperation. The groups' files belong to root, so user code (the
+unprivileged code user, codeuser.py) cannot move itself out or change the limits. Only the agent as PID 1 of a
+guest uses this; on a host (tests) it stays disabled.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ WORKER, BASH = "worker", "bash"
 # Processes and threads per group: far above what data work needs (numpy/BLAS threads, a multiprocessing pool),
 # far below what starves a 1-vCPU guest.
 PIDS_MAX = 512
+# cpu.weight of a code group (1..10000; a nice-0 task in the root group, the agent, weighs as 100): busy user code
+# can use an idle CPU in full, but the agent gets it back at once when it has work.
+CPU_WEIGHT = 1
 
 
 class CodeGroups:
@@ -29,11 +35,17 @@ class CodeGroups:
             for name in (WORKER, BASH):
                 path = os.path.join(self.root, name)
                 if not os.path.isdir(path):
-                    os.mkdir(path)
+                    os.mkdir(path, 0o755)
                 _write(os.path.join(path, "pids.max"), str(self.pids_max))
         except OSError as exc:
             return f"no cgroup limits for user code: {exc}"
         self.enabled = True
+        try:
+            _write(os.path.join(self.root, "cgroup.subtree_control"), "+cpu")
+            for name in (WORKER, BASH):
+                _write(os.path.join(self.root, name, "cpu.weight"), str(CPU_WEIGHT))
+        except OSError as exc:
+            return f"no cpu weight for user code: {exc}"
         return None
 
     def procs_file(self, name: str | None) -> str | None:
@@ -43,15 +55,33 @@ class CodeGroups:
         return os.path.join(self.root, name, "cgroup.procs")
 
     def kill(self, name: str, reap, timeout_s: float = 2.0) -> None:
-        """SIGKILL everything in the group, then let `reap` (the agent's reaper) collect it until the group is
-        empty: zombies still count against pids.max, and the next worker starts in the same group."""
+        """Freeze the group (no process of it runs or forks again), SIGKILL everything in it (a frozen process
+        still dies of SIGKILL), then let `reap` (the agent's reaper) collect it until the group is empty: zombies
+        still count against pids.max. The group is thawed again: the next worker starts in it."""
         if not self.enabled:
             return
         group = os.path.join(self.root, name)
+        freeze = os.path.join(group, "cgroup.freeze")
+        try:
+            _write(freeze, "1")
+        except OSError:
+            freeze = ""
         try:
             _write(os.path.join(group, "cgroup.kill"), "1")
+            self._wait_empty(group, reap, timeout_s)
         except OSError:
-            return
+            pass  # no cgroup.kill (an old kernel): the process group kill before this is all there is
+        finally:
+            if freeze:
+                try:
+                    _write(freeze, "0")
+                except OSError as exc:
+                    from appliance_agent.sysops import log
+
+                    log(f"cannot thaw {group}: {exc}")
+
+    @staticmethod
+    def _wait_empty(group: str, reap, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             reap()

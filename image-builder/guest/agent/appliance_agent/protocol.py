@@ -61,6 +61,12 @@ AGENT_PORT_PREFIX = "org.appliance.agent."
 AGENT_PORT_NAME = AGENT_PORT_PREFIX + "0"
 
 
+# The guest user of user code, chosen on the kernel command line (CODE_USER_ARG=root); the default is "sandbox".
+CODE_USER_ARG = "appliance.code_user"
+CODE_USERS = frozenset({"sandbox", "root"})
+CODE_USER_ID = 1000  # uid and gid of `sandbox` (the image recipe creates it; appliance/build/rootfs.py)
+
+
 def agent_port_name(port: int) -> str:
     return f"{AGENT_PORT_PREFIX}{port}"
 
