@@ -59,7 +59,7 @@ def spawn(
         try:
             codegroups.leave(cgroup_procs)
         except OSError as exc:  # the agent stays in the group: its limit now counts the agent too
-            sysops.log(f"cannot move the agent back to the root cgroup: {exc}")
+            sysops.log(f"cannot move the agent back to its own cgroup: {exc}")
         for fd in pass_fds:
             os.set_inheritable(fd, False)
 
