@@ -93,6 +93,11 @@ class EngineSpec(_Section):
         "on the host; past it output is dropped and counted in truncated_bytes",
     )
     kvm_probe_timeout_s: float = Field(10.0, gt=0, le=120, description="deadline of the KVM probe boot")
+    code_user: Literal["sandbox", "root"] = Field(
+        "sandbox",
+        description="guest user that runs user code: the unprivileged `sandbox` user, or root (an opt-in; user "
+        "code can then reach the guest agent and leave its cgroup)",
+    )
 
 
 class ServiceSpec(_Section):

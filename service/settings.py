@@ -165,6 +165,7 @@ def engine_config(spec: ApplianceSpec, image_dir: Path | None = None) -> EngineC
         isolation=_isolation(spec, launcher_socket),
         launcher_socket=launcher_socket,
         secret_file=secret_file(spec),
+        code_user=spec.engine.code_user,
     )
 
 

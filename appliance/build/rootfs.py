@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance_agent.protocol import CODE_USER_ID
+
 from appliance.build.common import (
     BuildError,
     atomic_output,
@@ -306,6 +308,29 @@ def install_appliance(root: Path, recipe: Recipe) -> None:
     shutil.copytree(recipe.files, root, dirs_exist_ok=True, symlinks=True)
     for directory in ("data", "media/root-ro", "media/root-rw"):
         (root / directory).mkdir(parents=True, exist_ok=True)
+    add_code_user(root)
+
+
+def add_code_user(root: Path) -> None:
+    """The unprivileged guest user that runs user code (appliance_agent/codeuser.py), with its own home outside
+    /data (so tools' caches do not show up among the user's files). Written into the passwd files directly: no
+    chroot and no useradd for three lines, and the same ids in every image (the agent finds it by name)."""
+    name, uid, home = "sandbox", CODE_USER_ID, "/home/sandbox"
+    entries = {
+        "etc/passwd": f"{name}:x:{uid}:{uid}:user code:{home}:/bin/bash\n",
+        "etc/group": f"{name}:x:{uid}:\n",
+        "etc/shadow": f"{name}:!:19000::::::\n",  # locked: no password login (there is none anyway)
+    }
+    for relative, line in entries.items():
+        path = root / relative
+        text = path.read_text() if path.exists() else ""
+        if any(existing.split(":", 1)[0] == name for existing in text.splitlines()):
+            continue
+        path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + line)
+    home_dir = root / home.lstrip("/")
+    home_dir.mkdir(parents=True, exist_ok=True)
+    home_dir.chmod(0o750)
+    os.chown(home_dir, uid, uid)
 
 
 def install_modules(root: Path, modules: list[Path], directory: str) -> None:

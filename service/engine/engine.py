@@ -19,7 +19,7 @@ from .errors import BootFailed, NetworkUnavailable, SandboxLost
 from .image import GuestImage
 from .jail import Jail, JailPolicy
 from .launch import DirectLauncher, JailedLauncher, RemoteLauncher, VmmLauncher
-from .machine import MachineConfig, machine_from_json, machine_to_json
+from .machine import MachineConfig, code_user_kernel_args, machine_from_json, machine_to_json
 from .netpolicy import NetworkPolicy, ResolvedPolicy, check_private_allow, parse_policy, resolve
 from .sandbox import ExecLimits, Sandbox
 from .template import Template
@@ -44,6 +44,7 @@ class EngineConfig:
     isolation: JailPolicy | None  # None: QEMU runs as the service's user, unjailed
     launcher_socket: Path | None  # not root: jailing goes through the root launcher listening here
     secret_file: Path  # the deployment's secret (deployment_secret.py): authenticates snapshot metadata
+    code_user: str = "sandbox"  # engine.code_user: the guest user of user code (told on the kernel command line)
 
     @property
     def templates_dir(self) -> Path:
@@ -118,6 +119,7 @@ class Engine:
             vcpus=vcpus or self.config.vcpus,
             memory_mib=memory_mib or self.config.memory_mib,
             tsc_khz=accel.host_tsc_khz(),
+            extra_kernel_args=code_user_kernel_args(self.config.code_user),
             **overrides,
         )
 

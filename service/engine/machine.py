@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance_agent.protocol import agent_port_name
+from appliance_agent.protocol import CODE_USER_ARG, CODE_USERS, agent_port_name
 
 QEMU_BINARY = "qemu-system-x86_64"
 MACHINE_TYPE = "microvm"  # recorded in snapshots: state restores only onto the same machine type
@@ -79,6 +79,13 @@ class RuntimePaths:
     @property
     def pidfile(self) -> Path:
         return self.directory / "qemu.pid"
+
+
+def code_user_kernel_args(code_user: str) -> tuple[str, ...]:
+    """The guest agent runs user code as the unprivileged `sandbox` user unless told root (engine.code_user)."""
+    if code_user not in CODE_USERS:
+        raise ValueError(f"code_user must be one of {sorted(CODE_USERS)}, not {code_user!r}")
+    return () if code_user == "sandbox" else (f"{CODE_USER_ARG}={code_user}",)
 
 
 def kernel_command_line(config: MachineConfig) -> str:

@@ -18,6 +18,7 @@ from appliance_agent.arguments import error as error_result
 from appliance_agent.arguments import seconds as _seconds
 from appliance_agent.channel import HostChannel, Outbox
 from appliance_agent.children import Child, WorkerProcess
+from appliance_agent.codeuser import CodeUser
 from appliance_agent.loop import Loop
 from appliance_agent.output import OutputSink
 from appliance_agent.pipes import DONE_QUIET, exec_request
@@ -67,8 +68,9 @@ class Exec:
 
 
 class Agent:
-    def __init__(self, loop: Loop, *, die_with_agent: bool, pid1: bool) -> None:
+    def __init__(self, loop: Loop, *, die_with_agent: bool, pid1: bool, code_user: CodeUser | None = None) -> None:
         self._loop = loop
+        self._user = code_user  # None: user code runs as the agent's own user (root)
         self._die_with_agent = die_with_agent
         self._pid1 = pid1
         self._channels: list[HostChannel] = []
@@ -113,6 +115,11 @@ class Agent:
             why = self._groups.setup()
             if why is not None:
                 sysops.log(why)
+            if self._user is not None:  # the user's files live in /data (the working directory of its code)
+                try:
+                    os.chown(sysops.DATA_DIR, self._user.uid, self._user.gid)
+                except OSError as exc:
+                    sysops.log(f"cannot give {sysops.DATA_DIR} to {self._user.name}: {exc}")
         for channel in self._channels:
             channel.start()
             self._hello(channel)
@@ -146,6 +153,7 @@ class Agent:
         # Python-level handlers that do nothing: the C handler writes the signal number to the wake-up pipe,
         # and the loop acts on it there, outside of any handler.
         signal.signal(signal.SIGCHLD, _ignore_signal)
+        signal.signal(signal.SIGIO, _ignore_signal)  # a host opened a port (channel.py); default would kill
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN if self._pid1 else _ignore_signal)
         if self._pid1:
@@ -159,6 +167,9 @@ class Agent:
             return
         if signal.SIGTERM in numbers and not self._pid1:
             self.stop()
+        if signal.SIGIO in numbers:
+            for channel in self._channels:
+                channel.wake_up()
         self._reap()
 
     def _shutdown(self) -> None:
@@ -207,7 +218,11 @@ class Agent:
     def _op_file(self, channel: HostChannel, request_id: int, message: dict[str, Any]) -> None:
         """File operations run here, between events: they are quick, bounded I/O on the guest's RAM disk."""
         try:
-            reply, data = files.HANDLERS[message["op"]](message)
+            if self._user is None:
+                reply, data = files.HANDLERS[message["op"]](message)
+            else:
+                with self._user.acting():
+                    reply, data = files.HANDLERS[message["op"]](message)
         except files.FileOpError as exc:
             self._send_error(channel, request_id, exc.code, exc.message)
             return
@@ -221,6 +236,7 @@ class Agent:
                 protocol=protocol.PROTOCOL_VERSION,
                 agent_version=AGENT_VERSION,
                 worker_pid=self._worker.pid if self._worker is not None else None,
+                connected_by=channel.connected_by,
             )
         )
 
@@ -278,7 +294,7 @@ class Agent:
         source: Child
         if language == "bash":
             try:
-                source = children.start_bash(args.code, self._groups.procs_file(codegroups.BASH))
+                source = children.start_bash(args.code, self._groups.procs_file(codegroups.BASH), self._user)
             except OSError as exc:
                 self._send_error(channel, request_id, ErrorCode.INTERNAL, f"cannot start bash: {exc}")
                 return
@@ -510,7 +526,7 @@ class Agent:
         self._retire(running.source)
 
     def _start_worker(self) -> None:
-        worker = children.start_worker(die_with_agent=self._die_with_agent,
+        worker = children.start_worker(die_with_agent=self._die_with_agent, user=self._user,
                                        cgroup_procs=self._groups.procs_file(codegroups.WORKER))
         self._worker = worker
         self._worker_requests = Outbox(self._loop, worker.requests)

@@ -12,7 +12,12 @@ import signal
 from appliance_agent import codegroups, sysops
 from appliance_agent.protocol import LineReader
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from appliance_agent.codeuser import CodeUser
+
 PIPE_SIZE = 1 << 20
+SETPRIV = "/usr/bin/setpriv"  # util-linux, essential in Debian
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The worker starts with -c, so sys.path[0] is "" as in an interactive interpreter; it finds this package
 # through the path given as an argument and removes it again before running user code.
@@ -25,6 +30,7 @@ def spawn(
     pass_fds: tuple[int, ...] = (),
     default_signals: tuple[int, ...] = sysops.CHILD_DEFAULT_SIGNALS,
     cgroup_procs: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> int:
     """Start argv in a new process group with the given fds as 0, 1, 2 (plus pass_fds, kept at their numbers),
     and in the cgroup whose cgroup.procs file is given, if any (codegroups.py).
@@ -43,7 +49,7 @@ def spawn(
         return os.posix_spawn(
             argv[0],
             argv,
-            dict(os.environ),
+            dict(os.environ) if env is None else env,
             file_actions=actions,
             setpgroup=0,
             setsigdef=default_signals,
@@ -53,7 +59,7 @@ def spawn(
         try:
             codegroups.leave(cgroup_procs)
         except OSError as exc:  # the agent stays in the group: its limit now counts the agent too
-            sysops.log(f"cannot move the agent back to the root cgroup: {exc}")
+            sysops.log(f"cannot move the agent back to its own cgroup: {exc}")
         for fd in pass_fds:
             os.set_inheritable(fd, False)
 
@@ -91,11 +97,14 @@ class WorkerProcess(Child):
         self.held: list[bytes] = []  # requests waiting for ready
 
 
-def start_worker(*, die_with_agent: bool, cgroup_procs: str | None = None) -> WorkerProcess:
+def start_worker(
+    *, die_with_agent: bool, cgroup_procs: str | None = None, user: CodeUser | None = None
+) -> WorkerProcess:
     """Start `python -c <boot> ...` running appliance_agent.worker.main with fresh pipes.
 
     die_with_agent asks the worker to set PR_SET_PDEATHSIG (on a host, so that a killed agent does not leave
     a worker behind; in the guest the agent is PID 1 and its death ends everything anyway).
+    user: the worker drops to this user before it reads a request (worker.main); None keeps the agent's.
     """
     request_read, request_write = os.pipe()
     control_read, control_write = _pipe()
@@ -110,11 +119,13 @@ def start_worker(*, die_with_agent: bool, cgroup_procs: str | None = None) -> Wo
         str(request_read),
         str(control_write),
         "1" if die_with_agent else "0",
+        *((str(user.uid), str(user.gid)) if user is not None else ()),
     ]
     try:
         # SIGINT stays ignored (as in the agent) until the worker has installed its own handler.
         no_sigint = tuple(sig for sig in sysops.CHILD_DEFAULT_SIGNALS if sig != signal.SIGINT)
-        pid = spawn(argv, (null, out_write, err_write), (request_read, control_write), no_sigint, cgroup_procs)
+        pid = spawn(argv, (null, out_write, err_write), (request_read, control_write), no_sigint, cgroup_procs,
+                    None if user is None else user.environment(dict(os.environ)))
     except OSError:
         for fd in (request_read, request_write, control_read, out_read, err_read):
             os.close(fd)
@@ -126,13 +137,19 @@ def start_worker(*, die_with_agent: bool, cgroup_procs: str | None = None) -> Wo
     return WorkerProcess(pid=pid, stdout=out_read, stderr=err_read, requests=request_write, control=control_read)
 
 
-def start_bash(code: str, cgroup_procs: str | None = None) -> Child:
-    """`/bin/bash -c code` with stdin from /dev/null, in the agent's working directory (/data in the guest)."""
+def start_bash(code: str, cgroup_procs: str | None = None, user: CodeUser | None = None) -> Child:
+    """`/bin/bash -c code` with stdin from /dev/null, in the agent's working directory (/data in the guest), as
+    `user` if given (through setpriv: posix_spawn cannot change the uid, and a fork of the agent costs more)."""
     out_read, out_write = _pipe()
     err_read, err_write = _pipe()
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        pid = spawn(["/bin/bash", "-c", code], (null, out_write, err_write), cgroup_procs=cgroup_procs)
+        argv = ["/bin/bash", "-c", code]
+        env = None
+        if user is not None:
+            argv = [SETPRIV, f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", "--", *argv]
+            env = user.environment(dict(os.environ))
+        pid = spawn(argv, (null, out_write, err_write), cgroup_procs=cgroup_procs, env=env)
     except OSError:
         os.close(out_read)
         os.close(err_read)

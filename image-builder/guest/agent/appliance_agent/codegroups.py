@@ -1,7 +1,11 @@
 """Guest cgroups for user code (cgroup v2, mounted by appliance-init): the REPL worker and bash commands each
-start in a cgroup of their own with a pids limit. A fork bomb then meets EAGAIN instead of starving the agent
-(PID 1, left in the root cgroup), and whatever a killed worker or command left behind (setsid or not) is ended at
-once with cgroup.kill. Only the agent as PID 1 of a guest uses this; on a host (tests) it stays disabled.
+start in a cgroup of their own with a pids limit; the agent (PID 1) moves into a group of its own with a cpu.weight
+ten times theirs. A fork bomb then meets EAGAIN, and a CPU swarm cannot starve the agent (the code groups keep
+the default weight: against the kernel's own threads, such as reclaim near an OOM, they weigh as before), and
+whatever a killed worker or command left behind (setsid or not) is ended with cgroup.freeze, then cgroup.kill:
+the kernel stops and ends them without their cooperation. The groups' files belong to root, so user code (the
+unprivileged code user, codeuser.py) cannot move itself out or change the limits. Only the agent as PID 1 of a
+guest uses this; on a host (tests) it stays disabled.
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ import os
 import time
 
 ROOT = "/sys/fs/cgroup"
-WORKER, BASH = "worker", "bash"
+WORKER, BASH, AGENT = "worker", "bash", "agent"
 # Processes and threads per group: far above what data work needs (numpy/BLAS threads, a multiprocessing pool),
 # far below what starves a 1-vCPU guest.
 PIDS_MAX = 512
+# cpu.weight of the agent's group (1..10000; the code groups keep the default, 100): busy user code can use an
+# idle CPU in full, but the agent gets it back at once when it has work.
+AGENT_CPU_WEIGHT = 1000
 
 
 class CodeGroups:
@@ -29,11 +36,20 @@ class CodeGroups:
             for name in (WORKER, BASH):
                 path = os.path.join(self.root, name)
                 if not os.path.isdir(path):
-                    os.mkdir(path)
+                    os.mkdir(path, 0o755)
                 _write(os.path.join(path, "pids.max"), str(self.pids_max))
         except OSError as exc:
             return f"no cgroup limits for user code: {exc}"
         self.enabled = True
+        try:
+            agent = os.path.join(self.root, AGENT)
+            if not os.path.isdir(agent):
+                os.mkdir(agent, 0o755)
+            _write(os.path.join(agent, "cgroup.procs"), str(os.getpid()))
+            _write(os.path.join(self.root, "cgroup.subtree_control"), "+cpu")
+            _write(os.path.join(agent, "cpu.weight"), str(AGENT_CPU_WEIGHT))
+        except OSError as exc:
+            return f"no cpu weight for the agent: {exc}"
         return None
 
     def procs_file(self, name: str | None) -> str | None:
@@ -43,15 +59,33 @@ class CodeGroups:
         return os.path.join(self.root, name, "cgroup.procs")
 
     def kill(self, name: str, reap, timeout_s: float = 2.0) -> None:
-        """SIGKILL everything in the group, then let `reap` (the agent's reaper) collect it until the group is
-        empty: zombies still count against pids.max, and the next worker starts in the same group."""
+        """Freeze the group (no process of it runs or forks again), SIGKILL everything in it (a frozen process
+        still dies of SIGKILL), then let `reap` (the agent's reaper) collect it until the group is empty: zombies
+        still count against pids.max. The group is thawed again: the next worker starts in it."""
         if not self.enabled:
             return
         group = os.path.join(self.root, name)
+        freeze = os.path.join(group, "cgroup.freeze")
+        try:
+            _write(freeze, "1")
+        except OSError:
+            freeze = ""
         try:
             _write(os.path.join(group, "cgroup.kill"), "1")
+            self._wait_empty(group, reap, timeout_s)
         except OSError:
-            return
+            pass  # no cgroup.kill (an old kernel): the process group kill before this is all there is
+        finally:
+            if freeze:
+                try:
+                    _write(freeze, "0")
+                except OSError as exc:
+                    from appliance_agent.sysops import log
+
+                    log(f"cannot thaw {group}: {exc}")
+
+    @staticmethod
+    def _wait_empty(group: str, reap, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             reap()
@@ -72,9 +106,13 @@ def enter(procs_file: str | None) -> None:
 
 
 def leave(procs_file: str | None) -> None:
+    """Back to the agent's own group (the root group if it has none)."""
     if procs_file is not None:
         root = os.path.dirname(os.path.dirname(procs_file))
-        _write(os.path.join(root, "cgroup.procs"), str(os.getpid()))
+        try:
+            _write(os.path.join(root, AGENT, "cgroup.procs"), str(os.getpid()))
+        except FileNotFoundError:
+            _write(os.path.join(root, "cgroup.procs"), str(os.getpid()))
 
 
 def _write(path: str, value: str) -> None:

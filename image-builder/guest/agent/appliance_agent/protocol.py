@@ -6,7 +6,9 @@ every string is text: bytes that are not valid UTF-8 (a program's output) are de
 they are put into a message, so no input can break the framing.
 
 Requests go host -> agent and carry an integer "id" chosen by the host and an "op":
-    ping                                      -> pong {protocol, agent_version, worker_pid}
+    ping                                      -> pong {protocol, agent_version, worker_pid, connected_by}
+                                                 (connected_by: how the agent noticed this port's host:
+                                                 "start", "signal" (SIGIO on connect), "recheck", "probe")
     exec   {code, language, timeout_s,        -> stdout/stderr/display events, then done
             grace_s, output_cap}
     interrupt                                 -> ok (KeyboardInterrupt in the running code, if any)
@@ -57,6 +59,12 @@ PROTOCOL_VERSION = 1
 # The virtio-serial port names the agent serves in the guest (/dev/virtio-ports/<name>): one per host connection.
 AGENT_PORT_PREFIX = "org.appliance.agent."
 AGENT_PORT_NAME = AGENT_PORT_PREFIX + "0"
+
+
+# The guest user of user code, chosen on the kernel command line (CODE_USER_ARG=root); the default is "sandbox".
+CODE_USER_ARG = "appliance.code_user"
+CODE_USERS = frozenset({"sandbox", "root"})
+CODE_USER_ID = 1000  # uid and gid of `sandbox` (the image recipe creates it; appliance/build/rootfs.py)
 
 
 def agent_port_name(port: int) -> str:

@@ -23,6 +23,7 @@ RNDRESEEDCRNG = 0x5207
 
 # <linux/prctl.h>
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 
 # Signals a child must get back at their default disposition: the agent ignores some of them, and Python

@@ -343,12 +343,19 @@ def describe_exception(exc: BaseException) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> None:
-    """Entry point: argv = [request_fd, control_fd, die_with_agent]."""
+    """Entry point: argv = [request_fd, control_fd, die_with_agent, [uid, gid]]."""
     package_parent = sys.path.pop(0)  # inserted by the boot line; user code sees an interpreter's sys.path
     del package_parent
     request_fd, control_fd = int(argv[0]), int(argv[1])
     for fd in (request_fd, control_fd):
         os.set_inheritable(fd, False)  # user subprocesses must not hold the agent's pipes
+    if len(argv) >= 5:
+        # Become the code user before anything of the user's runs (the agent stays root, out of reach). First,
+        # because a change of credentials clears the parent-death signal set below.
+        uid, gid = int(argv[3]), int(argv[4])
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
     if argv[2:3] == ["1"]:
         from appliance_agent import sysops
 
