@@ -62,6 +62,12 @@ def sandbox(engine):
 
 
 @pytest.fixture(scope="session")
+def root_engine(engine) -> Engine:
+    """The opt-in: user code as root in the guest (engine.code_user = "root"), for what only root could try."""
+    return Engine(replace(engine.config, code_user="root", run_dir=engine.config.run_dir.with_name("root")))
+
+
+@pytest.fixture(scope="session")
 def jailed_engine(spec, image_dir, run_root) -> Engine:
     """An engine whose VMs run in the VMM jail whatever the spec says (isolation tests need it on)."""
     import os

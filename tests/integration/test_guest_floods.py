@@ -1,6 +1,7 @@
 """A hostile guest cannot make the host hold unbounded data through the serial console: guest code (root in the
-guest today) floods /dev/ttyS0, the host keeps no file that grows with it, a failure report reads only a bounded
-tail of it, and the sandbox carries on. (The directory-listing flood is in test_manager.py, where a manager is.)"""
+guest: the deployment's opt-in) floods /dev/ttyS0, the host keeps no file that grows with it, a failure report
+reads only a bounded tail of it, and the sandbox carries on. (The directory-listing flood is in test_manager.py,
+where a manager is.)"""
 
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ written
 def file_bytes(directory: Path) -> int:
     """Bytes in the regular files of the VM's directory on the host (its sockets hold nothing)."""
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+@pytest.fixture(scope="module")
+def sandbox(root_engine):
+    with root_engine.boot() as booted:
+        yield booted
 
 
 def test_a_console_flood_grows_no_host_file_and_the_sandbox_stays_usable(sandbox):

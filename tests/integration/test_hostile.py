@@ -25,7 +25,8 @@ def bystander(jailed_engine):
 
 @pytest.fixture(scope="module")
 def root_engine(jailed_engine):
-    """The opt-in: user code as root in the guest (engine.code_user = "root"), for what only root could try."""
+    """The opt-in, jailed: user code as root in the guest (engine.code_user = "root"), for what only root could
+    try. (Overrides the plain engine's of conftest.py: these cases need the jail too.)"""
     config = replace(jailed_engine.config, code_user="root", run_dir=jailed_engine.config.run_dir.with_name("root"))
     return Engine(config)
 
