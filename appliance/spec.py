@@ -129,6 +129,16 @@ class ServiceSpec(_Section):
         description="host memory kept for the host itself: a create, fork or resume that would leave less available "
         "gets 507 insufficient_capacity (default: the larger of 2048 MiB and 10 % of host memory, at most half of it)",
     )
+    vcpu_overcommit: float = Field(
+        8.0, gt=0, le=64,
+        description="vCPUs the running and pooled sandboxes may have together, as a multiple of the host's CPUs; past "
+        "it a create, fork or resume gets 507 insufficient_capacity (idle guests use little CPU)",
+    )
+    max_frozen_per_key: int = Field(
+        8, ge=1,
+        description="frozen sandboxes one API key may hold (its share of frozen_quota_bytes); past it a freeze gets "
+        "429 limit_reached and the sandbox keeps running",
+    )
 
 
 class IsolationSpec(_Section):
