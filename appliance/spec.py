@@ -155,6 +155,16 @@ class ServiceSpec(_Section):
             except ValueError as exc:
                 raise ValueError(f"{cidr!r} is not an IPv4 CIDR such as '10.20.0.0/16' ({exc})") from None
         return cidrs
+    vcpu_overcommit: float = Field(
+        8.0, gt=0, le=64,
+        description="vCPUs the running and pooled sandboxes may have together, as a multiple of the host's CPUs; past "
+        "it a create, fork or resume gets 507 insufficient_capacity (idle guests use little CPU)",
+    )
+    max_frozen_per_key: int = Field(
+        8, ge=1,
+        description="frozen sandboxes one API key may hold (its share of frozen_quota_bytes); past it a freeze gets "
+        "429 limit_reached and the sandbox keeps running",
+    )
 
 
 class IsolationSpec(_Section):

@@ -55,13 +55,27 @@ from .errors import (
     SnapshotInvalid,
 )
 from .errors import NetworkUnavailable as NetworkUnavailableError
-from .registry import CREATING, FROZEN, LOST, POOLED, RUNNING, Full, Registry, SandboxRecord
+from .registry import (
+    CREATING,
+    FROZEN,
+    LOST,
+    POOLED,
+    RESUMING,
+    RUNNING,
+    TOUCH_EVERY_S,
+    Full,
+    Limits,
+    Registry,
+    SandboxRecord,
+)
 from .settings import ServiceConfig, owner_ids
 from .template_store import TemplateStore
 
 log = logging.getLogger(__name__)
 FILE_CHUNK = 1 << 20
 FILE_CALL_TIMEOUT_S = 60.0
+# Free disk a freeze needs beyond the guest's memory: device state, the snapshot's metadata, the filesystem's own.
+FREEZE_DISK_MARGIN_MIB = 64
 
 
 def new_sandbox_id() -> str:
@@ -71,9 +85,15 @@ def new_sandbox_id() -> str:
 class SandboxManager:
     def __init__(self, config: ServiceConfig, engine: Engine | None = None, registry: Registry | None = None,
                  host_meminfo: Callable[[], dict[str, int]] | None = None) -> None:
-        """`engine` and `host_meminfo` (/proc/meminfo in bytes: MemTotal, MemAvailable) are injected in tests."""
+        """`engine` and `host_meminfo` (/proc/meminfo in bytes: MemTotal, MemAvailable) are injected in tests; so
+        are, as attributes, `host_cpus`, `disk_free` (free bytes of the filesystem holding a path) and `clock`."""
         self.config = config
         self.host_meminfo = host_meminfo or _meminfo
+        self.host_cpus: Callable[[], int] = lambda: os.cpu_count() or 1
+        self.disk_free: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free
+        self.clock: Callable[[], float] = time.time
+        # When this process last wrote each sandbox's last use to the registry (see _mark_used).
+        self._stamped: dict[str, float] = {}
         self.engine = engine or Engine(config.engine)
         self.registry = registry or Registry(config.registry_path)
         moved = self.registry.migrate_owners(owner_ids(config, self.registry.owners()))
@@ -142,6 +162,7 @@ class SandboxManager:
         place.vm_dir, place.machine = str(sandbox.vm_dir), self.engine.machine_json(sandbox)
         sandbox.detach()  # the creating connection used port 0; workers attach on their own ports
         self.registry.complete(place)
+        self._stamped[place.id] = place.last_active_at
         return place
 
     def _usable_pooled(self, claimed: SandboxRecord) -> Sandbox | None:
@@ -167,10 +188,11 @@ class SandboxManager:
         record = self.registry.get(sandbox_id)
         if record is None or record.owner != owner or record.state in (POOLED, CREATING):
             raise NotFound(f"no sandbox {sandbox_id!r} (it never existed, was closed, or belongs to another key)")
-        return record
+        return _as_seen(record)
 
     def list(self, owner: str, state: str | None = None) -> list[SandboxRecord]:
-        return [record for record in self.registry.list(owner=owner, state=state) if record.state != CREATING]
+        return [_as_seen(record) for record in self.registry.list(owner=owner, state=state)
+                if record.state != CREATING]
 
     def delete(self, owner: str, sandbox_id: str) -> None:
         self._destroy(self.get(owner, sandbox_id))
@@ -185,7 +207,7 @@ class SandboxManager:
         lock_fd = attachments.take_code_lock(Path(record.vm_dir))
         try:
             sandbox = self._attach(record)
-            self.registry.touch(sandbox_id)
+            self._mark_used(sandbox_id)
             events = sandbox.exec_events(code, timeout_s=timeout_s, language=language)
             first = next(events)
         except SandboxBusy as exc:
@@ -210,7 +232,7 @@ class SandboxManager:
             yield {"ev": "done", "error": {"name": "SandboxLost", "value": str(exc), "traceback": ""}, "lost": True}
         finally:
             os.close(lock_fd)
-            self.registry.touch(record.id)
+            self._mark_used(record.id)
 
     def exec(self, owner: str, sandbox_id: str, code: str, language: str = "python",
              timeout_s: float | None = None) -> ExecResult:
@@ -236,7 +258,7 @@ class SandboxManager:
             append = True
         if not append:  # an empty upload still makes (or empties) the file
             self._file_call(sandbox, "file_write", path, append=False)
-        self.registry.touch(sandbox_id)
+        self._mark_used(sandbox_id)
         return {"path": path, "size": size, "sha256": digest.hexdigest()}
 
     def read_file(self, owner: str, sandbox_id: str, path: str) -> tuple[int, Iterator[bytes]]:
@@ -256,7 +278,7 @@ class SandboxManager:
                     return
                 reply = self._file_call(sandbox, "file_read", path, offset=offset, max=FILE_CHUNK)
 
-        self.registry.touch(sandbox_id)
+        self._mark_used(sandbox_id)
         return size, chunks()
 
     def list_dir(self, owner: str, sandbox_id: str, path: str, limit: int = LIST_PAGE,
@@ -305,12 +327,15 @@ class SandboxManager:
         return self.freeze_record(self._running(owner, sandbox_id))
 
     def freeze_record(self, record: SandboxRecord) -> SandboxRecord:
+        self._check_frozen_share(record)
         self._check_frozen_quota(record)
         sandbox = self._attach_alive(record)
+        self._check_freeze_disk(record)
         with _code_locked(record, f"freezing {record.id} failed; it keeps running"):
             self.engine.freeze(sandbox, self.snapshot_dir(record.id), self.config.compress_snapshots,
                                networked=record.network is not None)
         self.attachments.forget(record.id)
+        self._stamped.pop(record.id, None)
         self.registry.set_state(record.id, FROZEN, template_id=None)  # a snapshot holds all of its RAM
         self.templates.release(record.template_id, self.registry)
         record.state, record.template_id = FROZEN, None
@@ -321,37 +346,53 @@ class SandboxManager:
         record = self.get(owner, sandbox_id)
         if record.state != FROZEN:
             return record
-        self._check_limits(owner)
         self._check_host_memory(1, self.engine.memory_mib(record.machine))
-        directory = self.snapshot_dir(sandbox_id)
         with attachments.held(self._resume_lock(sandbox_id)):
-            record = self.get(owner, sandbox_id)  # another worker may have resumed it while we waited
-            if record.state != FROZEN:
-                return record
+            # Admitted in the registry transaction that counts the limits (another worker may have resumed it
+            # while we waited: then there is nothing to do).
+            if not self._admit_resume(sandbox_id):
+                return self.get(owner, sandbox_id)
             try:
-                sandbox = self.engine.resume(directory, _fresh_vm_id(sandbox_id))
-            except SnapshotMismatch as exc:
-                raise SnapshotIncompatible(f"sandbox {sandbox_id} cannot be resumed on this host: {exc}") from None
-            except SnapshotTampered as exc:
-                log.error("refused to resume %s: %s", sandbox_id, exc)
-                raise SnapshotInvalid(f"sandbox {sandbox_id} cannot be resumed: {exc}; it stays frozen") from None
-            except (EngineError, OSError) as exc:
-                raise ServiceError(f"resuming {sandbox_id} failed; it stays frozen: {exc}") from None
-            try:
-                given = None if record.network is None else self._give_network(
-                    sandbox, self._network_request(record.network))
-            except ServiceError as exc:
-                sandbox.close()
-                raise type(exc)(f"resuming {sandbox_id} failed; it stays frozen: {exc.message}") from None
+                self._resume_admitted(record)
             except BaseException:
-                sandbox.close()
+                self.registry.release([sandbox_id])  # it stays frozen, and its place goes
                 raise
-            sandbox.detach()
-            self.registry.set_state(sandbox_id, RUNNING, vm_dir=str(sandbox.vm_dir),
-                                    machine=self.engine.machine_json(sandbox), last_active_at=time.time(),
-                                    network=given)
-            shutil.rmtree(directory, ignore_errors=True)
         return self.get(owner, sandbox_id)
+
+    def _admit_resume(self, sandbox_id: str) -> bool:
+        try:
+            return self.registry.reserve_resume(sandbox_id, self._limits())
+        except Full as exc:
+            raise self._refusal(exc) from None
+
+    def _resume_admitted(self, record: SandboxRecord) -> None:
+        """Restore the admitted sandbox into a new VM and make it running; raises with it still frozen."""
+        sandbox_id, directory = record.id, self.snapshot_dir(record.id)
+        try:
+            sandbox = self.engine.resume(directory, _fresh_vm_id(sandbox_id))
+        except SnapshotMismatch as exc:
+            raise SnapshotIncompatible(f"sandbox {sandbox_id} cannot be resumed on this host: {exc}") from None
+        except SnapshotTampered as exc:
+            log.error("refused to resume %s: %s", sandbox_id, exc)
+            raise SnapshotInvalid(f"sandbox {sandbox_id} cannot be resumed: {exc}; it stays frozen") from None
+        except (EngineError, OSError) as exc:
+            raise ServiceError(f"resuming {sandbox_id} failed; it stays frozen: {exc}") from None
+        try:
+            given = None if record.network is None else self._give_network(
+                sandbox, self._network_request(record.network))
+        except ServiceError as exc:
+            sandbox.close()
+            raise type(exc)(f"resuming {sandbox_id} failed; it stays frozen: {exc.message}") from None
+        except BaseException:
+            sandbox.close()
+            raise
+        sandbox.detach()
+        now = self.clock()
+        self.registry.set_state(sandbox_id, RUNNING, vm_dir=str(sandbox.vm_dir),
+                                machine=self.engine.machine_json(sandbox), last_active_at=now,
+                                network=given)
+        self._stamped[sandbox_id] = now
+        shutil.rmtree(directory, ignore_errors=True)
 
     def fork(self, owner: str, sandbox_id: str, n: int) -> list[SandboxRecord]:
         """n new running sandboxes, each starting from this one's state now; the source keeps running."""
@@ -359,8 +400,8 @@ class SandboxManager:
             raise Invalid(f"n must be between 1 and {self.config.max_fork} (service.max_fork)")
         record = self._running(owner, sandbox_id)
         wanted = None if record.network is None else self._network_request(record.network)
-        places = self._admit(owner, n, self.engine.memory_mib(record.machine), 1, record.timeout_s,
-                             {**record.metadata, "forked_from": sandbox_id}, record.persistent)
+        places = self._admit(owner, n, self.engine.memory_mib(record.machine), _vcpus(record.machine),
+                             record.timeout_s, {**record.metadata, "forked_from": sandbox_id}, record.persistent)
         failure = f"fork of {sandbox_id} failed; it keeps running unchanged"
         try:
             sandbox = self._attach_alive(record)
@@ -384,7 +425,26 @@ class SandboxManager:
             place.vm_dir, place.template_id = str(clone.vm_dir), template.template_id
             place.machine, place.network = self.engine.machine_json(clone), given
             self.registry.complete(place)
+            self._stamped[place.id] = place.last_active_at
         return places
+
+    def _check_frozen_share(self, record: SandboxRecord) -> None:
+        """One key may not take the whole frozen quota: at most service.max_frozen_per_key frozen sandboxes."""
+        share = self.config.max_frozen_per_key
+        if self.registry.count(record.owner, states=(FROZEN, RESUMING)) >= share:
+            raise LimitReached(f"this key already holds {share} frozen sandboxes (service.max_frozen_per_key); "
+                               "delete or resume one first", retry_after=5)
+
+    def _check_freeze_disk(self, record: SandboxRecord) -> None:
+        """A freeze writes up to all of the guest's RAM: refused before it starts if the state filesystem has not
+        that much free, plus a margin (a freeze that ran out of disk half way would fail anyway, after filling it)."""
+        root = self.config.state_dir / "snapshots"
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        need_mib = self.engine.memory_mib(record.machine) + FREEZE_DISK_MARGIN_MIB
+        free_mib = self.disk_free(root) >> 20
+        if free_mib < need_mib:
+            raise InsufficientCapacity(f"not enough disk to freeze: need {need_mib} MiB, {free_mib} MiB free; "
+                                       f"sandbox {record.id} keeps running")
 
     def _check_frozen_quota(self, record: SandboxRecord) -> None:
         root = self.config.state_dir / "snapshots"
@@ -409,25 +469,41 @@ class SandboxManager:
             for _ in range(n)
         ]
         try:
-            self.registry.reserve(places, self.config.max_sandboxes_per_key, self.config.max_sandboxes,
-                                  self._committable_mib())
+            self.registry.reserve(places, self._limits())
         except Full as exc:
-            if exc.what == "per_key":
-                raise LimitReached(f"{exc} (service.max_sandboxes_per_key); delete one first", retry_after=5) from None
-            if exc.what == "host":
-                raise LimitReached(f"{exc} (service.max_sandboxes); retry later", retry_after=10) from None
-            raise InsufficientCapacity(f"not enough host memory: {exc} (service.memory_overcommit × host memory "
-                                       "less the reserve); delete or freeze sandboxes") from None
+            raise self._refusal(exc) from None
         return places
 
-    def has_room(self, memory_mib: int) -> bool:
-        """Could one more guest of `memory_mib` be admitted now (the pool keeper asks before making a clone)?"""
-        committable = self._committable_mib()
+    def _limits(self) -> Limits:
+        return Limits(per_key=self.config.max_sandboxes_per_key, host=self.config.max_sandboxes,
+                      memory_mib=self._committable_mib(), vcpus=self._committable_vcpus())
+
+    def _refusal(self, exc: Full) -> ServiceError:
+        """The API's error for a refused admission, naming what was short and the setting that bounds it."""
+        if exc.what == "per_key":
+            return LimitReached(f"{exc} (service.max_sandboxes_per_key); delete one first", retry_after=5)
+        if exc.what == "host":
+            return LimitReached(f"{exc} (service.max_sandboxes); retry later", retry_after=10)
+        if exc.what == "vcpus":
+            return InsufficientCapacity(f"not enough host vCPUs: {exc} (service.vcpu_overcommit × {self.host_cpus()} "
+                                        "host CPUs); delete or freeze sandboxes")
+        return InsufficientCapacity(f"not enough host memory: {exc} (service.memory_overcommit × host memory "
+                                    "less the reserve); delete or freeze sandboxes")
+
+    def has_room(self, memory_mib: int, vcpus: int = 1) -> bool:
+        """Could one more guest of `memory_mib` and `vcpus` be admitted now (the pool keeper asks before making a
+        clone)?"""
+        limits = self._limits()
         try:
             self._check_host_memory(1, memory_mib)
         except InsufficientCapacity:
             return False
-        return committable is None or self.registry.committed_mib() + memory_mib <= committable
+        return ((limits.memory_mib is None or self.registry.committed_mib() + memory_mib <= limits.memory_mib)
+                and (limits.vcpus is None or self.registry.committed_vcpus() + vcpus <= limits.vcpus))
+
+    def _committable_vcpus(self) -> float:
+        """vCPUs all live and pooled sandboxes may have together."""
+        return self.config.vcpu_overcommit * self.host_cpus()
 
     def _host_reserve_mib(self, total_mib: float) -> float:
         """Host memory kept for the host itself: service.memory_reserve_mib, else max(2 GiB, 10 %) but at most half
@@ -480,24 +556,27 @@ class SandboxManager:
 
     # ---- internals -------------------------------------------------------------------------------------------
 
-    def _check_limits(self, owner: str, adding: int = 1) -> None:
-        if self.registry.count(owner) + adding > self.config.max_sandboxes_per_key:
-            raise LimitReached(
-                f"this key already holds {self.config.max_sandboxes_per_key} sandboxes (service.max_sandboxes_per_key);"
-                " delete one first",
-                retry_after=5,
-            )
-        if self.registry.count() + adding > self.config.max_sandboxes:
-            raise LimitReached(
-                f"this host runs its maximum of {self.config.max_sandboxes} sandboxes (service.max_sandboxes);"
-                " retry later",
-                retry_after=10,
-            )
+    def _mark_used(self, sandbox_id: str) -> None:
+        """The sandbox was used now (an exec, a file call). Not a registry write per call (the hot path would pay
+        for a SQLite write twice per exec): this process writes the time only when its own last write for the
+        sandbox is TOUCH_EVERY_S old or older. Each API worker does the same for itself with its own memory, and
+        the registry keeps the largest stamp any wrote, so it is never more than TOUCH_EVERY_S behind the last use
+        by any worker; the reaper (Registry.idle_since) gives every idle lifetime that much grace, and so never
+        closes or freezes a sandbox that another worker used within its timeout_s. A use that was not written is
+        covered by the write before it, so nothing needs flushing later, at close or freeze (a freeze or resume
+        writes the state and time of its own)."""
+        now = self.clock()
+        if now - self._stamped.get(sandbox_id, float("-inf")) < TOUCH_EVERY_S:
+            return
+        self.registry.touch(sandbox_id, now)
+        self._stamped[sandbox_id] = now
+        if len(self._stamped) > 4096:  # forget what no longer saves a write (closed sandboxes, idle ones)
+            self._stamped = {key: at for key, at in self._stamped.items() if now - at < TOUCH_EVERY_S}
 
     def _running(self, owner: str, sandbox_id: str) -> SandboxRecord:
         """The sandbox, running: a frozen one is resumed first, transparently."""
         record = self.get(owner, sandbox_id)
-        if record.state == FROZEN:
+        if record.state == FROZEN:  # (or resuming elsewhere: resume waits for that one)
             record = self.resume(owner, sandbox_id)
         if record.state == LOST:
             raise _lost(sandbox_id)
@@ -526,6 +605,7 @@ class SandboxManager:
         raise _lost(record.id)
 
     def _destroy(self, record: SandboxRecord) -> None:
+        self._stamped.pop(record.id, None)
         self._stop_vm(record)
         self.registry.remove(record.id)
         shutil.rmtree(self.snapshot_dir(record.id), ignore_errors=True)
@@ -539,6 +619,18 @@ class SandboxManager:
     def close(self) -> None:
         self.attachments.close()
         self.registry.close()
+
+
+def _as_seen(record: SandboxRecord) -> SandboxRecord:
+    """A sandbox being resumed is still frozen to its owner until it runs (the API knows no other states)."""
+    if record.state == RESUMING:
+        record.state = FROZEN
+    return record
+
+
+def _vcpus(machine: dict[str, Any]) -> int:
+    """The vCPUs of a machine as the registry keeps it (MachineConfig's default when it does not say)."""
+    return int(machine.get("vcpus") or 1)
 
 
 def _lost(sandbox_id: str) -> SandboxLostError:

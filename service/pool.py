@@ -59,7 +59,7 @@ class PoolKeeper:
                 return
             if self.registry.count() + pooled >= self.config.max_sandboxes:
                 return
-            if not self.manager.has_room(template.machine.memory_mib):
+            if not self.manager.has_room(template.machine.memory_mib, template.machine.vcpus):
                 return  # pooled clones commit memory too: users' sandboxes come first
             sandbox_id = new_sandbox_id()
             try:

@@ -23,13 +23,36 @@ POOLED, RUNNING, FROZEN, LOST = "pooled", "running", "frozen", "lost"
 # the moment it is admitted, so concurrent requests cannot all pass a check made before any of them is stored.
 # Nobody sees it; it becomes RUNNING, or is released.
 CREATING = "creating"
-STATES = (POOLED, CREATING, RUNNING, FROZEN, LOST)
-# States whose VM is (or is about to be) running: what limits and committed memory count.
-LIVE = (RUNNING, CREATING)
+# A frozen sandbox whose resume was admitted (in the same transaction as the limits and capacity checks) and is
+# under way: it counts as live. A failed resume gives it back to FROZEN; so does the pool keeper if the process
+# that resumed it died (stale_reservations / release). The API shows it as frozen until it runs.
+RESUMING = "resuming"
+STATES = (POOLED, CREATING, RESUMING, RUNNING, FROZEN, LOST)
+# States whose VM is (or is about to be) running: what limits, committed memory and vCPUs count.
+LIVE = (RUNNING, CREATING, RESUMING)
+# How stale a sandbox's last_active_at may be. Execs and file calls do not write the registry each time: each API
+# worker writes a sandbox's last use only when its own previous write for it is at least this old (see
+# SandboxManager._mark_used). So every use is at most this long after a stamp some worker wrote, and the registry's
+# value (the largest any worker wrote) is never more than this behind the real last use, whichever worker served it.
+# idle_since adds it to every idle lifetime: no sandbox is closed or frozen while any worker used it within its
+# timeout_s; the price is that an idle one goes up to this much later.
+TOUCH_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one admission is checked against: live sandboxes per key and on the host, and the configured guest
+    memory and vCPUs of all live and pooled VMs (None: not limited, the host's size is unknown)."""
+
+    per_key: int
+    host: int
+    memory_mib: float | None
+    vcpus: float | None
 
 
 class Full(Exception):
-    """A reservation was refused: `what` names the limit (per_key, host, memory), the message says by how much."""
+    """A reservation was refused: `what` names the limit (per_key, host, memory, vcpus), the message says by how
+    much."""
 
     def __init__(self, what: str, message: str) -> None:
         super().__init__(message)
@@ -170,36 +193,69 @@ class Registry:
             ),
         )
 
-    def reserve(self, records: list[SandboxRecord], per_key: int, host: int, memory_mib: float | None) -> None:
-        """Admit and store `records` (state CREATING, one owner) in one transaction: refused with Full if the owner
-        would hold more than `per_key` live sandboxes, the host more than `host`, or the live and pooled VMs more
-        than `memory_mib` of configured guest memory (None: not limited)."""
-        owner = records[0].owner
-        adding = len(records)
-        wanted = sum(int(record.machine["memory_mib"]) for record in records)
-        marks = ",".join("?" * len(LIVE))
+    def reserve(self, records: list[SandboxRecord], limits: Limits) -> None:
+        """Admit and store `records` (state CREATING, one owner) in one transaction: refused with Full if they do
+        not fit `limits`."""
         with self._transaction() as db:
-            mine = db.execute(f"SELECT COUNT(*) FROM sandboxes WHERE owner=? AND state IN ({marks})",
-                              (owner, *LIVE)).fetchone()[0]
-            if mine + adding > per_key:
-                raise Full("per_key", f"this key already holds {mine} of its {per_key} sandboxes")
-            total = db.execute(f"SELECT COUNT(*) FROM sandboxes WHERE state IN ({marks})", LIVE).fetchone()[0]
-            if total + adding > host:
-                raise Full("host", f"this host runs {total} of its {host} sandboxes")
-            if memory_mib is not None:
-                committed = self.committed_mib()
-                if committed + wanted > memory_mib:
-                    raise Full("memory", f"{committed} MiB of guest memory is committed on this host, {wanted} MiB "
-                                         f"more would pass its {memory_mib:.0f} MiB")
+            self._check_room(db, records[0].owner, [record.machine for record in records], limits)
             for record in records:
                 record.state = CREATING
                 self._insert(db, record)
 
+    def reserve_resume(self, sandbox_id: str, limits: Limits) -> bool:
+        """Admit the resume of a frozen sandbox in one transaction: it becomes RESUMING (live, counted) or Full is
+        raised. False if it is not frozen (any more). The caller holds the sandbox's resume lock, so a RESUMING
+        record it finds was left by a process that died resuming it, and is admitted again like a frozen one."""
+        with self._transaction() as db:
+            row = db.execute("SELECT owner, state, machine FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
+            if row is None or row["state"] not in (FROZEN, RESUMING):
+                return False
+            self._check_room(db, row["owner"], [json.loads(row["machine"])], limits, besides=sandbox_id)
+            db.execute("UPDATE sandboxes SET state=?, last_active_at=? WHERE id=?", (RESUMING, time.time(), sandbox_id))
+        return True
+
+    @staticmethod
+    def _check_room(db: sqlite3.Connection, owner: str | None, machines: list[dict[str, Any]], limits: Limits,
+                    besides: str = "") -> None:
+        """Full unless `machines` more VMs of `owner` fit `limits` (inside the caller's transaction; the record
+        `besides` is not counted: it is the one being admitted)."""
+        marks = ",".join("?" * len(LIVE))
+        adding = len(machines)
+        mine = db.execute(f"SELECT COUNT(*) FROM sandboxes WHERE owner=? AND state IN ({marks}) AND id!=?",
+                          (owner, *LIVE, besides)).fetchone()[0]
+        if mine + adding > limits.per_key:
+            raise Full("per_key", f"this key already holds {mine} of its {limits.per_key} sandboxes")
+        total = db.execute(f"SELECT COUNT(*) FROM sandboxes WHERE state IN ({marks}) AND id!=?",
+                           (*LIVE, besides)).fetchone()[0]
+        if total + adding > limits.host:
+            raise Full("host", f"this host runs {total} of its {limits.host} sandboxes")
+        memory, vcpus = Registry._committed(db, besides)
+        wanted = sum(int(machine["memory_mib"]) for machine in machines)
+        if limits.memory_mib is not None and memory + wanted > limits.memory_mib:
+            raise Full("memory", f"{memory} MiB of guest memory is committed on this host, {wanted} MiB more would "
+                                 f"pass its {limits.memory_mib:.0f} MiB")
+        wanted = sum(int(machine.get("vcpus") or 1) for machine in machines)
+        if limits.vcpus is not None and vcpus + wanted > limits.vcpus:
+            raise Full("vcpus", f"{vcpus} vCPUs are committed on this host, {wanted} more would pass its "
+                                f"{limits.vcpus:.0f}")
+
+    @staticmethod
+    def _committed(db: sqlite3.Connection, besides: str = "") -> tuple[int, int]:
+        """(guest memory in MiB, vCPUs) configured for every live and pooled VM but `besides`."""
+        marks = ",".join("?" * (len(LIVE) + 1))
+        memory, vcpus = db.execute(
+            "SELECT COALESCE(SUM(json_extract(machine, '$.memory_mib')), 0), "
+            "COALESCE(SUM(COALESCE(json_extract(machine, '$.vcpus'), 1)), 0) "
+            f"FROM sandboxes WHERE state IN ({marks}) AND id!=?", (*LIVE, POOLED, besides)).fetchone()
+        return memory, vcpus
+
     def committed_mib(self) -> int:
         """Configured guest memory of every live and pooled sandbox."""
-        marks = ",".join("?" * (len(LIVE) + 1))
-        return self._db.execute(f"SELECT COALESCE(SUM(json_extract(machine, '$.memory_mib')), 0) FROM sandboxes "
-                                f"WHERE state IN ({marks})", (*LIVE, POOLED)).fetchone()[0]
+        return self._committed(self._db)[0]
+
+    def committed_vcpus(self) -> int:
+        """vCPUs of every live and pooled sandbox."""
+        return self._committed(self._db)[1]
 
     def complete(self, record: SandboxRecord) -> None:
         """A reserved place becomes the running sandbox `record` describes."""
@@ -213,9 +269,10 @@ class Registry:
         )
 
     def release(self, sandbox_ids: list[str]) -> None:
-        """Give back places reserved for sandboxes that were not made."""
+        """Give back places reserved for sandboxes that were not made, or not resumed (those stay frozen)."""
         for sandbox_id in sandbox_ids:
             self._db.execute("DELETE FROM sandboxes WHERE id=? AND state=?", (sandbox_id, CREATING))
+            self._db.execute("UPDATE sandboxes SET state=? WHERE id=? AND state=?", (FROZEN, sandbox_id, RESUMING))
 
     def claim_pooled(
         self, owner: str, template_id: str, timeout_s: float, metadata: dict[str, Any], persistent: bool = False,
@@ -271,8 +328,11 @@ class Registry:
         rows = self._db.execute("SELECT state, COUNT(*) FROM sandboxes GROUP BY state").fetchall()
         return {state: 0 for state in STATES} | {row[0]: row[1] for row in rows}
 
-    def touch(self, sandbox_id: str) -> None:
-        self._db.execute("UPDATE sandboxes SET last_active_at=? WHERE id=?", (time.time(), sandbox_id))
+    def touch(self, sandbox_id: str, at: float | None = None) -> None:
+        """The sandbox was used at `at` (default now). Never moves last_active_at back: workers write their own
+        stamps, late or not (TOUCH_EVERY_S)."""
+        self._db.execute("UPDATE sandboxes SET last_active_at=MAX(last_active_at, ?) WHERE id=?",
+                         (time.time() if at is None else at, sandbox_id))
 
     def set_state(self, sandbox_id: str, state: str, **columns: Any) -> None:
         """Change state (and other columns, e.g. vm_dir or machine after a resume)."""
@@ -285,14 +345,18 @@ class Registry:
         return self._db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,)).rowcount > 0
 
     def stale_reservations(self, older_than: float) -> list[SandboxRecord]:
-        """Places reserved before `older_than` (a timestamp) and never completed: their request's process died."""
-        rows = self._db.execute("SELECT * FROM sandboxes WHERE state=? AND created_at < ?",
-                                (CREATING, older_than)).fetchall()
+        """Places reserved before `older_than` (a timestamp) and never completed or resumed: their request's process
+        died (release gives them back)."""
+        rows = self._db.execute("SELECT * FROM sandboxes WHERE (state=? AND created_at < ?) OR "
+                                "(state=? AND last_active_at < ?)",
+                                (CREATING, older_than, RESUMING, older_than)).fetchall()
         return [SandboxRecord.from_row(row) for row in rows]
 
     def idle_since(self, cutoff_for: float) -> list[SandboxRecord]:
-        """Running sandboxes whose idle lifetime has passed at time `cutoff_for`."""
+        """Running sandboxes whose idle lifetime has passed at time `cutoff_for`, whichever worker used them last
+        (last_active_at may be up to TOUCH_EVERY_S behind: see there)."""
         rows = self._db.execute(
-            "SELECT * FROM sandboxes WHERE state=? AND last_active_at + timeout_s < ?", (RUNNING, cutoff_for)
+            "SELECT * FROM sandboxes WHERE state=? AND last_active_at + timeout_s < ?",
+            (RUNNING, cutoff_for - TOUCH_EVERY_S),
         ).fetchall()
         return [SandboxRecord.from_row(row) for row in rows]

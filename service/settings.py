@@ -72,6 +72,8 @@ class ServiceConfig:
     compress_snapshots: bool
     memory_overcommit: float
     memory_reserve_mib: int | None
+    vcpu_overcommit: float
+    max_frozen_per_key: int
     network: NetworkSettings
 
     @property
@@ -182,7 +184,8 @@ def key_store_path(spec: ApplianceSpec) -> Path:
 # The [service] settings ServiceConfig carries as they are (same names in the spec and the config).
 _AS_IN_SPEC = ("pool_size", "warm_code", "sandbox_timeout_s", "max_sandboxes_per_key", "max_sandboxes",
                "max_body_bytes", "max_code_bytes", "max_file_bytes", "max_fork", "frozen_quota_bytes",
-               "compress_snapshots", "memory_overcommit", "memory_reserve_mib")
+               "compress_snapshots", "memory_overcommit", "memory_reserve_mib", "vcpu_overcommit",
+               "max_frozen_per_key")
 
 
 def service_config(spec: ApplianceSpec, keys: list[str], image_dir: Path | None = None,

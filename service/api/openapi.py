@@ -45,12 +45,13 @@ _ERROR_TEXT = {
     "restore (code snapshot_incompatible: made by another QEMU release, machine type or guest image) or whose "
     "metadata fails authentication (code snapshot_invalid); it stays frozen.",
     429: "A limit on sandboxes per key or per host is reached (code limit_reached); see Retry-After. A fork "
-    "counts each copy; frozen sandboxes do not count.",
+    "counts each copy; frozen sandboxes do not count. Also a freeze past the key's service.max_frozen_per_key.",
     500: "The service failed (code internal). A failed fork, freeze or resume leaves the sandbox as it was "
     "(running, or frozen); the message says what failed or quotes a request id the service log explains.",
     503: "Not ready: no warm template yet (code not_ready); see Retry-After.",
-    507: "Not enough room: host memory for the sandboxes asked for (code insufficient_capacity: committed guest "
-    "memory past service.memory_overcommit, or the host's reserve), or the disk quota for frozen sandboxes (code "
+    507: "Not enough room: host memory or vCPUs for the sandboxes asked for (code insufficient_capacity: committed "
+    "guest memory past service.memory_overcommit, or the host's reserve; vCPUs past service.vcpu_overcommit), free "
+    "disk for a freeze (code insufficient_capacity), or the disk quota for frozen sandboxes (code "
     "insufficient_storage); the message says what is short and by how much.",
 }
 _WITH_RETRY_AFTER = {429, 503}

@@ -3,7 +3,8 @@ the installed `appliance sandboxes` command, as an operator on the node runs it.
 
 One service for the module, with small limits (2 running sandboxes per key, 3 on the host), small guests, no warm-up
 code, and its own view of /proc/meminfo (a file the test writes: a host short of memory without exhausting this
-one). After every test all sandboxes of both keys are deleted and nothing of them may remain.
+one), and room for only ON_HOST + POOL vCPUs. After every test all sandboxes of both keys are deleted and nothing of
+them may remain.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from tests.live_service import LiveService
 pytestmark = pytest.mark.integration
 
 PER_KEY, ON_HOST = 2, 3
+POOL = 1
+# vCPUs the host may commit: exactly what the sandbox limit and the pool need with 1-vCPU guests (the ratio is set from
+# this machine's CPU count), so only a bigger guest can pass it.
+VCPUS = ON_HOST + POOL
 HANG_S = 60.0  # deadlines only catch hangs
 # Runs until it is interrupted, printing all along (a server learns that its client left when a write fails), and
 # records how it ended in the namespace.
@@ -54,8 +59,9 @@ def meminfo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def live(meminfo: Path) -> Iterator[LiveService]:
     service = LiveService(
-        workers=2, pool_size=1, meminfo=meminfo,
+        workers=2, pool_size=POOL, meminfo=meminfo,
         env_extra={
+            "APPLIANCE_SERVICE__VCPU_OVERCOMMIT": repr(VCPUS / (os.cpu_count() or 1)),
             "APPLIANCE_GUEST__MEMORY_MIB": "256",
             "APPLIANCE_SERVICE__WARM_CODE": "",
             "APPLIANCE_SERVICE__MAX_SANDBOXES_PER_KEY": str(PER_KEY),
@@ -226,6 +232,18 @@ def test_a_fork_that_does_not_fit_host_memory_is_507_and_the_source_is_unchanged
     assert execute(api, source, "x.append(4); x")["text"] == "[1, 2, 3, 4]"
     forked = api.post(f"/v1/sandboxes/{source}/fork", json={"n": 1})  # with the memory there, the same fork works
     assert forked.status_code == 201, forked.text
+
+
+def test_a_create_that_does_not_fit_the_hosts_vcpus_is_507_naming_vcpus(live, api):
+    deadline = time.monotonic() + HANG_S
+    while live.pooled() < live.pool_size:
+        assert time.monotonic() < deadline, "the pool did not fill"
+        time.sleep(0.2)
+    refused = api.post("/v1/sandboxes", json={"vcpus": VCPUS})  # with the pooled clone's vCPU: one too many
+    message = assert_error(refused, 507, "insufficient_capacity")["message"]
+    assert "vCPUs" in message and "service.vcpu_overcommit" in message and "memory" not in message
+    assert api.get("/v1/sandboxes").json()["sandboxes"] == []
+    assert len(vm_pids(live.run_dir)) == live.pool_size  # nothing was booted for it
 
 
 # ---- lost sandboxes -----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from service.errors import (
     SnapshotIncompatible,
     SnapshotInvalid,
 )
-from service.manager import SandboxManager
-from service.registry import FROZEN, LOST, POOLED, RUNNING, Registry, SandboxRecord
+from service.manager import FREEZE_DISK_MARGIN_MIB, SandboxManager
+from service.registry import FROZEN, LOST, POOLED, RUNNING, TOUCH_EVERY_S, Registry, SandboxRecord
 
 from .fakes import HOST, LOST_CODE, FakeEngine
 
@@ -44,8 +45,10 @@ def warm_namespace() -> dict:
 
 def second_process(manager: SandboxManager, engine: FakeEngine) -> SandboxManager:
     """Another API worker: its own manager, attachments and registry connection; the same VMs and files."""
-    return SandboxManager(manager.config, engine=engine, registry=Registry(manager.config.registry_path),
-                          host_meminfo=manager.host_meminfo)
+    other = SandboxManager(manager.config, engine=engine, registry=Registry(manager.config.registry_path),
+                           host_meminfo=manager.host_meminfo)
+    other.host_cpus = manager.host_cpus
+    return other
 
 
 def run(manager: SandboxManager, sandbox_id: str, code: str, owner: str = OWNER) -> str | None:
@@ -222,6 +225,73 @@ def test_concurrent_creates_are_admitted_exactly_up_to_the_limit(manager, engine
         worker.close()
 
 
+def test_vcpus_are_bounded_by_their_own_overcommit_ratio(manager):
+    # 1.5 × 2 host CPUs = 3 vCPUs; the template's clones have 1 each, and memory has room for many more.
+    manager.config = replace(manager.config, vcpu_overcommit=1.5, max_sandboxes=50)
+    manager.host_cpus = lambda: 2
+    first, second = manager.create(OWNER), manager.create(OTHER)
+    with pytest.raises(InsufficientCapacity, match="vCPU") as short:
+        manager.create(OWNER, vcpus=2)
+    message = str(short.value)
+    assert short.value.status == 507 and "service.vcpu_overcommit × 2 host CPUs" in message
+    assert "2 vCPUs are committed" in message and "memory" not in message
+    with pytest.raises(InsufficientCapacity, match="vCPU"):
+        manager.fork(OWNER, first.id, 2)
+    assert len(manager.fork(OWNER, first.id, 1)) == 1  # the third vCPU
+    manager.freeze(OTHER, second.id)  # a frozen sandbox has no vCPUs
+    third = manager.create("third-key")
+    with pytest.raises(InsufficientCapacity, match="vCPU"):
+        manager.resume(OTHER, second.id)
+    assert manager.get(OTHER, second.id).state == FROZEN
+    manager.delete("third-key", third.id)
+    assert manager.resume(OTHER, second.id).state == RUNNING
+
+
+def test_concurrent_resumes_are_admitted_exactly_up_to_the_limit(manager, engine):
+    """Resume counts and reserves in one transaction too: 3 frozen sandboxes resumed at once by 3 workers, with room
+    for 1 under the key's limit (3): exactly 1 runs, the others stay frozen."""
+    manager.config = replace(manager.config, frozen_quota_bytes=4 << 30)
+    frozen = [manager.create(OWNER).id for _ in range(3)]
+    for sandbox_id in frozen:
+        manager.freeze(OWNER, sandbox_id)
+    manager.create(OWNER), manager.create(OWNER)
+    workers = [second_process(manager, engine) for _ in frozen]
+    entered, refused, outcomes = [], [], []
+    real_resume = engine.resume
+
+    def resume_when_all_decided(directory: Path, vm_id: str):
+        # Every resume that got past admission waits here until each request was admitted or refused: a check
+        # made before any of them is stored would let all of them in.
+        entered.append(vm_id)
+        deadline = time.monotonic() + 60
+        while len(entered) + len(refused) < len(workers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return real_resume(directory, vm_id)
+
+    engine.resume = resume_when_all_decided
+    start = threading.Barrier(len(workers))
+
+    def resume(worker: SandboxManager, sandbox_id: str) -> None:
+        start.wait()
+        try:
+            outcomes.append(worker.resume(OWNER, sandbox_id).state)
+        except LimitReached:
+            refused.append(sandbox_id)
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=resume, args=pair) for pair in zip(workers, frozen, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == ["refused", "refused", RUNNING]
+    assert manager.registry.count(OWNER) == 3
+    assert sorted(manager.get(OWNER, sandbox_id).state for sandbox_id in frozen) == [FROZEN, FROZEN, RUNNING]
+    assert all(manager.snapshot_dir(sandbox_id).is_dir() for sandbox_id in refused)
+    for worker in workers:
+        worker.close()
+
+
 def test_a_failed_fork_leaves_the_source_running_and_nothing_new(manager, engine):
     source = manager.create(OWNER)
     run(manager, source.id, "x = 1")
@@ -252,6 +322,35 @@ def test_freeze_refuses_past_the_frozen_quota_and_the_sandbox_keeps_running(mana
         manager.freeze(OWNER, ids[2])
     assert full.value.status == 507 and manager.get(OWNER, ids[2]).state == RUNNING
     assert run(manager, ids[2], "1") == "1"
+
+
+def test_freeze_needs_free_disk_for_the_guests_ram_and_else_the_sandbox_keeps_running(manager):
+    record = manager.create(OWNER)
+    run(manager, record.id, "x = 41")
+    asked: list[Path] = []
+    need_mib = 256 + FREEZE_DISK_MARGIN_MIB
+    manager.disk_free = lambda path: asked.append(path) or (need_mib - 1) << 20
+    with pytest.raises(InsufficientCapacity) as short:
+        manager.freeze(OWNER, record.id)
+    assert short.value.status == 507 and short.value.code == "insufficient_capacity"
+    assert f"not enough disk to freeze: need {need_mib} MiB, {need_mib - 1} MiB free" in str(short.value)
+    assert asked == [manager.config.state_dir / "snapshots"]  # the filesystem the snapshot would be written to
+    assert manager.get(OWNER, record.id).state == RUNNING and not manager.snapshot_dir(record.id).exists()
+    assert run(manager, record.id, "x + 1") == "42"
+    manager.disk_free = lambda path: need_mib << 20
+    assert manager.freeze(OWNER, record.id).state == FROZEN
+
+
+def test_one_key_cannot_take_the_whole_frozen_quota(manager):
+    manager.config = replace(manager.config, max_frozen_per_key=1)  # the quota (600 MiB) holds two
+    mine, theirs = [manager.create(OWNER).id for _ in range(2)], manager.create(OTHER).id
+    manager.freeze(OWNER, mine[0])
+    with pytest.raises(LimitReached, match=r"1 frozen sandboxes \(service.max_frozen_per_key\)"):
+        manager.freeze(OWNER, mine[1])
+    assert manager.get(OWNER, mine[1]).state == RUNNING and run(manager, mine[1], "1") == "1"
+    assert manager.freeze(OTHER, theirs).state == FROZEN  # the other key's share is its own
+    manager.resume(OWNER, mine[0])
+    assert manager.freeze(OWNER, mine[1]).state == FROZEN  # a resumed one gives its share back
 
 
 def test_an_unrestorable_snapshot_stays_frozen(manager, engine):
@@ -291,6 +390,41 @@ def test_a_vm_that_died_unnoticed_makes_fork_and_freeze_410(manager, engine):
 
 
 # ---- several processes -----------------------------------------------------------------------------------------
+
+
+def test_execs_and_file_calls_write_nothing_to_the_registry(manager):
+    record = manager.create(OWNER)
+    statements: list[str] = []
+    manager.registry._db.set_trace_callback(statements.append)
+    for _ in range(5):
+        run(manager, record.id, "x = 1")
+    manager.write_file(OWNER, record.id, "f", [b"data"])
+    manager.read_file(OWNER, record.id, "f")
+    writes = [sql for sql in statements if sql.split()[0].upper() in {"UPDATE", "INSERT", "DELETE", "REPLACE"}]
+    assert writes == [] and statements  # it was listening: the calls read their record
+
+
+def test_an_idle_sandbox_is_reaped_only_when_no_worker_used_it_within_its_lifetime(manager, engine):
+    """Each worker writes a sandbox's last use only when its own last write is TOUCH_EVERY_S old; the reaper gives
+    that much grace. A sandbox a worker used without writing it down is not reaped early, whichever worker did."""
+    record = manager.create(OWNER, timeout_s=60)
+    base = time.time()
+    other = second_process(manager, engine)
+
+    def use(worker: SandboxManager, at: float) -> float:
+        worker.clock = lambda: base + at
+        run(worker, record.id, "1")
+        return manager.registry.get(record.id).last_active_at - base
+
+    assert use(other, 10) == pytest.approx(10)  # its first use in that worker is written
+    assert use(other, 14) == pytest.approx(10)  # within TOUCH_EVERY_S of its last write: not written
+    last_use = 14
+    assert manager.registry.idle_since(base + last_use + 60 - 0.5) == []
+    assert manager.registry.idle_since(base + last_use + 60 + 0.5) == []  # still inside the grace
+    assert manager.registry.idle_since(base + 10 + 60 + TOUCH_EVERY_S + 0.5)[0].id == record.id
+    assert use(manager, 30) == pytest.approx(30)
+    assert use(other, 25) == pytest.approx(30)  # a worker's older stamp never moves the time back
+    other.close()
 
 
 def test_code_runs_one_at_a_time_across_processes(manager, engine):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from service.registry import POOLED, Registry, SandboxRecord
+from service.registry import FROZEN, POOLED, Full, Limits, Registry, SandboxRecord
 
 
 def test_concurrent_claims_from_many_threads(tmp_path):
@@ -37,3 +37,40 @@ def test_concurrent_claims_from_many_threads(tmp_path):
     registry.close()
     assert errors == []
     assert len(claimed) == len(set(claimed)) == 200
+
+
+def test_concurrent_resume_admissions_never_pass_the_limit(tmp_path):
+    """reserve_resume counts and reserves in one transaction: 8 threads, each with its own connection (as in
+    several workers), admit exactly the 3 the key's limit leaves room for; the others stay frozen."""
+    path = tmp_path / "registry.sqlite3"
+    setup = Registry(path)
+    for i in range(8):
+        setup.add(SandboxRecord(id=f"sb-{i}", owner="owner", state=FROZEN, vm_dir="", template_id=None,
+                                machine={"memory_mib": 256, "vcpus": 1}, timeout_s=60))
+    limits = Limits(per_key=3, host=10, memory_mib=None, vcpus=None)
+    start = threading.Barrier(8)
+    admitted: list[str] = []
+    errors: list[BaseException] = []
+
+    def resume(sandbox_id: str) -> None:
+        registry = Registry(path)
+        start.wait()
+        try:
+            if registry.reserve_resume(sandbox_id, limits):
+                admitted.append(sandbox_id)
+        except Full as exc:
+            assert exc.what == "per_key"
+        except BaseException as exc:  # collected: an assertion in a thread would be lost
+            errors.append(exc)
+        registry.close()
+
+    threads = [threading.Thread(target=resume, args=(f"sb-{i}",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and len(admitted) == 3
+    assert setup.count("owner") == 3 and setup.counts_by_state()[FROZEN] == 5
+    setup.release(admitted)  # a resume that failed: back to frozen, its place given back
+    assert setup.count("owner") == 0 and setup.counts_by_state()[FROZEN] == 8
+    setup.close()
