@@ -153,7 +153,9 @@ def jail_argv(
 ) -> list[str]:
     """The full argv: [setsid -f] sh (join cgroup) -> bwrap (namespaces, mount view) -> setpriv (drop) -> QEMU."""
     ro = [machine.kernel, machine.initrd, machine.rootfs]
-    rw = [vm_dir] + ([machine.memory_file] if machine.memory_file is not None else [])
+    rw = [vm_dir]
+    if machine.memory_file is not None:  # a copy's RAM file is bound read-only: no copy can change it
+        (rw if machine.memory_shared else ro).append(machine.memory_file)
     argv: list[str] = ["setsid", "--fork"] if detach else []
     # Join the cgroups by writing our own PID, then exec: everything after (bwrap, QEMU) starts inside them.
     script = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"'
@@ -296,6 +298,10 @@ class Jail:
             fd = os.open(machine.memory_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.fchown(fd, self.identity.uid, self.identity.gid)
             os.close(fd)
+        elif machine.memory_file is not None and not machine.memory_shared:
+            # A copy maps a file the host wrote (a fork's state): readable by the VM group, never writable.
+            os.chown(machine.memory_file, -1, self.identity.gid)
+            os.chmod(machine.memory_file, 0o640)
         return self._create_cgroups(machine, vm_dir)
 
     def _create_cgroups(self, machine: MachineConfig, vm_dir: Path) -> list[Path]:

@@ -5,9 +5,9 @@ A snapshot is a directory: `state` (QEMU's full migration stream: RAM and device
 as `<dir>.partial` and renamed into place only when complete, so a crash mid-freeze leaves the previous snapshot
 (or none), never a half-written one that looks complete. A failed freeze resumes the VM.
 
-Fork: the source is paused only while its full state streams to a file; a short-lived "materializer" VM loads
-that stream into a new shared RAM file and saves its device state next to it. That pair is a template
-(template.py): the n clones map the RAM file copy-on-write, so n copies cost little more than one.
+Fork: the source is paused only while QEMU writes its RAM and devices to a mapped-ram file (mapped_ram.py); the
+file and a device file cut from it are a template (template.py): the n clones map the RAM file copy-on-write and
+load only the devices, so n copies cost little more than one, and no second QEMU ever loads the whole state.
 """
 
 from __future__ import annotations
@@ -30,12 +30,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from . import mapped_ram
 from .errors import EngineError
 from .launch import VmmLauncher
 from .machine import MACHINE_TYPE, QEMU_BINARY, MachineConfig, machine_to_json
 from .sandbox import ExecLimits, Sandbox
+from .template import MEMORY_FILE as TEMPLATE_MEMORY
+from .template import META_FILE as TEMPLATE_META
 from .template import STATE_FILE as TEMPLATE_STATE
-from .template import Template, pass_fd, pass_file, restore, save_device_state, wait_migration
+from .template import Template, file_uri, pass_fd, restore, set_migration, wait_migration
 from .vm import CHILD_ENV, VirtualMachine
 
 SNAPSHOT_FORMAT = 2
@@ -202,7 +205,7 @@ def resume(snapshot: Snapshot, machine: MachineConfig, run_dir: Path, limits: Ex
     state = snapshot.directory / STATE
     reader = ["zstd", "-dc", "--", str(state)] if snapshot.meta["compressed"] else None
     return restore(machine, state, run_dir, limits, timeout_s, launcher, vm_id=vm_id, detach=detach, reader=reader,
-                   ignore_shared=False)
+                   mode="stream")
 
 
 def fork(
@@ -217,21 +220,30 @@ def fork(
     vm_ids: list[str] | None = None,
 ) -> tuple[Template, list[Sandbox]]:
     """n running copies of `sandbox`, which keeps running. Returns the new template (the clones map its RAM
-    file; remove it when the last clone is gone) and the clones. On failure nothing new is left behind."""
+    file; remove it when the last clone is gone) and the clones. On failure nothing new is left behind.
+
+    The source, paused, writes its RAM once into a mapped-ram file (QEMU itself, in parallel, zero pages left as
+    holes) and resumes; the copies map that file copy-on-write and load only its device state (mapped_ram.py)."""
     if n < 1:
         raise ValueError("fork needs n >= 1")
-    stream = templates_dir / f"fork-{sandbox.vm.dir.name}.stream"
-    templates_dir.mkdir(parents=True, exist_ok=True)
-    template: Template | None = None
+    source = sandbox.vm.config
+    directory = templates_dir / f"tpl-{secrets.token_hex(6)}"
+    directory.mkdir(parents=True)
+    memory = directory / TEMPLATE_MEMORY
     clones: list[Sandbox] = []
     try:
         with sandbox.exclusive():
             try:
-                _stream_full_state(sandbox.vm, stream, compress=False)
+                save_mapped(sandbox.vm, memory)
             finally:
                 with contextlib.suppress(Exception):
                     sandbox.vm.qmp().cmd("cont")
-        template = _materialize(sandbox.vm.config, stream, templates_dir, run_dir, timeout_s, launcher)
+        layout = mapped_ram.ram_layout(memory, source.memory_mib << 20)
+        mapped_ram.write_device_file(memory, directory / TEMPLATE_STATE, layout)
+        _give_back_parent_holes(source)
+        clone_machine = replace(source, memory_file=memory, memory_shared=False, memory_offset=layout.pages_offset)
+        (directory / TEMPLATE_META).write_text(json.dumps(machine_to_json(clone_machine), indent=2))
+        template = Template(directory, clone_machine)
         ids = vm_ids or [None] * n
         with ThreadPoolExecutor(max_workers=min(n, 4)) as pool:
             futures = [pool.submit(template.clone, run_dir, limits, launcher, timeout_s, ids[i], detach)
@@ -247,49 +259,37 @@ def fork(
     except BaseException:
         for clone in clones:
             clone.close()
-        if template is not None:
-            template.remove()
+        shutil.rmtree(directory, ignore_errors=True)
         raise
-    finally:
-        stream.unlink(missing_ok=True)
     return template, clones
 
 
-def _materialize(source: MachineConfig, stream: Path, templates_dir: Path, run_dir: Path,
-                 timeout_s: float, launcher: VmmLauncher) -> Template:
-    """Load a full state stream into a new shared RAM file and save the device state beside it."""
-    directory = templates_dir / f"tpl-{secrets.token_hex(6)}"
-    directory.mkdir()
-    shared = replace(source, memory_file=directory / "memory", memory_shared=True)
-    vm = launcher.start(shared, run_dir, incoming="defer")
-    try:
-        try:
-            qmp = vm.qmp()
-        except TimeoutError:
-            raise SnapshotError(f"the fork's materializer VM did not start: {vm.failure_report()}") from None
-        qmp.cmd("migrate-incoming", uri=pass_file(qmp, stream, "state-in"))
-        deadline = time.monotonic() + timeout_s
-        while qmp.cmd("query-status")["status"] in {"inmigrate", "prelaunch"}:
-            if time.monotonic() > deadline or vm.exited() is not None:
-                raise SnapshotError(f"loading the fork's state did not finish: {vm.failure_report()}")
-            time.sleep(0.005)
-        save_device_state(vm, directory / TEMPLATE_STATE)
-        clone_machine = replace(shared, memory_shared=False)
-        (directory / "template.json").write_text(json.dumps(machine_to_json(clone_machine), indent=2))
-    except BaseException:
-        vm.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    vm.stop()
-    return Template(directory, clone_machine)
+def save_mapped(vm: VirtualMachine, target: Path) -> None:
+    """Pause the VM and have QEMU write RAM + device state to `target` in the mapped-ram layout. The VM stays
+    paused (the caller resumes or stops it)."""
+    qmp = vm.qmp()
+    qmp.cmd("stop")
+    set_migration(qmp, "mapped")
+    with file_uri(qmp, target, write=True) as uri:
+        qmp.cmd("migrate", uri=uri)
+        wait_migration(qmp, "completed", deadline=time.monotonic() + 300)
+
+
+def _give_back_parent_holes(source: MachineConfig) -> None:
+    """Saving a copy read all of its memory, which faulted the never-written pages of the file it maps (its
+    parent's mapped-ram state) into tmpfs: punch them out again, so a template's file stays as sparse as made."""
+    if source.memory_file is None or source.memory_shared or not source.memory_offset:
+        return
+    with contextlib.suppress(OSError, mapped_ram.MappedRamError):  # the parent may be gone: nothing to give back
+        mapped_ram.punch_zero_pages(source.memory_file, mapped_ram.ram_layout(source.memory_file,
+                                                                               source.memory_mib << 20))
 
 
 def _stream_full_state(vm: VirtualMachine, target: Path, compress: bool) -> None:
     """Pause the VM and write RAM + device state to `target`. The VM stays paused (caller resumes or stops)."""
     qmp = vm.qmp()
     qmp.cmd("stop")
-    qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}])
-    qmp.cmd("migrate-set-parameters", **{"max-bandwidth": _BANDWIDTH})
+    set_migration(qmp, "stream")
     writing: subprocess.Popen[bytes] | None = None
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
