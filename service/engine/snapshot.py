@@ -41,9 +41,11 @@ from .template import STATE_FILE as TEMPLATE_STATE
 from .template import Template, file_uri, pass_fd, restore, set_migration, wait_migration
 from .vm import CHILD_ENV, VirtualMachine
 
-SNAPSHOT_FORMAT = 2
+# 3: an uncompressed state is QEMU's mapped-ram file (RAM at fixed offsets, written and read in parallel);
+# 2 (and 3 compressed): a plain migration stream, still resumed by loading it.
+SNAPSHOT_FORMAT = 3
+_READABLE_FORMATS = (2, 3)
 STATE, META = "state", "snapshot.json"
-_BANDWIDTH = 8 << 30
 _META_MAX = 64 << 10
 # What a snapshot decides about the machine it is resumed into: its size, within these bounds. Everything else of
 # the QEMU command line (the program, kernel, disk, options) comes from the resuming service's own configuration.
@@ -119,13 +121,19 @@ class Snapshot:
         return shape
 
     @property
+    def mapped(self) -> bool:
+        """The state is a mapped-ram file (format 3, uncompressed), not a plain stream."""
+        return self.meta.get("format") == 3 and not self.meta["compressed"]
+
+    @property
     def size_bytes(self) -> int:
-        return (self.directory / STATE).stat().st_size
+        """What the snapshot takes on disk (a mapped-ram file is sparse: its size is the guest's RAM)."""
+        return (self.directory / STATE).stat().st_blocks * 512
 
     def check_restorable(self, machine: MachineConfig, image_id: str) -> None:
         """Refuse, with the reason, a snapshot that `machine` on this host cannot restore faithfully."""
-        if self.meta.get("format") != SNAPSHOT_FORMAT:
-            raise SnapshotMismatch(f"snapshot format {self.meta.get('format')} is not {SNAPSHOT_FORMAT}")
+        if self.meta.get("format") not in _READABLE_FORMATS:
+            raise SnapshotMismatch(f"snapshot format {self.meta.get('format')!r} is not one of {_READABLE_FORMATS}")
         facts = (("QEMU release", "qemu_release", qemu_release()), ("machine type", "machine_type", MACHINE_TYPE),
                  ("accelerator", "accelerator", machine.accelerator), ("guest image", "image_id", image_id))
         for what, name, here in facts:
@@ -143,7 +151,11 @@ def freeze(sandbox: Sandbox, directory: Path, image_id: str, key: bytes, compres
     vm = sandbox.vm
     try:
         with sandbox.exclusive():
-            _stream_full_state(vm, partial / STATE, compress)
+            if compress:
+                _stream_full_state(vm, partial / STATE, compress)
+            else:  # QEMU writes the file itself, RAM in parallel at fixed offsets (no pipe, no copy)
+                save_mapped(vm, partial / STATE)
+            _fsync_path(partial / STATE)
         meta = {
             "format": SNAPSHOT_FORMAT,
             "qemu_release": qemu_release(),
@@ -203,6 +215,9 @@ def resume(snapshot: Snapshot, machine: MachineConfig, run_dir: Path, limits: Ex
     The snapshot stays until deleted."""
     snapshot.check_restorable(machine, image_id)
     state = snapshot.directory / STATE
+    if snapshot.mapped:  # read back in parallel (multifd) into fresh RAM, zero pages skipped
+        return restore(machine, state, run_dir, limits, timeout_s, launcher, vm_id=vm_id, detach=detach,
+                       mode="mapped")
     reader = ["zstd", "-dc", "--", str(state)] if snapshot.meta["compressed"] else None
     return restore(machine, state, run_dir, limits, timeout_s, launcher, vm_id=vm_id, detach=detach, reader=reader,
                    mode="stream")
