@@ -12,7 +12,6 @@ The file is treated as untrusted input: only its first bytes are parsed, and eve
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ _HEADER = struct.Struct(">IQQQ")  # MappedRamHeader: version, page_size, bitmap_
 _HEADER_VERSION, _PAGE = 1, 4096
 _ALIGN = 1 << 20  # MAPPED_RAM_FILE_OFFSET_ALIGNMENT
 _SCAN = 64 << 10  # the RAM section's block list comes right after the stream's short preamble
-_FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE = 1, 2
 RAM_BLOCK = b"ram"  # the id of the VM's memory backend (machine.py): its RAM block's name
 
 
@@ -73,7 +71,7 @@ def write_device_file(source: Path, target: Path, layout: RamLayout) -> None:
             size = os.fstat(src).st_size
             os.ftruncate(dst, size)
             skip = (layout.pages_offset, layout.pages_offset + layout.size)
-            for begin, end in _extents(src, size):
+            for begin, end in extents(src, size):
                 for piece in ((begin, min(end, skip[0])), (max(begin, skip[1]), end)):
                     if piece[0] < piece[1]:
                         _copy(src, dst, *piece)
@@ -84,39 +82,18 @@ def write_device_file(source: Path, target: Path, layout: RamLayout) -> None:
         os.close(src)
 
 
-def punch_zero_pages(path: Path, layout: RamLayout) -> None:
-    """Give back the pages of `path` its own bitmap marks as never written (zero). Reading a copy's whole memory
-    (to fork or freeze it) faults the holes of the file it maps into tmpfs pages; their content is zero either way,
-    and a live copy that maps them faults them in again as zero."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        bitmap = os.pread(fd, layout.bitmap_size, layout.bitmap_offset)
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-        pages, run = layout.size // _PAGE, None
-        for page in range(pages + 1):
-            zero = page < pages and not bitmap[page >> 3] & (1 << (page & 7))
-            if zero and run is None:
-                run = page
-            elif not zero and run is not None:
-                libc.fallocate(fd, _FALLOC_KEEP_SIZE | _FALLOC_PUNCH_HOLE, layout.pages_offset + run * _PAGE,
-                               (page - run) * _PAGE)
-                run = None
-    finally:
-        os.close(fd)
-
-
-def _extents(fd: int, size: int) -> list[tuple[int, int]]:
-    extents, offset = [], 0
+def extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The data extents [begin, end) of a sparse file, from SEEK_DATA/SEEK_HOLE (which read no page)."""
+    found, offset = [], 0
     while offset < size:
         try:
             begin = os.lseek(fd, offset, os.SEEK_DATA)
         except OSError:  # ENXIO: no data past offset
             break
         end = os.lseek(fd, begin, os.SEEK_HOLE)
-        extents.append((begin, end))
+        found.append((begin, end))
         offset = end
-    return extents
+    return found
 
 
 def _copy(src: int, dst: int, begin: int, end: int) -> None:

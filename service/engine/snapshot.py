@@ -38,7 +38,16 @@ from .sandbox import ExecLimits, Sandbox
 from .template import MEMORY_FILE as TEMPLATE_MEMORY
 from .template import META_FILE as TEMPLATE_META
 from .template import STATE_FILE as TEMPLATE_STATE
-from .template import Template, file_uri, pass_fd, restore, set_migration, wait_migration
+from .template import (
+    Template,
+    file_uri,
+    give_back_zero_pages,
+    pass_fd,
+    record_extents,
+    restore,
+    set_migration,
+    wait_migration,
+)
 from .vm import CHILD_ENV, VirtualMachine
 
 # 3: an uncompressed state is QEMU's mapped-ram file (RAM at fixed offsets, written and read in parallel);
@@ -255,7 +264,9 @@ def fork(
                     sandbox.vm.qmp().cmd("cont")
         layout = mapped_ram.ram_layout(memory, source.memory_mib << 20)
         mapped_ram.write_device_file(memory, directory / TEMPLATE_STATE, layout)
-        _give_back_parent_holes(source)
+        record_extents(memory)
+        if source.memory_file is not None and not source.memory_shared:
+            give_back_zero_pages(source.memory_file)  # saving a copy read all it maps: see give_back_zero_pages
         clone_machine = replace(source, memory_file=memory, memory_shared=False, memory_offset=layout.pages_offset)
         (directory / TEMPLATE_META).write_text(json.dumps(machine_to_json(clone_machine), indent=2))
         template = Template(directory, clone_machine)
@@ -288,16 +299,6 @@ def save_mapped(vm: VirtualMachine, target: Path) -> None:
     with file_uri(qmp, target, write=True) as uri:
         qmp.cmd("migrate", uri=uri)
         wait_migration(qmp, "completed", deadline=time.monotonic() + 300)
-
-
-def _give_back_parent_holes(source: MachineConfig) -> None:
-    """Saving a copy read all of its memory, which faulted the never-written pages of the file it maps (its
-    parent's mapped-ram state) into tmpfs: punch them out again, so a template's file stays as sparse as made."""
-    if source.memory_file is None or source.memory_shared or not source.memory_offset:
-        return
-    with contextlib.suppress(OSError, mapped_ram.MappedRamError):  # the parent may be gone: nothing to give back
-        mapped_ram.punch_zero_pages(source.memory_file, mapped_ram.ram_layout(source.memory_file,
-                                                                               source.memory_mib << 20))
 
 
 def _stream_full_state(vm: VirtualMachine, target: Path, compress: bool) -> None:

@@ -8,7 +8,9 @@ file therefore must never change while any clone lives; nothing writes it after 
 
 from __future__ import annotations
 
+import array
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -21,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import mapped_ram
 from .channel import AgentChannel
 from .errors import BootFailed, EngineError
 from .launch import VmmLauncher
@@ -29,7 +32,8 @@ from .sandbox import ExecLimits, Sandbox
 from .vm import CHILD_ENV, VirtualMachine
 
 log = logging.getLogger(__name__)
-MEMORY_FILE, STATE_FILE, META_FILE = "memory", "devstate", "template.json"
+MEMORY_FILE, STATE_FILE, META_FILE, EXTENTS_FILE = "memory", "devstate", "template.json", "extents"
+_FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE = 1, 2
 # Device state is small, but QEMU's default 32 MiB/s cap throttles even that; RAM never goes through the stream.
 _MIGRATE_BANDWIDTH = 8 << 30
 _MULTIFD_CHANNELS = 2  # mapped-ram writes/reads RAM in parallel; more threads than cores only contend
@@ -78,6 +82,7 @@ class Template:
                 save_device_state(sandbox.vm, directory / STATE_FILE)
             finally:
                 sandbox.close()
+            record_extents(directory / MEMORY_FILE)
             clone_machine = replace(shared, memory_shared=False)
             (directory / META_FILE).write_text(json.dumps(machine_to_json(clone_machine), indent=2))
         except BaseException:
@@ -108,6 +113,40 @@ class Template:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def record_extents(memory_file: Path) -> None:
+    """Note which parts of a finished template's RAM file hold data: the rest (holes) is guest memory never
+    written, zero for good, since nothing writes the file again. See give_back_zero_pages."""
+    fd = os.open(memory_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        found = mapped_ram.extents(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    (memory_file.parent / EXTENTS_FILE).write_bytes(array.array("Q", [x for pair in found for x in pair]).tobytes())
+
+
+def give_back_zero_pages(memory_file: Path) -> None:
+    """Punch the template's holes out of its RAM file again. A copy that writes a never-written page, or a save
+    that reads a copy's whole memory, faults that hole of the file into a tmpfs page (the kernel fills a private
+    mapping's page from the file first). Their content is zero either way; a copy mapping them faults them in
+    again as zero. A file without an extents record (made before it existed) is left alone."""
+    try:
+        record = array.array("Q")
+        record.frombytes((memory_file.parent / EXTENTS_FILE).read_bytes())
+        fd = os.open(memory_file, os.O_WRONLY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        size, hole = os.fstat(fd).st_size, 0
+        for begin, end in [*zip(record[::2], record[1::2], strict=True), (size, size)]:
+            if begin > hole:
+                libc.fallocate(fd, _FALLOC_KEEP_SIZE | _FALLOC_PUNCH_HOLE, hole, begin - hole)
+            hole = end
+    finally:
+        os.close(fd)
 
 
 def save_device_state(vm: VirtualMachine, state_file: Path) -> None:
