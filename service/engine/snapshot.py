@@ -254,14 +254,17 @@ def fork(
     directory = templates_dir / f"tpl-{secrets.token_hex(6)}"
     directory.mkdir(parents=True)
     memory = directory / TEMPLATE_MEMORY
+    # Written under a name of the source's, then moved into the template: one fork of a source at a time.
+    written = templates_dir / f"fork-{sandbox.vm.dir.name}.ram"
     clones: list[Sandbox] = []
     try:
         with sandbox.exclusive():
             try:
-                save_mapped(sandbox.vm, memory)
+                save_mapped(sandbox.vm, written)
             finally:
                 with contextlib.suppress(Exception):
                     sandbox.vm.qmp().cmd("cont")
+        written.rename(memory)
         layout = mapped_ram.ram_layout(memory, source.memory_mib << 20)
         mapped_ram.write_device_file(memory, directory / TEMPLATE_STATE, layout)
         record_extents(memory)
@@ -286,6 +289,8 @@ def fork(
         for clone in clones:
             clone.close()
         shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            written.unlink(missing_ok=True)
         raise
     return template, clones
 
