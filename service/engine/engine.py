@@ -141,7 +141,7 @@ class Engine:
     def template_fits(self, template: Template, agent_ports: int) -> bool:
         """Was `template` made for this image, accelerator and size? (Equal but for where its RAM lives.)"""
         def plain(machine: MachineConfig) -> MachineConfig:
-            return replace(machine, memory_file=None, memory_shared=True)
+            return replace(machine, memory_file=None, memory_shared=True, memory_offset=0)
 
         return plain(template.machine) == plain(self.machine(agent_ports=agent_ports))
 

@@ -160,7 +160,9 @@ def jail_argv(
     holds (--ro-bind-fd/--bind-fd; bwrap closes it before QEMU runs), never what the path names by then."""
     fds = fds or {}
     ro = [machine.kernel, machine.initrd, machine.rootfs]
-    rw = [vm_dir] + ([machine.memory_file] if machine.memory_file is not None else [])
+    rw = [vm_dir]
+    if machine.memory_file is not None:  # a copy's RAM file is bound read-only: no copy can change it
+        (rw if machine.memory_shared else ro).append(machine.memory_file)
     argv: list[str] = ["setsid", "--fork"] if detach else []
     # Join the cgroups by writing our own PID, then exec: everything after (bwrap, QEMU) starts inside them.
     script = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"'
@@ -303,31 +305,47 @@ class Jail:
             for image in (machine.kernel, machine.initrd, machine.rootfs):
                 fds[image] = dirfd.open_root_owned(image)
             if machine.memory_file is not None:
-                fds[machine.memory_file] = self._open_memory_file(machine.memory_file)
+                fds[machine.memory_file] = self._open_memory_file(machine.memory_file, machine.memory_shared)
             return self._create_cgroups(machine, vm_dir, vm_fd), fds
         except BaseException:
             for fd in fds.values():
                 os.close(fd)
             raise
 
-    def _open_memory_file(self, path: Path) -> int:
-        """bwrap binds existing files only; QEMU sizes it. Owned by the VM user: a clone opens it read-write (QEMU
-        maps share=off files only from O_RDWR descriptors). An existing one must be a file we made for the VM user
-        (one link: not a hard link to someone else's file)."""
+    def _open_memory_file(self, path: Path, shared: bool) -> int:
+        """A descriptor of the RAM file to bind; bwrap binds existing files only.
+
+        shared (a template's VM writes its RAM there): made here for the VM user, who QEMU maps it as; an existing
+        one must be a file made for the VM user. Not shared (a copy maps a template's or a fork's file read-only):
+        the file the template VM or the engine wrote, made readable to the VM group and writable by no VM. Either
+        way a regular file with one link (not a hard link to someone else's file), reached without links."""
         root = self.memory_root or path.parent
-        try:
-            fd = dirfd.open_beneath(root, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if shared:
             try:
-                os.fchown(fd, self.identity.uid, self.identity.gid)
-            finally:
-                os.close(fd)
-        except FileExistsError:
-            pass
-        fd = dirfd.open_beneath(root, path, os.O_PATH)
+                fd = dirfd.open_beneath(root, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.fchown(fd, self.identity.uid, self.identity.gid)
+                finally:
+                    os.close(fd)
+            except FileExistsError:
+                pass
+            fd = dirfd.open_beneath(root, path, os.O_PATH)
+        else:
+            fd = dirfd.open_beneath(root, path, os.O_RDONLY)
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != self.identity.uid or info.st_nlink != 1:
+        # A fork's file is the engine's (this process, or under the launcher the API user: not root); a
+        # template's is the VM user's.
+        owners_ok = info.st_uid in (self.identity.uid, os.geteuid()) or (not shared and info.st_uid != 0)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or not owners_ok:
             os.close(fd)
-            raise JailError(f"memory file {path} is not one made for the VM user")
+            raise JailError(f"memory file {path} is not one made for the VM user or by the engine")
+        if not shared:
+            try:
+                os.fchown(fd, -1, self.identity.gid)
+                os.fchmod(fd, 0o640)
+            except OSError:
+                os.close(fd)
+                raise
         return fd
 
     def _create_cgroups(self, machine: MachineConfig, vm_dir: Path, vm_fd: int) -> list[Path]:

@@ -36,6 +36,9 @@ class MachineConfig:
     # map copy-on-write. share=True writes go to the file; share=False maps it privately (a clone).
     memory_file: Path | None = None
     memory_shared: bool = True
+    # Where the guest RAM starts in memory_file: 0 for a plain RAM file, a mapped-ram state's pages_offset
+    # (mapped_ram.py) for copies that map a saved state.
+    memory_offset: int = 0
     # Host TSC frequency handed to the guest under TCG: without it, boots hang now and then calibrating the TSC.
     tsc_khz: int | None = None
     extra_kernel_args: tuple[str, ...] = ()
@@ -53,6 +56,8 @@ class MachineConfig:
             raise ValueError(f"accelerator must be 'kvm' or 'tcg', not {self.accelerator!r}")
         if self.vcpus < 1 or self.memory_mib < 64:
             raise ValueError("a VM needs at least 1 vCPU and 64 MiB")
+        if self.memory_offset < 0 or self.memory_offset % 4096:
+            raise ValueError("memory_offset must be a multiple of 4096")
         if not 1 <= self.agent_ports <= 30:
             raise ValueError("agent_ports must be between 1 and 30 (virtio-serial has 31 ports)")
 
@@ -107,8 +112,15 @@ def build_qemu_command(config: MachineConfig, paths: RuntimePaths) -> list[str]:
     if config.memory_file is None:
         backend = f"memory-backend-ram,id=ram,size={config.memory_mib}M"
     else:
-        share = "on" if config.memory_shared else "off"
-        backend = f"memory-backend-file,id=ram,size={config.memory_mib}M,mem-path={config.memory_file},share={share}"
+        backend = f"memory-backend-file,id=ram,size={config.memory_mib}M,mem-path={config.memory_file}"
+        if config.memory_shared:
+            backend += ",share=on"
+        else:
+            # A copy: QEMU opens the file read-only and maps it privately (guest writes stay in the copy's own
+            # pages), so no copy, nor a compromised QEMU, can change the file every other copy maps.
+            backend += ",share=off,readonly=on,rom=off"
+        if config.memory_offset:
+            backend += f",offset={config.memory_offset}"
     memory = ["-m", f"{config.memory_mib}M", "-object", backend]
     accel = ["-accel", "kvm", "-cpu", "host"] if config.accelerator == "kvm" else [
         "-accel", "tcg,tb-size=64", "-cpu", "max",
@@ -170,5 +182,6 @@ def machine_from_json(stored: dict[str, Any]) -> MachineConfig:
     for key in ("kernel", "initrd", "rootfs", "memory_file"):
         data[key] = None if data[key] is None else Path(data[key])
     data["extra_kernel_args"] = tuple(data["extra_kernel_args"])
+    data.setdefault("memory_offset", 0)  # machines stored before copies mapped mapped-ram states
     data.setdefault("nic", False)  # machines stored before VMs had a NIC (their saved state has none)
     return MachineConfig(**data)

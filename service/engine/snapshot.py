@@ -6,9 +6,9 @@ guest image's id; compat_facts). It is written
 as `<dir>.partial` and renamed into place only when complete, so a crash mid-freeze leaves the previous snapshot
 (or none), never a half-written one that looks complete. A failed freeze resumes the VM.
 
-Fork: the source is paused only while its full state streams to a file; a short-lived "materializer" VM loads
-that stream into a new shared RAM file and saves its device state next to it. That pair is a template
-(template.py): the n clones map the RAM file copy-on-write, so n copies cost little more than one.
+Fork: the source is paused only while QEMU writes its RAM and devices to a mapped-ram file (mapped_ram.py); the
+file and a device file cut from it are a template (template.py): the n clones map the RAM file copy-on-write and
+load only the devices, so n copies cost little more than one, and no second QEMU ever loads the whole state.
 """
 
 from __future__ import annotations
@@ -30,18 +30,31 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from . import qemu_probe
+from . import mapped_ram, qemu_probe
 from .errors import EngineError
 from .launch import VmmLauncher
 from .machine import MACHINE_TYPE, QEMU_BINARY, MachineConfig, machine_to_json
 from .sandbox import ExecLimits, Sandbox
+from .template import MEMORY_FILE as TEMPLATE_MEMORY
+from .template import META_FILE as TEMPLATE_META
 from .template import STATE_FILE as TEMPLATE_STATE
-from .template import Template, pass_fd, pass_file, restore, save_device_state, wait_migration
+from .template import (
+    Template,
+    file_uri,
+    give_back_zero_pages,
+    pass_fd,
+    record_extents,
+    restore,
+    set_migration,
+    wait_migration,
+)
 from .vm import CHILD_ENV, VirtualMachine
 
-SNAPSHOT_FORMAT = 2
+# 3: an uncompressed state is QEMU's mapped-ram file (RAM at fixed offsets, written and read in parallel);
+# 2 (and 3 compressed): a plain migration stream, still resumed by loading it.
+SNAPSHOT_FORMAT = 3
+_READABLE_FORMATS = (2, 3)
 STATE, META = "state", "snapshot.json"
-_BANDWIDTH = 8 << 30
 _META_MAX = 64 << 10
 # What a snapshot decides about the machine it is resumed into: its size, within these bounds. Everything else of
 # the QEMU command line (the program, kernel, disk, options) comes from the resuming service's own configuration.
@@ -138,14 +151,20 @@ class Snapshot:
         return shape
 
     @property
+    def mapped(self) -> bool:
+        """The state is a mapped-ram file (format 3, uncompressed), not a plain stream."""
+        return self.meta.get("format") == 3 and not self.meta["compressed"]
+
+    @property
     def size_bytes(self) -> int:
-        return (self.directory / STATE).stat().st_size
+        """What the snapshot takes on disk (a mapped-ram file is sparse: its size is the guest's RAM)."""
+        return (self.directory / STATE).stat().st_blocks * 512
 
     def check_restorable(self, machine: MachineConfig, image_id: str) -> None:
         """Refuse, with the reason, a snapshot that `machine` on this host cannot restore faithfully. The QEMU
         package's own version ("qemu_version") is not compared: a security update of the same release loads."""
-        if self.meta.get("format") != SNAPSHOT_FORMAT:
-            raise SnapshotMismatch(f"snapshot format {self.meta.get('format')} is not {SNAPSHOT_FORMAT}")
+        if self.meta.get("format") not in _READABLE_FORMATS:
+            raise SnapshotMismatch(f"snapshot format {self.meta.get('format')!r} is not one of {_READABLE_FORMATS}")
         here = {**compat_facts(machine), "image_id": image_id}
         words = {"qemu_release": "QEMU release", "machine_type": "machine type", "accelerator": "accelerator",
                  "image_id": "guest image"}
@@ -166,7 +185,11 @@ def freeze(sandbox: Sandbox, directory: Path, image_id: str, key: bytes, compres
     vm = sandbox.vm
     try:
         with sandbox.exclusive():
-            _stream_full_state(vm, partial / STATE, compress)
+            if compress:
+                _stream_full_state(vm, partial / STATE, compress)
+            else:  # QEMU writes the file itself, RAM in parallel at fixed offsets (no pipe, no copy)
+                save_mapped(vm, partial / STATE)
+            _fsync_path(partial / STATE)
         meta = {
             "format": SNAPSHOT_FORMAT,
             **compat_facts(vm.config),
@@ -225,9 +248,12 @@ def resume(snapshot: Snapshot, machine: MachineConfig, run_dir: Path, limits: Ex
     The snapshot stays until deleted."""
     snapshot.check_restorable(machine, image_id)
     state = snapshot.directory / STATE
+    if snapshot.mapped:  # read back in parallel (multifd) into fresh RAM, zero pages skipped
+        return restore(machine, state, run_dir, limits, timeout_s, launcher, vm_id=vm_id, detach=detach,
+                       mode="mapped")
     reader = ["zstd", "-dc", "--", str(state)] if snapshot.meta["compressed"] else None
     return restore(machine, state, run_dir, limits, timeout_s, launcher, vm_id=vm_id, detach=detach, reader=reader,
-                   ignore_shared=False)
+                   mode="stream")
 
 
 def fork(
@@ -242,21 +268,35 @@ def fork(
     vm_ids: list[str] | None = None,
 ) -> tuple[Template, list[Sandbox]]:
     """n running copies of `sandbox`, which keeps running. Returns the new template (the clones map its RAM
-    file; remove it when the last clone is gone) and the clones. On failure nothing new is left behind."""
+    file; remove it when the last clone is gone) and the clones. On failure nothing new is left behind.
+
+    The source, paused, writes its RAM once into a mapped-ram file (QEMU itself, in parallel, zero pages left as
+    holes) and resumes; the copies map that file copy-on-write and load only its device state (mapped_ram.py)."""
     if n < 1:
         raise ValueError("fork needs n >= 1")
-    stream = templates_dir / f"fork-{sandbox.vm.dir.name}.stream"
-    templates_dir.mkdir(parents=True, exist_ok=True)
-    template: Template | None = None
+    source = sandbox.vm.config
+    directory = templates_dir / f"tpl-{secrets.token_hex(6)}"
+    directory.mkdir(parents=True)
+    memory = directory / TEMPLATE_MEMORY
+    # Written under a name of the source's, then moved into the template: one fork of a source at a time.
+    written = templates_dir / f"fork-{sandbox.vm.dir.name}.ram"
     clones: list[Sandbox] = []
     try:
         with sandbox.exclusive():
             try:
-                _stream_full_state(sandbox.vm, stream, compress=False)
+                save_mapped(sandbox.vm, written)
             finally:
                 with contextlib.suppress(Exception):
                     sandbox.vm.qmp().cmd("cont")
-        template = _materialize(sandbox.vm.config, stream, templates_dir, run_dir, timeout_s, launcher)
+        written.rename(memory)
+        layout = mapped_ram.ram_layout(memory, source.memory_mib << 20)
+        mapped_ram.write_device_file(memory, directory / TEMPLATE_STATE, layout)
+        record_extents(memory)
+        if source.memory_file is not None and not source.memory_shared:
+            give_back_zero_pages(source.memory_file)  # saving a copy read all it maps: see give_back_zero_pages
+        clone_machine = replace(source, memory_file=memory, memory_shared=False, memory_offset=layout.pages_offset)
+        (directory / TEMPLATE_META).write_text(json.dumps(machine_to_json(clone_machine), indent=2))
+        template = Template(directory, clone_machine)
         ids = vm_ids or [None] * n
         with ThreadPoolExecutor(max_workers=min(n, 4)) as pool:
             futures = [pool.submit(template.clone, run_dir, limits, launcher, timeout_s, ids[i], detach)
@@ -272,49 +312,29 @@ def fork(
     except BaseException:
         for clone in clones:
             clone.close()
-        if template is not None:
-            template.remove()
+        shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            written.unlink(missing_ok=True)
         raise
-    finally:
-        stream.unlink(missing_ok=True)
     return template, clones
 
 
-def _materialize(source: MachineConfig, stream: Path, templates_dir: Path, run_dir: Path,
-                 timeout_s: float, launcher: VmmLauncher) -> Template:
-    """Load a full state stream into a new shared RAM file and save the device state beside it."""
-    directory = templates_dir / f"tpl-{secrets.token_hex(6)}"
-    directory.mkdir()
-    shared = replace(source, memory_file=directory / "memory", memory_shared=True)
-    vm = launcher.start(shared, run_dir, incoming="defer")
-    try:
-        try:
-            qmp = vm.qmp()
-        except TimeoutError:
-            raise SnapshotError(f"the fork's materializer VM did not start: {vm.failure_report()}") from None
-        qmp.cmd("migrate-incoming", uri=pass_file(qmp, stream, "state-in"))
-        deadline = time.monotonic() + timeout_s
-        while qmp.cmd("query-status")["status"] in {"inmigrate", "prelaunch"}:
-            if time.monotonic() > deadline or vm.exited() is not None:
-                raise SnapshotError(f"loading the fork's state did not finish: {vm.failure_report()}")
-            time.sleep(0.005)
-        save_device_state(vm, directory / TEMPLATE_STATE)
-        clone_machine = replace(shared, memory_shared=False)
-        (directory / "template.json").write_text(json.dumps(machine_to_json(clone_machine), indent=2))
-    except BaseException:
-        vm.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    vm.stop()
-    return Template(directory, clone_machine)
+def save_mapped(vm: VirtualMachine, target: Path) -> None:
+    """Pause the VM and have QEMU write RAM + device state to `target` in the mapped-ram layout. The VM stays
+    paused (the caller resumes or stops it)."""
+    qmp = vm.qmp()
+    qmp.cmd("stop")
+    set_migration(qmp, "mapped")
+    with file_uri(qmp, target, write=True) as uri:
+        qmp.cmd("migrate", uri=uri)
+        wait_migration(qmp, "completed", deadline=time.monotonic() + 300)
 
 
 def _stream_full_state(vm: VirtualMachine, target: Path, compress: bool) -> None:
     """Pause the VM and write RAM + device state to `target`. The VM stays paused (caller resumes or stops)."""
     qmp = vm.qmp()
     qmp.cmd("stop")
-    qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}])
-    qmp.cmd("migrate-set-parameters", **{"max-bandwidth": _BANDWIDTH})
+    set_migration(qmp, "stream")
     writing: subprocess.Popen[bytes] | None = None
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:

@@ -8,7 +8,9 @@ file therefore must never change while any clone lives; nothing writes it after 
 
 from __future__ import annotations
 
+import array
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -16,10 +18,12 @@ import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import mapped_ram
 from .channel import AgentChannel
 from .errors import BootFailed, EngineError
 from .launch import VmmLauncher
@@ -28,9 +32,12 @@ from .sandbox import ExecLimits, Sandbox
 from .vm import CHILD_ENV, VirtualMachine
 
 log = logging.getLogger(__name__)
-MEMORY_FILE, STATE_FILE, META_FILE = "memory", "devstate", "template.json"
+MEMORY_FILE, STATE_FILE, META_FILE, EXTENTS_FILE = "memory", "devstate", "template.json", "extents"
+_FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE = 1, 2
 # Device state is small, but QEMU's default 32 MiB/s cap throttles even that; RAM never goes through the stream.
 _MIGRATE_BANDWIDTH = 8 << 30
+_MULTIFD_CHANNELS = 2  # mapped-ram writes/reads RAM in parallel; more threads than cores only contend
+_FDSET = 7  # the fd set a file migration's descriptor goes into (emptied after each migration)
 
 
 class TemplateError(EngineError):
@@ -75,6 +82,7 @@ class Template:
                 save_device_state(sandbox.vm, directory / STATE_FILE)
             finally:
                 sandbox.close()
+            record_extents(directory / MEMORY_FILE)
             clone_machine = replace(shared, memory_shared=False)
             (directory / META_FILE).write_text(json.dumps(machine_to_json(clone_machine), indent=2))
         except BaseException:
@@ -98,10 +106,47 @@ class Template:
     ) -> Sandbox:
         """A running sandbox with the template's state, reseeded and with the clock set."""
         state = self.directory / STATE_FILE
-        return restore(self.machine, state, run_dir, limits, timeout_s, launcher, vm_id=vm_id, detach=detach)
+        # A RAM file at an offset is a mapped-ram state (a fork's, snapshot.py): its device file loads mapped-ram.
+        mode = "mapped" if self.machine.memory_offset else "shared"
+        return restore(self.machine, state, run_dir, limits, timeout_s, launcher, vm_id=vm_id, detach=detach,
+                       mode=mode)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def record_extents(memory_file: Path) -> None:
+    """Note which parts of a finished template's RAM file hold data: the rest (holes) is guest memory never
+    written, zero for good, since nothing writes the file again. See give_back_zero_pages."""
+    fd = os.open(memory_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        found = mapped_ram.extents(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    (memory_file.parent / EXTENTS_FILE).write_bytes(array.array("Q", [x for pair in found for x in pair]).tobytes())
+
+
+def give_back_zero_pages(memory_file: Path) -> None:
+    """Punch the template's holes out of its RAM file again. A copy that writes a never-written page, or a save
+    that reads a copy's whole memory, faults that hole of the file into a tmpfs page (the kernel fills a private
+    mapping's page from the file first). Their content is zero either way; a copy mapping them faults them in
+    again as zero. A file without an extents record (made before it existed) is left alone."""
+    try:
+        record = array.array("Q")
+        record.frombytes((memory_file.parent / EXTENTS_FILE).read_bytes())
+        fd = os.open(memory_file, os.O_WRONLY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        size, hole = os.fstat(fd).st_size, 0
+        for begin, end in [*zip(record[::2], record[1::2], strict=True), (size, size)]:
+            if begin > hole:
+                libc.fallocate(fd, _FALLOC_KEEP_SIZE | _FALLOC_PUNCH_HOLE, hole, begin - hole)
+            hole = end
+    finally:
+        os.close(fd)
 
 
 def save_device_state(vm: VirtualMachine, state_file: Path) -> None:
@@ -109,11 +154,40 @@ def save_device_state(vm: VirtualMachine, state_file: Path) -> None:
     qmp = vm.qmp()
     tmp = state_file.with_suffix(".partial")
     qmp.cmd("stop")
-    qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-    qmp.cmd("migrate-set-parameters", **{"max-bandwidth": _MIGRATE_BANDWIDTH})
+    set_migration(qmp, "shared")
     qmp.cmd("migrate", uri=pass_file(qmp, tmp, "state-out"))
     wait_migration(qmp, "completed", deadline=time.monotonic() + 60)
     tmp.replace(state_file)
+
+
+def set_migration(qmp: Any, mode: str) -> None:
+    """Every migration capability this engine uses, set for one migration ("stream": RAM and devices through a
+    descriptor; "shared": devices only, RAM is a shared file; "mapped": mapped-ram to a file). All are set each
+    time: capabilities outlive a migration, and a VM may be forked (mapped) and then frozen compressed (stream)."""
+    caps = {"x-ignore-shared": mode == "shared", "multifd": mode == "mapped", "mapped-ram": mode == "mapped"}
+    qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": on} for c, on in caps.items()])
+    params: dict[str, Any] = {"max-bandwidth": _MIGRATE_BANDWIDTH}
+    if mode == "mapped":
+        params["multifd-channels"] = _MULTIFD_CHANNELS
+    qmp.cmd("migrate-set-parameters", **params)
+
+
+@contextlib.contextmanager
+def file_uri(qmp: Any, path: Path, write: bool) -> Iterator[str]:
+    """A `file:` migration URI for `path` that a jailed QEMU can use: it may not open our files, so the
+    descriptor goes over QMP into an fd set (mapped-ram's multifd channels each reopen it; `fd:` cannot seek)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC if write else os.O_RDONLY
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    try:
+        qmp.send_fd_scm(fd)
+        fdset = qmp.cmd("add-fd", **{"fdset-id": _FDSET})["fdset-id"]
+    finally:
+        os.close(fd)
+    try:
+        yield f"file:/dev/fdset/{fdset}"
+    finally:
+        with contextlib.suppress(Exception):  # the set must not keep this file for the next migration
+            qmp.cmd("remove-fd", **{"fdset-id": fdset})
 
 
 def pass_fd(qmp: Any, fd: int, name: str) -> str:
@@ -144,29 +218,35 @@ def restore(
     vm_id: str | None = None,
     detach: bool = False,
     reader: list[str] | None = None,
-    ignore_shared: bool = True,
+    mode: str = "shared",
 ) -> Sandbox:
     """Start a VM from saved state, resume it, reseed it, set its clock.
 
-    With `ignore_shared` the state holds only devices and the RAM comes from `machine.memory_file` (a template);
-    without, the state is a full stream. `reader` is a command (argv) printing the state, e.g. decompressing."""
+    `mode` (set_migration): "shared", the state holds only devices and the RAM is `machine.memory_file` (a
+    template); "mapped", the state is a mapped-ram device file and the RAM is mapped from `machine.memory_file`
+    at its offset; "stream", a full stream loaded into fresh RAM. `reader` is a command (argv) printing a stream,
+    e.g. decompressing."""
     deadline = time.monotonic() + timeout_s
     vm = launcher.start(machine, run_dir, incoming="defer", vm_id=vm_id, detach=detach)
     channel: AgentChannel | None = None
     reading: subprocess.Popen[bytes] | None = None
     try:
         qmp = vm.qmp()
-        if ignore_shared:
-            qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-        if reader is not None:
+        set_migration(qmp, mode)
+        if mode == "mapped":
+            with file_uri(qmp, state_file, write=False) as uri:
+                qmp.cmd("migrate-incoming", uri=uri)
+                _wait_incoming(qmp, deadline)
+        elif reader is not None:
             reading = subprocess.Popen(reader, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=CHILD_ENV)
             assert reading.stdout is not None
             uri = pass_fd(qmp, reading.stdout.fileno(), "state-in")
             reading.stdout.close()
         else:
             uri = pass_file(qmp, state_file, "state-in")
-        qmp.cmd("migrate-incoming", uri=uri)
-        _wait_incoming(qmp, deadline)
+        if mode != "mapped":
+            qmp.cmd("migrate-incoming", uri=uri)
+            _wait_incoming(qmp, deadline)
         if reading is not None and reading.wait(timeout=max(1.0, deadline - time.monotonic())) != 0:
             raise TemplateError(f"{reader[0]} failed reading {state_file.name} (exit {reading.returncode})")
         qmp.cmd("cont")

@@ -259,8 +259,17 @@ class VirtualMachine:
                 if time.monotonic() > deadline or self.exited() is not None:
                     raise TimeoutError("QEMU's QMP socket did not appear")
                 time.sleep(0.002)
-            monitor = QEMUMonitorProtocol(str(self.paths.qmp_socket))
-            monitor.connect()
+            while True:
+                monitor = QEMUMonitorProtocol(str(self.paths.qmp_socket))
+                try:
+                    monitor.connect()
+                    break
+                except Exception:  # the socket exists a moment before QEMU listens on it (seen under load)
+                    with contextlib.suppress(Exception):
+                        monitor.close()
+                    if time.monotonic() > deadline or self.exited() is not None:
+                        raise
+                    time.sleep(0.01)
             self._qmp = monitor
         return self._qmp
 

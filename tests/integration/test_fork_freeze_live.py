@@ -233,8 +233,8 @@ def test_a_failed_fork_leaves_the_source_running_unchanged_and_nothing_behind(li
         live.wait_pool_full()
         qemus = set(qemu_pids_under(live.run_dir))
         templates = sorted((live.run_dir / "templates").glob("tpl-*"))
-        # Inject a failure mid-fork: the file the source's state streams to is taken by a directory.
-        blocker = live.run_dir / "templates" / f"fork-vm-{source.id}.stream"
+        # Inject a failure mid-fork: the file the source's RAM is written to is taken by a directory.
+        blocker = live.run_dir / "templates" / f"fork-vm-{source.id}.ram"
         assert vm_dir(live, source.id).is_dir()
         blocker.mkdir()
         try:

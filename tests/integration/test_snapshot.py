@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
 import pytest
 
 from service.engine import SnapshotMismatch, SnapshotTampered
-from service.engine.snapshot import META, _signature, fork, freeze
+from service.engine.snapshot import META, _signature, _stream_full_state, fork, freeze
 from tests.configs import exec_limits
 from tests.vmtools import qemu_pids_under
 
@@ -24,6 +25,14 @@ SETUP = (
     "random.seed(0); np.random.seed(0)"
 )
 CHECK = "(x, round(float(model.predict([[10.0]])[0]), 6), open('/data/notes.txt').read())"
+
+
+def file_digest(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:  # read(), not a mapping: reading a tmpfs hole this way allocates nothing
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @pytest.fixture
@@ -42,6 +51,27 @@ def test_freeze_then_resume_keeps_process_state(engine, source, run_dir):
     with engine.resume(run_dir / "snap", "resumed") as again:  # only what is on disk, as after a restart
         assert again.run_code(CHECK).text == expected
         assert abs(float(again.run_code("import time; time.time()").text) - time.time()) < 1.0  # clock set
+
+
+def test_a_mapped_freeze_resumes_and_so_does_a_format_2_stream(engine, source, run_dir):
+    expected = source.run_code(CHECK).text
+    engine.freeze(source, run_dir / "snap", compress=False, networked=False)
+    state = run_dir / "snap" / "state"
+    assert json.loads((run_dir / "snap" / META).read_text())["format"] == 3
+    assert state.read_bytes()[:4] == b"QEVM" and state.stat().st_blocks * 512 < state.stat().st_size  # sparse
+    with engine.resume(run_dir / "snap", "resumed") as again:
+        assert again.run_code(CHECK).text == expected
+        again.run_code("x += 1")
+        # What the service wrote before this change: a plain stream, format 2. It still resumes (by loading).
+        old = run_dir / "old"
+        old.mkdir()
+        with again.exclusive():
+            _stream_full_state(again.vm, old / "state", compress=False)
+        meta = {**json.loads((run_dir / "snap" / META).read_text()), "format": 2}
+        meta.pop("hmac")
+        (old / META).write_text(json.dumps({**meta, "hmac": _signature(meta, engine.secret)}))
+    with engine.resume(old, "from-format-2") as older:
+        assert older.run_code(CHECK).text == expected.replace("(41,", "(42,")
 
 
 def resign(engine, directory, **changes) -> None:
@@ -85,10 +115,14 @@ def test_failed_freeze_leaves_the_sandbox_running_and_no_snapshot(engine, source
 def test_fork_copies_state_and_clones_diverge(engine, source, run_dir):
     expected = source.run_code(CHECK).text
     template, clones = fork(source, 2, run_dir / "templates", run_dir, LIMITS, launcher=engine.launcher)
+    memory = template.directory / "memory"
+    allocated, digest = memory.stat().st_blocks, file_digest(memory)
+    assert allocated * 512 < memory.stat().st_size  # sparse: the RAM in use, not the guest's size
     try:
         for clone in clones:
             assert clone.run_code(CHECK).text == expected
         clones[0].run_code("x += 1; open('/data/notes.txt', 'w').write('changed in clone 0')")
+        assert clones[0].run_code("scratch = np.ones(64 << 17); int(scratch.sum())").text == str(64 << 17)
         assert clones[1].run_code(CHECK).text == expected
         assert source.run_code(CHECK).text == expected
         draws = {sb.run_code("(random.random(), float(np.random.rand()))").text for sb in (source, *clones)}
@@ -96,6 +130,8 @@ def test_fork_copies_state_and_clones_diverge(engine, source, run_dir):
         grand_template, grandkids = fork(clones[0], 2, run_dir / "templates", run_dir, LIMITS, launcher=engine.launcher)
         try:
             assert {g.run_code("x").text for g in grandkids} == {"42"}
+            # Forking a copy read all of its memory; the file it maps is neither changed nor left faulted in.
+            assert file_digest(memory) == digest and memory.stat().st_blocks <= allocated
         finally:
             for g in grandkids:
                 g.close()

@@ -72,7 +72,13 @@ def test_file_backed_memory_for_templates_and_clones():
     assert "memory-backend=ram" in option(shared, "-M")[0]
     assert option(shared, "-object") == ["memory-backend-file,id=ram,size=1024M,mem-path=/dev/shm/t.mem,share=on"]
     clone = build_qemu_command(config(memory_file=Path("/dev/shm/t.mem"), memory_shared=False), PATHS)
-    assert option(clone, "-object")[0].endswith("share=off")
+    # Opened read-only, mapped privately: the guest writes its own copies of pages, never the file.
+    assert option(clone, "-object")[0].endswith("share=off,readonly=on,rom=off")
+    fork_copy = build_qemu_command(config(memory_file=Path("/dev/shm/t.mem"), memory_shared=False,
+                                          memory_offset=1 << 20), PATHS)
+    assert option(fork_copy, "-object")[0].endswith("readonly=on,rom=off,offset=1048576")
+    with pytest.raises(ValueError, match="memory_offset"):
+        config(memory_offset=100)
 
 
 def test_incoming_migration():
