@@ -18,8 +18,8 @@ from .error_responses import InvalidField
 CHUNK = 1 << 20
 
 
-def _path(req: falcon.Request) -> str:
-    path = req.get_param("path")
+def _path(req: falcon.Request, default: str | None = None) -> str:
+    path = req.get_param("path") or default
     if not path:
         raise InvalidField("path", "is required: the file's path in the sandbox, e.g. ?path=/data/in.csv")
     if "\x00" in path:
@@ -64,5 +64,5 @@ class FileList:
         self._manager = manager
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, sandbox_id: str) -> None:
-        path = req.get_param("path") or "/"
+        path = _path(req, default="/")
         resp.media = {"path": path, "entries": self._manager.list_dir(req.context.owner, sandbox_id, path)}
