@@ -59,8 +59,10 @@ _SANDBOX_ID = {
 
 
 def _file_path(required: bool, description: str) -> dict[str, Any]:
-    # Empty means "not given" (required: 422; the listing: "/"), and no path may hold a NUL byte.
-    schema = {"type": "string", "minLength": 1, "pattern": "^[^\\x00]+$"}
+    # No path may hold a NUL byte; an empty one is "not given" (a file: 422; the listing: "/").
+    schema = {"type": "string", "pattern": "^[^\\x00]+$" if required else "^[^\\x00]*$"}
+    if required:
+        schema["minLength"] = 1
     return {"name": "path", "in": "query", "required": required, "schema": schema, "description": description}
 
 
