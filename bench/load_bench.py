@@ -6,7 +6,7 @@
     .venv/bin/python bench/load_bench.py --url URL --keys K1,K2 --run-dir DIR --json OUT.json   # a running service
 
 (a) mixed: concurrent clients, each on its own sandbox: create, checked exec, files, fork, freeze/resume, delete.
-(b) idle: hot exec p50 of a few clients alone, then again while N sandboxes sit idle; idle CPU per sandbox.
+(b) idle: hot exec p50 of a few clients alone, then again while N sandboxes sit idle; idle CPU per VM.
 (c) burst: N creates at once, each with its first exec checked.
 Each prints calls/s, p50/p99 per call kind, refusals by code, undocumented answers, wrong and lost outputs, and the
 host's CPU and memory. Locust runs here as a library (gevent), so this is a process of its own, never pytest's.
@@ -212,8 +212,9 @@ def print_report(results: dict) -> None:
                                  "host CPU", "host mem peak"))
     if idle:
         ratio = idle["hot_p50_ratio"]
-        print(f"\nidle CPU per sandbox: {idle['idle_cpu_pct_per_vm']:.2f}% of a core ({idle['vms_measured']} VMs); "
-              f"hot exec p50 beside {idle['idle_held']} idle / alone: {ratio:.2f}x" if ratio else "")
+        print(f"\nidle CPU per VM of the service: {idle['idle_cpu_pct_per_vm']:.2f}% of a core "
+              f"({idle['vms_measured']} VMs); hot exec p50 beside {idle['idle_held']} idle / alone: "
+              + (f"{ratio:.2f}x" if ratio else "-"))
 
 
 def _codes(counter: dict) -> str:
