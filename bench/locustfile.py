@@ -54,6 +54,7 @@ class Outcomes:
 
 
 OUTCOMES = Outcomes()
+_TOUR = itertools.count()
 _KEYS = itertools.cycle([key for key in os.environ.get("APPLIANCE_LOAD_KEYS", "").split(",") if key] or ["-"])
 
 
@@ -173,6 +174,15 @@ class MixedUser(ApplianceUser):
     """(a) every kind of call, each client on a sandbox of its own (no 409 expected)."""
 
     wait_time = between(0.05, 0.3)
+
+    def on_start(self) -> None:
+        super().on_start()
+        # Some clients begin with a fork or a freeze, so even a short run makes each kind of call.
+        first = next(_TOUR) % 4
+        if first == 0:
+            self.fork()
+        elif first == 1:
+            self.freeze_resume()
 
     @task(8)
     def exec(self) -> None:

@@ -41,6 +41,8 @@ def error_shape_problem(response: httpx.Response | object) -> str | None:
     if status < 400:
         return None
     content_type = response.headers.get("content-type", "")
+    if isinstance(content_type, list):  # Schemathesis's responses keep every header as a list
+        content_type = content_type[0] if content_type else ""
     if not content_type.startswith("application/json"):
         return f"{status} with content type {content_type!r}, not JSON"
     try:
