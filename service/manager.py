@@ -44,6 +44,7 @@ from .errors import (
     InsufficientCapacity,
     InsufficientStorage,
     Invalid,
+    InvalidField,
     LimitReached,
     NotFound,
     NotReady,
@@ -453,8 +454,8 @@ class SandboxManager:
         """The policy checked and its names resolved (now: at creation, and again at each resume)."""
         try:
             return self.engine.network_request(requested)
-        except PolicyError as exc:
-            raise Invalid(str(exc)) from None
+        except PolicyError as exc:  # e.g. a name this host cannot resolve: the client's field, as the API says
+            raise InvalidField("network", str(exc)) from None
         except NetworkUnavailable as exc:
             raise NetworkUnavailableError(str(exc)) from None
 

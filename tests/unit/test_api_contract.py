@@ -71,3 +71,16 @@ def test_create_fork_freeze_and_resume_link_to_what_can_follow(client):
     for action, then in (("freeze", "resumeSandbox"), ("resume", "freezeSandbox")):
         links = paths[f"/v1/sandboxes/{{sandbox_id}}/{action}"]["post"]["responses"]["200"]["links"]
         assert then in {link["operationId"] for link in links.values()}
+
+
+def test_a_policy_the_host_refuses_names_the_network_field(client, engine, monkeypatch):
+    # The host's check (a name its resolver does not know) answered 422 without error.field; docs/api.md promises it.
+    from service.engine.netpolicy import PolicyError
+
+    def refuse(requested):
+        raise PolicyError("network.egress.allow: cannot resolve 'db.internal' on the host")
+
+    monkeypatch.setattr(engine, "network_request", refuse)
+    made = client.simulate_post("/v1/sandboxes", json={"network": {"egress": {"allow": ["db.internal:5432"]}}},
+                                headers=A)
+    assert assert_error(made, 422, "invalid")["field"] == "network"
