@@ -33,7 +33,7 @@ class _Body(BaseModel):
 
 
 class CreateSandbox(_Body):
-    template: str | None = Field(
+    template: Literal["default"] | None = Field(
         None, description="template to clone; null or 'default' (the service's warm template) for now"
     )
     vcpus: int | None = Field(None, ge=1, le=64, description="virtual CPUs (default: the spec's guest.vcpus)")

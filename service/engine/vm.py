@@ -207,8 +207,19 @@ class VirtualMachine:
                 if time.monotonic() > deadline or self.exited() is not None:
                     raise TimeoutError("QEMU's QMP socket did not appear")
                 time.sleep(0.002)
-            monitor = QEMUMonitorProtocol(str(self.paths.qmp_socket))
-            monitor.connect()
+            while True:
+                monitor = QEMUMonitorProtocol(str(self.paths.qmp_socket))
+                try:
+                    monitor.connect()
+                    break
+                except Exception:
+                    # QEMU binds the socket (it appears) before it listens: a connect in between is refused. On a
+                    # busy host that gap is long enough to hit (found under load: a create answered 500).
+                    with contextlib.suppress(Exception):
+                        monitor.close()
+                    if time.monotonic() > deadline or self.exited() is not None:
+                        raise
+                    time.sleep(0.01)
             self._qmp = monitor
         return self._qmp
 

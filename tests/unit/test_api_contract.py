@@ -84,3 +84,13 @@ def test_a_policy_the_host_refuses_names_the_network_field(client, engine, monke
     made = client.simulate_post("/v1/sandboxes", json={"network": {"egress": {"allow": ["db.internal:5432"]}}},
                                 headers=A)
     assert assert_error(made, 422, "invalid")["field"] == "network"
+
+
+def test_the_document_names_the_templates_a_create_takes(client):
+    # The document allowed any string for template; every one but "default" was refused as invalid.
+    template = client.simulate_get("/v1/openapi.json").json["components"]["schemas"]["CreateSandbox"]["properties"][
+        "template"]
+    assert {"enum": ["default"], "type": "string"} in template["anyOf"] or {"const": "default", "type": "string"} in \
+        template["anyOf"], template
+    made = client.simulate_post("/v1/sandboxes", json={"template": ""}, headers=A)
+    assert assert_error(made, 422, "invalid")["field"] == "template"
