@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 HOST_TOOLS := /usr/bin/python3 -m appliance.host_tools
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 
-.PHONY: demo test setup host-packages guest-image host-image lint unit integration provisioning bench clean
+.PHONY: demo test setup host-packages guest-image host-image lint unit integration provisioning bench fuzz load clean
 
 demo: setup guest-image
 	$(APPLIANCE) doctor
@@ -73,6 +73,14 @@ bench: setup guest-image
 	$(PY) bench/engine_bench.py
 	$(PY) bench/api_bench.py
 	$(PY) bench/agent_bench.py
+
+# The long versions of tests/reliability (docs/reliability.md has their figures); `make test` runs the short ones.
+fuzz: setup guest-image
+	APPLIANCE_FUZZ_EXAMPLES=300 APPLIANCE_FUZZ_SCENARIOS=60 APPLIANCE_FUZZ_MIN_CASES=5000 \
+		$(VENV)/bin/pytest -q -s -p no:cacheprovider tests/reliability/test_fuzz.py
+
+load: setup guest-image
+	$(PY) bench/load_bench.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache

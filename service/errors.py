@@ -44,6 +44,14 @@ class Invalid(ServiceError):
     code, status = "invalid", 422
 
 
+class InvalidField(Invalid):
+    """422 naming the request field that is wrong (also returned as error.field)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 class NetworkUnavailable(ServiceError):
     """A network policy this host cannot provide (not root, no /dev/net/tun, address range full)."""
 

@@ -46,6 +46,7 @@ from .errors import (
     InsufficientCapacity,
     InsufficientStorage,
     Invalid,
+    InvalidField,
     LimitReached,
     NotFound,
     NotReady,
@@ -542,8 +543,8 @@ class SandboxManager:
         """The policy checked and its names resolved (now: at creation, and again at each resume)."""
         try:
             return self.engine.network_request(requested, self.config.network)
-        except PolicyError as exc:
-            raise Invalid(str(exc)) from None
+        except PolicyError as exc:  # e.g. a name this host cannot resolve: the client's field, as the API says
+            raise InvalidField("network", str(exc)) from None
         except NetworkUnavailable as exc:
             raise NetworkUnavailableError(str(exc)) from None
 

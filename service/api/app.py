@@ -64,6 +64,6 @@ def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None,
     app.add_route("/v1/healthz", Healthz())
     app.add_route("/v1/readyz", Readyz(manager))
     app.add_route("/metrics", MetricsResource(metrics))
-    app.add_route("/v1/openapi.json", OpenApi())
-    app.add_route("/v1/docs", Docs())
+    app.add_route("/v1/openapi.json", OpenApi(config.max_fork))
+    app.add_route("/v1/docs", Docs(config.max_fork))
     return app

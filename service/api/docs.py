@@ -9,7 +9,7 @@ from typing import Any
 
 import falcon
 
-from .openapi import openapi_document
+from .openapi import DEFAULT_MAX_FORK, openapi_document
 
 _METHODS = ("get", "post", "put", "delete", "patch")
 _CSS = """
@@ -102,8 +102,8 @@ def render_docs(doc: dict[str, Any]) -> str:
 
 
 class Docs:
-    def __init__(self) -> None:
-        self._page = render_docs(openapi_document())
+    def __init__(self, max_fork: int = DEFAULT_MAX_FORK) -> None:
+        self._page = render_docs(openapi_document(max_fork))
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.text = self._page

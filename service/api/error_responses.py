@@ -12,7 +12,7 @@ from typing import Any
 
 import falcon
 
-from service.errors import Invalid, ServiceError
+from service.errors import InvalidField, ServiceError
 
 from .body_streams import discard_unread
 
@@ -37,12 +37,7 @@ _CODE_BY_STATUS = {
 }
 
 
-class InvalidField(Invalid):
-    """422 naming the request field that is wrong (also returned as error.field)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
+__all__ = ["InvalidField", "error_body", "handle_error", "install"]  # InvalidField lives in service.errors
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:

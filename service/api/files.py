@@ -21,8 +21,8 @@ CHUNK = 1 << 20
 MAX_NAME_BYTES = 255  # NAME_MAX: a cursor is a name
 
 
-def _path(req: falcon.Request) -> str:
-    path = req.get_param("path")
+def _path(req: falcon.Request, default: str | None = None) -> str:
+    path = req.get_param("path") or default
     if not path:
         raise InvalidField("path", "is required: the file's path in the sandbox, e.g. ?path=/data/in.csv")
     if "\x00" in path:
@@ -70,7 +70,7 @@ class FileList:
         self._manager = manager
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, sandbox_id: str) -> None:
-        path = req.get_param("path") or "/"
+        path = _path(req, default="/")
         limit = req.get_param("limit")
         if limit is None:
             limit = LIST_PAGE

@@ -6,6 +6,7 @@ walks the app's router and checks that every route and method is described here 
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -55,6 +56,7 @@ _ERROR_TEXT = {
     "insufficient_storage); the message says what is short and by how much.",
 }
 _WITH_RETRY_AFTER = {429, 503}
+DEFAULT_MAX_FORK = 64  # the spec's default for service.max_fork; a running service states its own
 
 _SANDBOX_ID = {
     "name": "sandbox_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^sb-[0-9a-f]+$"},
@@ -63,8 +65,25 @@ _SANDBOX_ID = {
 
 
 def _file_path(required: bool, description: str) -> dict[str, Any]:
-    return {"name": "path", "in": "query", "required": required, "schema": {"type": "string"},
-            "description": description}
+    # No path may hold a NUL byte; an empty one is "not given" (a file: 422; the listing: "/").
+    schema = {"type": "string", "pattern": "^[^\\x00]+$" if required else "^[^\\x00]*$"}
+    if required:
+        schema["minLength"] = 1
+    return {"name": "path", "in": "query", "required": required, "schema": schema, "description": description}
+
+
+def _link(operation_id: str, id_expression: str, description: str) -> dict[str, Any]:
+    return {"operationId": operation_id, "parameters": {"sandbox_id": id_expression}, "description": description}
+
+
+# What a client can do next with the sandbox an answer names (OpenAPI links: clients and fuzzers follow them).
+_NEXT_OPERATIONS = ("getSandbox", "exec", "interrupt", "forkSandbox", "freezeSandbox", "resumeSandbox",
+                    "writeFile", "readFile", "listDir", "deleteSandbox")
+
+
+def _links(id_expression: str, operations: tuple[str, ...] = _NEXT_OPERATIONS) -> dict[str, Any]:
+    return {f"{operation[0].upper()}{operation[1:]}": _link(operation, id_expression, "the same sandbox")
+            for operation in operations}
 
 
 _STREAM_EVENT = {
@@ -183,7 +202,10 @@ def _paths() -> dict[str, Any]:
                 "a network interface whose traffic the host filters (422 network_unavailable where the service "
                 "cannot: it needs root).",
                 "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("CreateSandbox")}}},
-                "responses": {"201": _json(_ref("Sandbox"), "Created; Location names it."),
+                "responses": {"201": {**_json(_ref("Sandbox"), "Created; Location names it."),
+                                      "headers": {"Location": {"required": True, "schema": {"type": "string"},
+                                                               "description": "/v1/sandboxes/{id}"}},
+                                      "links": _links("$response.body#/id")},
                               **_errors(400, 401, 413, 422, 429, 503, 507)},
             },
             "get": {
@@ -301,8 +323,9 @@ def _lifecycle_paths(sandbox: list[dict[str, Any]]) -> dict[str, Any]:
                 "first. Refused up front (429, 507) when the copies would not fit; a fork that fails leaves no "
                 "copies behind. The body may be empty (n = 1).",
                 "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("ForkRequest")}}},
-                "responses": {"201": _json(_ref("SandboxList"), "The n new sandboxes (metadata.forked_from names "
-                                                                "the source)."),
+                "responses": {"201": {**_json(_ref("SandboxList"), "The n new sandboxes (metadata.forked_from "
+                                                                   "names the source)."),
+                                      "links": _links("$response.body#/sandboxes/0/id")},
                               **_errors(400, 401, 404, 409, 410, 413, 422, 429, 500, 507)},
             },
         },
@@ -314,7 +337,9 @@ def _lifecycle_paths(sandbox: list[dict[str, Any]]) -> dict[str, Any]:
                 "state directory and stops its VM, releasing its memory. It survives service restarts and host "
                 "reboots; an exec, a file call or POST .../resume restores it. Freezing a frozen sandbox is a "
                 "no-op. A failed freeze leaves it running.",
-                "responses": {"200": _json(_ref("Sandbox"), "Frozen (state frozen)."),
+                "responses": {"200": {**_json(_ref("Sandbox"), "Frozen (state frozen)."),
+                                      "links": _links("$response.body#/id", ("resumeSandbox", "exec", "getSandbox",
+                                                                              "forkSandbox", "deleteSandbox"))},
                               **_errors(401, 404, 409, 410, 500, 507)},
             },
         },
@@ -325,7 +350,9 @@ def _lifecycle_paths(sandbox: list[dict[str, Any]]) -> dict[str, Any]:
                 "description": "Restores the process state exactly as frozen, with fresh entropy and the current "
                 "time. Resuming a running sandbox is a no-op. Refused (422) when the snapshot was made by another "
                 "QEMU version or guest image; a failed resume leaves it frozen.",
-                "responses": {"200": _json(_ref("Sandbox"), "Running (state running)."),
+                "responses": {"200": {**_json(_ref("Sandbox"), "Running (state running)."),
+                                      "links": _links("$response.body#/id", ("exec", "forkSandbox", "freezeSandbox",
+                                                                              "deleteSandbox"))},
                               **_errors(401, 404, 410, 422, 429, 500, 507)},
             },
         },
@@ -337,12 +364,20 @@ def _responses() -> dict[str, Any]:
     for status, text in _ERROR_TEXT.items():
         response: dict[str, Any] = _json(_ref("Error"), text)
         if status in _WITH_RETRY_AFTER:
-            response["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+            response["headers"] = {"Retry-After": {"required": True, "schema": {"type": "integer"},
+                                                   "description": "seconds"}}
         responses[f"E{status}"] = response
     return responses
 
 
-def openapi_document() -> dict[str, Any]:
+def _schemas(max_fork: int) -> dict[str, Any]:
+    """The schemas with this service's own limits in them (a fuzzer or client then knows the real bounds)."""
+    fork = copy.deepcopy(_SCHEMAS["ForkRequest"])
+    fork["properties"]["n"]["maximum"] = max_fork
+    return {**_SCHEMAS, "ForkRequest": fork}
+
+
+def openapi_document(max_fork: int = DEFAULT_MAX_FORK) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {
@@ -363,7 +398,7 @@ def openapi_document() -> dict[str, Any]:
                                            "description": "an API key from `appliance keys add`, "
                                                           "APPLIANCE_API_KEYS, the spec, or the key file "
                                                           "`appliance serve` wrote"}},
-            "schemas": _SCHEMAS,
+            "schemas": _schemas(max_fork),
             "responses": _responses(),
         },
         "paths": _paths(),
@@ -371,8 +406,8 @@ def openapi_document() -> dict[str, Any]:
 
 
 class OpenApi:
-    def __init__(self) -> None:
-        self._body = json.dumps(openapi_document(), indent=2).encode()
+    def __init__(self, max_fork: int = DEFAULT_MAX_FORK) -> None:
+        self._body = json.dumps(openapi_document(max_fork), indent=2).encode()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.data = self._body

@@ -20,12 +20,20 @@ MAX_METADATA_BYTES = 16 << 10
 MAX_JSON_DEPTH = MAX_DEPTH
 
 
+def json_number(value: Any) -> Any:
+    """A number as JSON Schema means it: 3 and 3.0 are the same number; "3" and true are not numbers (pydantic's
+    lax int takes both, its strict int refuses 3.0, which any JSON encoder may write for a whole number)."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number")
+    return value
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
 
 class CreateSandbox(_Body):
-    template: str | None = Field(
+    template: Literal["default"] | None = Field(
         None, description="template to clone; null or 'default' (the service's warm template) for now"
     )
     vcpus: int | None = Field(None, ge=1, le=64, description="virtual CPUs (default: the spec's guest.vcpus)")
@@ -54,6 +62,8 @@ class CreateSandbox(_Body):
     )
 
 
+    _numbers = field_validator("vcpus", "memory_mib", "timeout_s", mode="before")(json_number)
+
     @field_validator("metadata")
     @classmethod
     def _small_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -64,9 +74,11 @@ class CreateSandbox(_Body):
 
 class ForkRequest(_Body):
     n: int = Field(
-        1, ge=1, strict=True,
+        1, ge=1,
         description="how many copies to make (at most service.max_fork); each starts from the source's state now",
     )
+
+    _whole_number = field_validator("n", mode="before")(json_number)
 
 
 # States a caller can see (pooled sandboxes belong to nobody yet) and filter the list by.
@@ -79,6 +91,8 @@ class ExecRequest(_Body):
     timeout_s: float | None = Field(
         None, gt=0, le=86400, description="time limit; on expiry KeyboardInterrupt, then the REPL worker is killed"
     )
+
+    _number = field_validator("timeout_s", mode="before")(json_number)
 
 
 def read_json(req: falcon.Request, limit: int) -> Any:

@@ -264,7 +264,9 @@ class VirtualMachine:
                 try:
                     monitor.connect()
                     break
-                except Exception:  # the socket exists a moment before QEMU listens on it (seen under load)
+                except Exception:
+                    # QEMU binds the socket (it appears) before it listens: a connect in between is refused. On a
+                    # busy host that gap is long enough to hit (found under load: a create answered 500).
                     with contextlib.suppress(Exception):
                         monitor.close()
                     if time.monotonic() > deadline or self.exited() is not None:
