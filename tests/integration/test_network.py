@@ -138,8 +138,10 @@ def servers():
 
 @pytest.fixture(scope="module")
 def manager(spec, image_dir, run_root, tmp_path_factory, servers):
+    # User code as root in the guest (the deployment opt-in): the policy must hold against the strongest guest,
+    # one that can change its own address and routes.
     config = service_config(
-        image_dir, guest={"memory_mib": 512},
+        image_dir, guest={"memory_mib": 512}, engine={"code_user": "root"},
         paths={"run_dir": run_root / "net", "state_dir": tmp_path_factory.mktemp("netstate")},
         service={"pool_size": 1, "max_sandboxes_per_key": 8, "max_sandboxes": 10, "workers": 1,
                  "egress_private_allow": OPTED_IN},

@@ -506,15 +506,14 @@ def test_the_agent_outlives_a_disconnected_character_device(agent_factory: Agent
     os.close(slave)  # the "host" is away
     try:
         agent = agent_factory("--fd", str(master), pass_fds=(master,))
-        # With the host away the agent probes the port now and then (one read(2) each time; the fallback to
-        # SIGIO) and sleeps in poll in between:
+        # With the host away the agent probes the port (one read(2) each time) and sleeps in poll in between:
         # one voluntary context switch per probe. Watching the hung-up port instead, poll would return at once,
         # forever: reads with no sleep between them. Counted, not timed, so a loaded host changes nothing.
         first = _proc_counter(agent.pid, "io", "syscr")
-        wait_for(lambda: _proc_counter(agent.pid, "io", "syscr") >= first + 1, "the agent to probe the port")
+        wait_for(lambda: _proc_counter(agent.pid, "io", "syscr") >= first + 3, "the agent to probe the port")
         switches = _proc_counter(agent.pid, "status", "voluntary_ctxt_switches")
         reads = _proc_counter(agent.pid, "io", "syscr")
-        wait_for(lambda: _proc_counter(agent.pid, "io", "syscr") >= reads + 2, "2 more probes")
+        wait_for(lambda: _proc_counter(agent.pid, "io", "syscr") >= reads + 20, "20 more probes")
         reads = _proc_counter(agent.pid, "io", "syscr") - reads
         switches = _proc_counter(agent.pid, "status", "voluntary_ctxt_switches") - switches
         assert switches >= reads // 2, f"{reads} reads of the absent host with only {switches} sleeps: spinning"
@@ -522,12 +521,7 @@ def test_the_agent_outlives_a_disconnected_character_device(agent_factory: Agent
         tty.setraw(peer)
         try:
             host = AgentConnection(peer, peer)
-            # Sent at once, long before the next slow probe: the data's SIGIO (O_ASYNC on the waiting port)
-            # wakes the agent, as a host's connect does on a virtio port.
-            ping = host.send("ping")
             assert host.next_event()["ev"] == "hello"  # sent again when the host comes back
-            pong = host.events_for(ping)[-1]
-            assert pong["connected_by"] == "signal", pong
             assert host.run("6 * 7").value == "42"
             host.close()
         finally:

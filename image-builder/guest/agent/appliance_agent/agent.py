@@ -153,7 +153,6 @@ class Agent:
         # Python-level handlers that do nothing: the C handler writes the signal number to the wake-up pipe,
         # and the loop acts on it there, outside of any handler.
         signal.signal(signal.SIGCHLD, _ignore_signal)
-        signal.signal(signal.SIGIO, _ignore_signal)  # a host opened a port (channel.py); default would kill
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN if self._pid1 else _ignore_signal)
         if self._pid1:
@@ -167,9 +166,6 @@ class Agent:
             return
         if signal.SIGTERM in numbers and not self._pid1:
             self.stop()
-        if signal.SIGIO in numbers:
-            for channel in self._channels:
-                channel.wake_up()
         self._reap()
 
     def _shutdown(self) -> None:
@@ -236,7 +232,6 @@ class Agent:
                 protocol=protocol.PROTOCOL_VERSION,
                 agent_version=AGENT_VERSION,
                 worker_pid=self._worker.pid if self._worker is not None else None,
-                connected_by=channel.connected_by,
             )
         )
 

@@ -2,17 +2,14 @@
 
 In the guest the stream is a virtio-serial port. Its Linux driver reports a missing host (nobody connected to
 the chardev socket) as end-of-file on read and POLLHUP on poll, and blocks writes; that is a pause, not an
-end, so the channel then stops watching the port and drops what it would write. While it waits, the port is
-in O_ASYNC mode: the driver raises SIGIO the moment a host opens it (a create, a restore, a new API worker),
-and the agent probes at once (wake_up). A slow probe stays as a fallback. O_ASYNC is off while a host is
-connected, because the driver also raises SIGIO for every piece of data that arrives.
+end, so the channel then stops watching the port, drops what it would write and probes it again every 20 ms
+(every 100 ms after two seconds).
 On stdin/stdout or a socket (tests), end-of-file is the end.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import math
 import os
@@ -25,10 +22,12 @@ from appliance_agent.loop import Loop
 from appliance_agent.sysops import log
 
 READ_SIZE = 1 << 16
-# While a port has no host, it is probed (a read) this often, in case a connect signal is lost (a port that
-# cannot do O_ASYNC: a pty in tests). Rarely, so that the many idle ports of an idle VM cost little CPU (which
-# under TCG is not little). Probe times are aligned to multiples of the interval: all ports share one wake-up.
-RECONNECT_PROBE_S = 1.0
+# While a port has no host, it is probed (a read) this often; after RECONNECT_FAST_FOR_S without a host, less
+# often, so that the many idle ports of an idle VM cost little CPU (which under TCG is not little). Probe times
+# are aligned to multiples of the interval, so all waiting ports share one wake-up.
+RECONNECT_PROBE_S = 0.02
+RECONNECT_FAST_FOR_S = 2.0
+RECONNECT_PROBE_SLOW_S = 0.1
 # Beyond this much unsent data the reader is not reading; drop rather than grow without bound.
 MAX_PENDING = 256 << 20
 
@@ -129,10 +128,7 @@ class HostChannel:
         self._outbox = Outbox(loop, write_fd, self._write_failed)
         self.connected = True
         self.closed = False
-        # How the host's last connect was noticed: "start", "signal" (SIGIO), "recheck" (right
-        # after the disconnect) or "probe" (the slow fallback). Reported in pong, so
-        # tests can tell that a connect woke the agent without measuring time.
-        self.connected_by = "start"
+        self._disconnected_at = 0.0
 
     def start(self) -> None:
         for fd in {self._read_fd, self._write_fd}:
@@ -194,31 +190,23 @@ class HostChannel:
             return
         if self.connected:
             self.connected = False
+            self._disconnected_at = time.monotonic()
             self._outbox.enabled = False
             self._outbox.discard()
             self._reader = frames.FrameReader()  # a half line from the old connection means nothing now
         # Do not watch the port while nobody is there: poll would report POLLHUP at once, forever.
         self._loop.set_reader(self._read_fd, None)
         self._loop.set_writer(self._write_fd, None)
-        if _set_async(self._read_fd, True):
-            # The host may have connected between the read that saw end-of-file and O_ASYNC: look once more.
-            self._probe("recheck")
-        else:
-            self._schedule_probe()
-
-    def wake_up(self) -> None:
-        """SIGIO arrived: a host may have opened this port (the driver does not say which)."""
-        if not self.connected and self.reconnecting:
-            self._probe("signal")
+        self._schedule_probe()
 
     def _schedule_probe(self) -> None:
         now = time.monotonic()
-        delay = (math.floor(now / RECONNECT_PROBE_S) + 1) * RECONNECT_PROBE_S - now
-        self._loop.call_later(("reconnect", self._read_fd), delay, lambda: self._probe("probe"))
+        fast = now - self._disconnected_at < RECONNECT_FAST_FOR_S
+        interval = RECONNECT_PROBE_S if fast else RECONNECT_PROBE_SLOW_S
+        delay = (math.floor(now / interval) + 1) * interval - now
+        self._loop.call_later(("reconnect", self._read_fd), delay, self._probe)
 
-    def _probe(self, how: str) -> None:
-        if self.connected:
-            return
+    def _probe(self) -> None:
         try:
             data = os.read(self._read_fd, READ_SIZE)
         except BlockingIOError:
@@ -226,12 +214,9 @@ class HostChannel:
         except OSError:
             data = b""
         if data == b"":
-            self._schedule_probe()  # the fallback, also while SIGIO is armed
+            self._schedule_probe()
             return
-        self._loop.cancel(("reconnect", self._read_fd))
-        _set_async(self._read_fd, False)
         self.connected = True
-        self.connected_by = how
         self._outbox.enabled = True
         self._loop.set_reader(self._read_fd, self._on_readable)
         self._on_connect()
@@ -242,18 +227,6 @@ class HostChannel:
         if exc.errno in (errno.EPIPE, errno.ECONNRESET) and not self.reconnecting:
             self._on_closed(True)
         # Otherwise (host away, EAGAIN turned error) the message is dropped; the host pings when it is back.
-
-
-def _set_async(fd: int, on: bool) -> bool:
-    """Turn SIGIO-on-activity (O_ASYNC, to this process) on or off; False where the descriptor cannot."""
-    try:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        if on:
-            fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
-        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | os.O_ASYNC) if on else (flags & ~os.O_ASYNC))
-    except OSError:
-        return False
-    return on and bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ASYNC)
 
 
 def open_channel(path: str | None = None, fd: int | None = None, stdio: bool = False) -> tuple[int, int, bool]:

@@ -6,9 +6,7 @@ every string is text: bytes that are not valid UTF-8 (a program's output) are de
 they are put into a message, so no input can break the framing.
 
 Requests go host -> agent and carry an integer "id" chosen by the host and an "op":
-    ping                                      -> pong {protocol, agent_version, worker_pid, connected_by}
-                                                 (connected_by: how the agent noticed this port's host:
-                                                 "start", "signal" (SIGIO on connect), "recheck", "probe")
+    ping                                      -> pong {protocol, agent_version, worker_pid}
     exec   {code, language, timeout_s,        -> stdout/stderr/display events, then done
             grace_s, output_cap}
     interrupt                                 -> ok (KeyboardInterrupt in the running code, if any)
