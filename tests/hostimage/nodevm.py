@@ -196,6 +196,10 @@ def node_accelerators(vm: NodeVM, key: Path, more_than: int = 0, deadline_s: flo
     raise TimeoutError(f"the node's API chose no new accelerator within {deadline_s:.0f}s")
 
 
+class NestedKvmUnusable(RuntimeError):
+    """The node chose TCG for its sandboxes (correctly, where nested KVM does not boot)."""
+
+
 def ensure_nested_kvm(vm: NodeVM, key: Path, attempts: int = 3) -> int:
     """Make the node's sandboxes run under (nested) KVM; returns how many probes it took.
 
@@ -210,8 +214,10 @@ def ensure_nested_kvm(vm: NodeVM, key: Path, attempts: int = 3) -> int:
         vm.ssh(key, _REPROBE, timeout=120)
         vm.wait_http("/v1/healthz", 300)
         choices = node_accelerators(vm, key, more_than=len(choices))
-    raise RuntimeError(f"the node's engine found KVM unusable {attempts} times (see its journal); a sandbox under "
-                       "TCG inside TCG is too slow to test here")
+    # Not a product failure: the node fell back to TCG as it should. Since QEMU 10 (the outer TCG's emulated SVM)
+    # the nested probe guest has not booted here, and TCG inside TCG takes tens of minutes for a sandbox.
+    raise NestedKvmUnusable(f"the node's engine found nested KVM unusable {attempts} times and chose TCG (see its "
+                            "journal); a sandbox under TCG inside TCG is too slow to test here")
 
 
 def site_toml(public_key: str, pool_size: int = 0, extra: str = "") -> str:
