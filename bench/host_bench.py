@@ -52,7 +52,7 @@ def timed(label: str, results: list[tuple[str, str]], function):
 def boot(image: Path, firmware: str, key: Path, workdir: Path, exec_too: bool) -> dict[str, float]:
     workdir.mkdir(parents=True, exist_ok=True)
     disk = nodevm.prepare_disk(image, workdir / "disk.raw", nodevm.site_toml(key.with_suffix(".pub").read_text()))
-    vm = nodevm.NodeVM(disk, firmware, workdir).start()
+    vm = nodevm.NodeVM(disk, firmware, workdir, nested_virt=True).start()
     try:
         times = {"ssh": vm.wait_ssh(key, 900), "api": vm.wait_http("/v1/healthz", 900)}
         if exec_too:
