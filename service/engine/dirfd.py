@@ -60,15 +60,25 @@ def replace_file(dir_fd: int, name: str, data: str, mode: int = 0o644) -> None:
 
 def unlink_below(directory: Path, *names: str) -> None:
     """Remove directory/names[0]/.../names[-1], following no link on the way (the last one itself is removed)."""
-    fd = open_dir(directory)
+    fd = _walk(directory, names[:-1])
     try:
-        for name in names[:-1]:
-            next_fd = open_dir(name, fd)
-            os.close(fd)
-            fd = next_fd
         os.unlink(names[-1], dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def _walk(directory: Path, names: tuple[str, ...]) -> int:
+    """A descriptor of directory/names..., each component opened from its parent's descriptor, no link followed."""
+    fd = open_dir(directory)
+    try:
+        for name in names:
+            next_fd = open_dir(name, fd)
+            os.close(fd)
+            fd = next_fd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def ensure_dir(parent_fd: int, name: str, mode: int) -> int:
@@ -94,12 +104,8 @@ def open_beneath(root: Path, path: Path, flags: int, mode: int = 0o600) -> int:
         raise OSError(f"{path} is not below {root}") from None
     if not parts:
         raise OSError(f"{path} is {root} itself")
-    fd = open_dir(root)
+    fd = _walk(root, parts[:-1])
     try:
-        for part in parts[:-1]:
-            next_fd = open_dir(part, fd)
-            os.close(fd)
-            fd = next_fd
         return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
     finally:
         os.close(fd)

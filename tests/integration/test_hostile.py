@@ -31,23 +31,23 @@ def root_engine(jailed_engine):
     return Engine(config)
 
 
-@pytest.fixture
-def root_victim(root_engine):
-    sandbox = root_engine.boot(memory_mib=GUEST_MIB)
+def _victim(engine: Engine):
+    """A fresh sandbox per case (a case may cost it); closed after, whatever happened."""
+    sandbox = engine.boot(memory_mib=GUEST_MIB)
     sandbox.limits = exec_limits(timeout_s=10, grace_s=2, output_cap=64 << 10)
     assert sandbox.run_code("kept = 41").error is None
     yield sandbox
     sandbox.close()
+
+
+@pytest.fixture
+def root_victim(root_engine):
+    yield from _victim(root_engine)
 
 
 @pytest.fixture
 def victim(jailed_engine):
-    """A fresh sandbox per case (a case may cost it); closed after, whatever happened."""
-    sandbox = jailed_engine.boot(memory_mib=GUEST_MIB)
-    sandbox.limits = exec_limits(timeout_s=10, grace_s=2, output_cap=64 << 10)
-    assert sandbox.run_code("kept = 41").error is None
-    yield sandbox
-    sandbox.close()
+    yield from _victim(jailed_engine)
 
 
 def mem_available_mib() -> int:
