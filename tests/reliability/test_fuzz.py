@@ -8,8 +8,11 @@ invalid; and the other key never sees the first key's sandbox.
 
     make fuzz      the long run: APPLIANCE_FUZZ_EXAMPLES=300 APPLIANCE_FUZZ_SCENARIOS=60
 
-Two deliberate narrowings, so each case stays cheap on a TCG host: a schema-valid create asks for the spec's size
-(a sized create is a fresh boot of seconds; the integration tests cover it), and a valid exec stops within 10 s.
+Three deliberate narrowings. Two keep each case cheap on a TCG host: a schema-valid create asks for the spec's size
+(a sized create is a fresh boot of seconds; the integration tests cover it), and a valid exec stops within 10 s. The
+third keeps a linked sequence meaningful: a schema-valid create idles at least IDLE_FLOOR_S, so the reaper does not
+close it between two links (a sandbox with `timeout_s: 1e-9` is really gone a few seconds later, as it should be).
+A schema-valid GET /metrics carries the metrics key, the only key that route accepts.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ EXAMPLES = int(os.environ.get("APPLIANCE_FUZZ_EXAMPLES", "100"))  # fuzzing phas
 SCENARIOS = int(os.environ.get("APPLIANCE_FUZZ_SCENARIOS", "5"))  # stateful phase: linked call sequences
 MIN_CASES = int(os.environ.get("APPLIANCE_FUZZ_MIN_CASES", "1000"))
 EXEC_TIMEOUT_CAP_S = 10.0
+IDLE_FLOOR_S = 600.0
 # A 422 that a schema-valid request may get: what the host can or cannot do, not what the request says.
 RUNTIME_422 = frozenset({"network_unavailable", "snapshot_incompatible", "snapshot_invalid"})
 # Routes of one sandbox whose generated calls are pointed at a real sandbox half the time (the rest get 404);
@@ -59,11 +63,20 @@ class FuzzRun:
         if operation == "createSandbox" and positive and isinstance(case.body, dict):
             case.body.pop("vcpus", None)
             case.body.pop("memory_mib", None)
+            if case.body.get("timeout_s") is not None:
+                case.body["timeout_s"] = max(case.body["timeout_s"], IDLE_FLOOR_S)
         if operation == "exec" and positive and isinstance(case.body, dict):
             timeout = case.body.get("timeout_s")
             case.body["timeout_s"] = min(timeout, EXEC_TIMEOUT_CAP_S) if timeout else EXEC_TIMEOUT_CAP_S
         if operation in ON_TARGET and positive and sum(self.calls.values()) % 2:
             case.path_parameters = {**(case.path_parameters or {}), "sandbox_id": self.target}
+
+    def call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+        """Headers that win over the configured tenant key: the metrics key on a schema-valid GET /metrics."""
+        positive = case.meta is not None and case.meta.generation.mode.is_positive
+        if positive and case.operation.definition.raw.get("operationId") == "metrics":
+            return {"headers": self.live.headers(self.live.metrics_key)}
+        return {}
 
     def record(self, case: schemathesis.Case, response: Any) -> None:
         self.calls[case.operation.label] += 1
@@ -153,7 +166,7 @@ def test_every_route_answers_by_its_contract(api_schema, fuzz_run):
 
     def one_case(case):
         fuzz_run.prepare(case)
-        response = case.call()
+        response = case.call(**fuzz_run.call_kwargs(case))
         fuzz_run.record(case, response)
         try:
             case.validate_response(response, additional_checks=fuzz_run.checks)
@@ -185,6 +198,9 @@ def test_linked_sequences_keep_the_contract(api_schema, fuzz_run, live):
     class Workflow(api_schema.as_state_machine()):
         def before_call(self, case):
             run.prepare(case)
+
+        def get_call_kwargs(self, case):
+            return run.call_kwargs(case)
 
         def after_call(self, response, case):
             super().after_call(response, case)
