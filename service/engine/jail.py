@@ -30,6 +30,7 @@ CGROUP_FILE = "cgroups"  # in the VM dir, written by the host: the cgroup direct
 _CPU_PERIOD_US = 100_000
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _V1_CONTROLLERS = ("cpu", "memory", "pids")
+TEMPLATE_MEMORY_MODE = 0o660  # a template's RAM file: the VM user's (QEMU maps it), rw for the engine via the group
 # What QEMU needs from the host's root: its binary, libraries and firmware (all under /usr on merged-/usr Debian).
 _SYSTEM_RO = ("/usr", "/etc/ld.so.cache")
 _MERGED_USR_LINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64"))
@@ -325,6 +326,9 @@ class Jail:
                 fd = dirfd.open_beneath(root, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     os.fchown(fd, self.identity.uid, self.identity.gid)
+                    # group rw: the engine (in the VM group, not root) reads the finished template's extents and
+                    # punches zero pages out of it again (template.py); no VM reaches it but through its binds
+                    os.fchmod(fd, TEMPLATE_MEMORY_MODE)
                 finally:
                     os.close(fd)
             except FileExistsError:
@@ -342,7 +346,8 @@ class Jail:
         if not shared:
             try:
                 os.fchown(fd, -1, self.identity.gid)
-                os.fchmod(fd, 0o640)
+                # the engine's own fork file: the VM group reads it; the VM user's template: the engine keeps rw
+                os.fchmod(fd, TEMPLATE_MEMORY_MODE if info.st_uid == self.identity.uid else 0o640)
             except OSError:
                 os.close(fd)
                 raise

@@ -80,7 +80,9 @@ say(step="network", slot=attachment.slot.index,
     interfaces=sb.run_code("import os; sorted(os.listdir('/sys/class/net'))").text)
 template = engine.make_template(1, "warm = 'from the template'")
 clone = engine.clone(template, "lt-clone")
-say(step="cloned", pid=clone.vm.pid, warm=clone.run_code("warm").text)
+# access() checks the plain permissions of this uid (no capability): what the node's API user has
+say(step="cloned", pid=clone.vm.pid, warm=clone.run_code("warm").text,
+    template_rw=os.access(template.directory / "memory", os.R_OK | os.W_OK))
 clone.close()
 template.remove()
 sb.close()
@@ -207,6 +209,9 @@ def test_an_unprivileged_engine_gets_jailed_vms_networks_and_clones_through_the_
 
         cloned = step()
         assert cloned["warm"] == "'from the template'"
+        # the engine reads the template's extents and punches zero pages out of it again: without the capability
+        # this test's client has, a node's API user could not (the pool keeper then died at its first template)
+        assert cloned["template_rw"], "the template's RAM file is not readable and writable by the engine"
         assert set(proc_status(cloned["pid"])["Uid"].split()) == {vm_uid}
         go_on()
 
