@@ -108,6 +108,9 @@ class SandboxManager:
     def readiness(self) -> str | None:
         """None when creates can be served from a warm template; else why not."""
         if self.templates.current() is None:
+            failure = self.templates.last_failure()
+            if failure is not None:
+                return f"no warm template: the pool keeper failed to make one and retries ({failure})"
             return "no warm template yet: the pool keeper is still booting it"
         return None
 

@@ -49,6 +49,7 @@ class PoolKeeper:
         started = time.monotonic()
         template = self.engine.make_template(self.config.agent_ports, self.config.warm_code)
         self.templates.publish(template)
+        self.templates.clear_failure()
         log.info("template %s warm in %.1fs", template.template_id, time.monotonic() - started)
         return template
 
@@ -153,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         keeper.run()
     except (TemplateError, BootFailed) as exc:
         log.error("the pool keeper cannot warm a template: %s", exc)
+        keeper.templates.record_failure(str(exc))
         return 1
+    except Exception as exc:  # a bug or a host problem: readiness says so while the supervisor restarts the keeper
+        keeper.templates.record_failure(f"{type(exc).__name__}: {exc}")
+        raise
     return 0
 
 

@@ -15,6 +15,8 @@ from .registry import Registry
 
 log = logging.getLogger(__name__)
 CURRENT = "current.json"
+KEEPER_FAILURE = "keeper-failure.txt"  # why the pool keeper last failed to warm a template (cleared when one is)
+_FAILURE_MAX_CHARS = 2000
 _YOUNG_S = 300.0
 
 
@@ -46,6 +48,23 @@ class TemplateStore:
         tmp = pointer.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"id": template.template_id}))
         tmp.replace(pointer)
+
+    def record_failure(self, message: str) -> None:
+        """Readiness then says why there is no template, instead of "still booting" while the keeper restarts."""
+        target = self.directory / KEEPER_FAILURE
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(message[:_FAILURE_MAX_CHARS])
+        tmp.replace(target)
+
+    def clear_failure(self) -> None:
+        (self.directory / KEEPER_FAILURE).unlink(missing_ok=True)
+
+    def last_failure(self) -> str | None:
+        try:
+            with (self.directory / KEEPER_FAILURE).open(errors="replace") as failure:
+                return failure.read(_FAILURE_MAX_CHARS)
+        except FileNotFoundError:
+            return None
 
     def release(self, template_id: str | None, registry: Registry) -> bool:
         """Remove a template as soon as its last sandbox is gone, unless it is the published one."""

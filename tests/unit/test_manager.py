@@ -98,6 +98,18 @@ def test_no_create_before_a_template_is_warm(manager, engine):
     assert manager.readiness() is not None
     with pytest.raises(NotReady):
         manager.create(OWNER)
+
+
+def test_readiness_names_why_the_pool_keeper_failed_until_a_template_is_warm(manager, engine):
+    template = manager.templates.current()
+    engine.unpublish_template(manager.templates)
+    manager.templates.record_failure("PermissionError: [Errno 13] Permission denied: 'memory'")
+    assert "Permission denied" in manager.readiness()
+    manager.templates.publish(template)
+    manager.templates.clear_failure()
+    assert manager.readiness() is None
+    engine.unpublish_template(manager.templates)
+    assert "still booting" in manager.readiness()  # a cleared failure is not reported again
     other_size = manager.create(OWNER, memory_mib=512)  # a size of its own boots without the template
     assert other_size.template_id is None and other_size.machine["memory_mib"] == 512
 
