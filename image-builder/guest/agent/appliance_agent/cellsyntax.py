@@ -47,7 +47,7 @@ def transform_cell(code: str) -> str:
         joined = line
         end = index + 1
         while joined.rstrip("\r\n").endswith("\\") and end < len(lines) and _is_escape(line):
-            joined = joined.rstrip("\r\n")[:-1] + lines[end]
+            joined = joined.rstrip("\r\n")[:-1] + " " + lines[end]
             end += 1
         rewritten = _line(joined)
         if rewritten is None:

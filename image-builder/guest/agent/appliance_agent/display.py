@@ -167,6 +167,22 @@ class Figures:
         pyplot.show = show
 
 
+REAL_IPYTHON_DISPLAY = "IPython.core.display_functions"
+
+
+def route_real_ipython(display: Callable[..., None]) -> None:
+    """A real IPython (installed by the operator or %pip) outside a kernel prints what display() gets; make its
+    display() the worker's, before IPython.display copies the name."""
+
+    def patch(module: Any) -> None:
+        def routed(*objs: Any, raw: bool = False, **_kwargs: Any) -> None:
+            display(*objs, raw=raw)
+
+        module.display = routed
+
+    sys.meta_path.insert(0, _PatchOnImport(REAL_IPYTHON_DISPLAY, patch))
+
+
 class _PatchOnImport:
     """A meta-path finder that lets the real finders load one module, then calls patch(module)."""
 

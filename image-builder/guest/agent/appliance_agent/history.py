@@ -27,7 +27,9 @@ class History:
         })
 
     def store_input(self, number: int, raw: str, parsed: str) -> None:
-        """Before cell `number` runs: In gets the transformed cell, _i.. the raw ones (IPython does the same)."""
+        """Before cell `number` runs: In gets the transformed cell, _i.. the raw ones, both without trailing
+        newlines (IPython does the same)."""
+        raw, parsed = raw.rstrip("\n"), parsed.rstrip("\n")
         self.inputs.append(parsed)
         self._iii, self._ii, self._i, self._i00 = self._ii, self._i, self._i00, raw
         self._ns.update({"_i": self._i, "_ii": self._ii, "_iii": self._iii, f"_i{number}": raw})

@@ -10,8 +10,8 @@
     ZeroDivisionError: division by zero
 
 Context is two lines either side of the failing line, within the function the frame runs (the module for a
-cell), blank lines left out. IPython gets that from stack_data; for library frames it also folds multi-line
-statements, which this does not.
+cell), blank lines neither shown nor counted. IPython gets that from stack_data; for library frames it also folds
+multi-line statements, which this does not.
 """
 
 from __future__ import annotations
@@ -81,9 +81,8 @@ def _frame(code: CodeType, lineno: int) -> str:
         where += f", in {getattr(code, 'co_qualname', code.co_name)}({', '.join(_arguments(code))})"
     lines = [where]
     first, last = _scope(code)
-    numbers = [n for n in range(max(first, lineno - 2), lineno) if linecache.getline(filename, n).strip()]
-    numbers.append(lineno)
-    numbers += [n for n in range(lineno + 1, min(last, lineno + 2) + 1) if linecache.getline(filename, n).strip()]
+    numbers = [*_neighbours(filename, lineno, range(lineno - 1, first - 1, -1))[::-1], lineno]
+    numbers += _neighbours(filename, lineno, range(lineno + 1, last + 1))
     for number in numbers:
         text = linecache.getline(filename, number).rstrip()
         if number == lineno:
@@ -93,6 +92,20 @@ def _frame(code: CodeType, lineno: int) -> str:
         else:
             lines.append(f"{number:>7} {text}")
     return "\n".join(lines) + "\n"
+
+
+def _neighbours(filename: str, lineno: int, candidates: range) -> list[int]:
+    """The first two non-blank lines of candidates (IPython's context counts no blank line)."""
+    found: list[int] = []
+    for number in candidates:
+        text = linecache.getline(filename, number)
+        if not text:
+            break  # past the end of the source
+        if text.strip():
+            found.append(number)
+            if len(found) == 2:
+                break
+    return found
 
 
 def _scope(code: CodeType) -> tuple[int, int]:

@@ -79,6 +79,7 @@ class Worker:
         builtins.display = self.display  # type: ignore[attr-defined]
         magics.install(self.namespace)
         sys.path.append(SHIM_DIR)
+        display_module.route_real_ipython(self.display)
         self.figures.install()
         os.environ.setdefault("MPLBACKEND", "Agg")
 
