@@ -7,7 +7,6 @@ IPython 9's text, so that a notebook's cells read the same here.
 
 from __future__ import annotations
 
-import builtins
 import math
 import os
 import subprocess
@@ -318,9 +317,3 @@ def _flush() -> None:
             stream.flush()
         except Exception:
             pass
-
-
-def install(namespace: dict[str, Any]) -> Shell:
-    shell = Shell(namespace)
-    builtins.get_ipython = lambda: shell  # type: ignore[attr-defined]
-    return shell
