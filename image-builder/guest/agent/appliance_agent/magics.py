@@ -180,8 +180,12 @@ class Shell:
         if index is None:
             raise UsageError("%pip is not available: the operator has configured no package index for guests "
                              "(spec: guest.pip_index_url).")
+        import importlib.util
         import shlex
 
+        if importlib.util.find_spec("pip") is None:
+            raise UsageError("%pip: pip is not installed in this image (the operator adds python3-pip to the "
+                             "spec's guest.apt_packages).")
         args = shlex.split(line)
         if args[:1] != ["install"]:
             raise UsageError("%pip supports `install` only here (the index is the operator's).")
