@@ -154,3 +154,19 @@ def test_pip_without_an_operator_index_says_so(tmp_path: Path, monkeypatch: pyte
 def test_unknown_magic_names_the_supported_ones() -> None:
     with pytest.raises(magics.UsageError, match=r"`%load_ext` not found \(supported here: %cd"):
         magics.Shell({}).run_line_magic("load_ext", "autoreload")
+
+
+def test_the_operators_pip_index_is_a_validated_setting_that_reaches_the_guest(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from appliance.build import rootfs
+    from appliance.spec import GuestSpec
+
+    with pytest.raises(ValidationError, match="pip_index_url"):
+        GuestSpec(pip_index_url="http://mirror/simple/ --trusted-host evil")
+    assert GuestSpec().content_hash() != GuestSpec(pip_index_url="http://10.0.2.2:3141/simple/").content_hash()
+    assert magics.PIP_INDEX_FILE == "/" + rootfs.PIP_INDEX_FILE  # the file the build writes is the one %pip reads
+    rootfs.write_pip_index(tmp_path, "http://10.0.2.2:3141/simple/")
+    monkeypatch.setattr(magics, "PIP_INDEX_FILE", str(tmp_path / rootfs.PIP_INDEX_FILE))
+    assert magics._operator_index() == "http://10.0.2.2:3141/simple/"
