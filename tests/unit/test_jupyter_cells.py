@@ -156,8 +156,9 @@ def test_unknown_magic_names_the_supported_ones() -> None:
         magics.Shell({}).run_line_magic("load_ext", "autoreload")
 
 
-def test_the_operators_pip_index_is_a_validated_setting_that_reaches_the_guest(tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_operators_pip_index_is_a_validated_setting_that_reaches_the_guest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pydantic import ValidationError
 
     from appliance.build import rootfs
