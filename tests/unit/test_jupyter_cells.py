@@ -106,7 +106,7 @@ def test_syntax_error_is_shaped_like_ipythons(agent: AgentProcess) -> None:
     assert error["traceback"].rstrip().endswith("SyntaxError: invalid syntax")
 
 
-@pytest.mark.parametrize("seconds", [0.0, 3e-9, 4.56e-7, 0.0123, 1.5, 59.9, 75.0, 4000.0])
+@pytest.mark.parametrize("seconds", [0.0, 3e-9, 4.56e-7, 1.23456e-5, 0.0123, 1.5, 59.9, 75.0, 4000.0])
 def test_time_is_formatted_like_ipython(seconds: float) -> None:
     from IPython.core.magics.execution import _format_time
 
