@@ -29,10 +29,17 @@ class History:
     def store_input(self, number: int, raw: str, parsed: str) -> None:
         """Before cell `number` runs: In gets the transformed cell, _i.. the raw ones, both without trailing
         newlines (IPython does the same)."""
-        raw, parsed = raw.rstrip("\n"), parsed.rstrip("\n")
+        # On the per-exec path: plain assignments, no dict built per cell.
+        if raw[-1:] == "\n":
+            raw = raw.rstrip("\n")
+        if parsed[-1:] == "\n":
+            parsed = parsed.rstrip("\n")
         self.inputs.append(parsed)
-        self._iii, self._ii, self._i, self._i00 = self._ii, self._i, self._i00, raw
-        self._ns.update({"_i": self._i, "_ii": self._ii, "_iii": self._iii, f"_i{number}": raw})
+        ns = self._ns
+        ns["_iii"] = self._iii = self._ii
+        ns["_ii"] = self._ii = self._i
+        ns["_i"] = self._i = self._i00
+        self._i00 = ns["_i" + str(number)] = raw
 
     def store_output(self, number: int, value: Any) -> None:
         """After cell `number` gave a value: Out[number], _number, and _, __, ___ moved on, unless the user
