@@ -26,6 +26,7 @@ DEFAULT_SPEC_FILE = Path("appliance.toml")
 SPEC_FILE_ENV = "APPLIANCE_CONFIG"
 # A short name for the state directory (`APPLIANCE_STATE_DIR=... appliance serve`); the spec's own variable wins.
 STATE_DIR_ENV, SPEC_STATE_DIR_ENV = "APPLIANCE_STATE_DIR", "APPLIANCE_PATHS__STATE_DIR"
+_INDEX_URL = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/%+-]*)?")
 _PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 
 
@@ -48,6 +49,11 @@ class GuestSpec(_Section):
     mirror: str = Field("http://deb.debian.org/debian", description="Debian mirror for the guest rootfs")
     kernel_package: str = Field("linux-image-cloud-amd64", description="Debian kernel package for the guest")
     apt_packages: list[str] = Field(default_factory=list, description="extra Debian packages in the guest")
+    pip_index_url: str | None = Field(
+        None,
+        description="the package index `%pip install` in a sandbox uses (the guest network policy must reach it, "
+        "and pip must be in the image: python3-pip in apt_packages); unset, %pip says it is not available",
+    )
     pip_packages: list[str] = Field(
         default_factory=lambda: [
             "numpy==2.4.6",
@@ -64,6 +70,14 @@ class GuestSpec(_Section):
         "auto", description="auto probes KVM and falls back to TCG; kvm or tcg forces one"
     )
 
+    @field_validator("pip_index_url")
+    @classmethod
+    def _index_url(cls, url: str | None) -> str | None:
+        if url is not None and not _INDEX_URL.fullmatch(url):
+            raise ValueError(f"{url!r} is not an index URL; write it as http(s)://host[:port]/path, e.g. "
+                             "'http://10.0.2.2:3141/simple/'")
+        return url
+
     @field_validator("pip_packages")
     @classmethod
     def _pinned(cls, packages: list[str]) -> list[str]:
@@ -75,6 +89,8 @@ class GuestSpec(_Section):
     def content_hash(self) -> str:
         """Hash of everything that changes the image's bytes (not the VM size), for build caching."""
         image_fields = {k: v for k, v in self.model_dump().items() if k not in {"vcpus", "memory_mib", "accelerator"}}
+        if image_fields.get("pip_index_url") is None:  # unset: the same images as before the setting existed
+            image_fields.pop("pip_index_url", None)
         return hashlib.sha256(json.dumps(image_fields, sort_keys=True).encode()).hexdigest()
 
 

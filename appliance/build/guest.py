@@ -141,7 +141,7 @@ def _build_into(spec: ApplianceSpec, work: Path, progress: Progress, refresh: bo
     with progress.phase("rootfs: install"):
         rootfs.unpack_base(base, root)
         pip_versions = rootfs.install_wheels(root, wheels, guest.suite, guest.pip_packages)
-        rootfs.install_appliance(root, recipe)
+        rootfs.install_appliance(root, recipe, guest.pip_index_url)
         network_modules = [path for path in kernel_stage.resolve_modules(
             tree, read_list(RECIPE_DIR / "kernel" / "modules-network.txt")) if path not in modules]
         rootfs.install_modules(root, network_modules, NETWORK_MODULES_DIR)

@@ -298,8 +298,11 @@ def importable_packages(site: Path) -> list[str]:
     return sorted(names)
 
 
-def install_appliance(root: Path, recipe: Recipe) -> None:
-    """The guest agent package, /sbin/appliance-init and the static files."""
+PIP_INDEX_FILE = "etc/appliance/pip-index-url"  # read by appliance_agent/magics.py (%pip)
+
+
+def install_appliance(root: Path, recipe: Recipe, pip_index_url: str | None = None) -> None:
+    """The guest agent package, /sbin/appliance-init, the static files and the operator's %pip index."""
     agent = root / "usr/lib/appliance/appliance_agent"
     shutil.copytree(recipe.agent, agent, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     init = root / "usr/sbin/appliance-init"  # /sbin is a symlink to usr/sbin in a merged-/usr root
@@ -308,7 +311,18 @@ def install_appliance(root: Path, recipe: Recipe) -> None:
     shutil.copytree(recipe.files, root, dirs_exist_ok=True, symlinks=True)
     for directory in ("data", "media/root-ro", "media/root-rw"):
         (root / directory).mkdir(parents=True, exist_ok=True)
+    write_pip_index(root, pip_index_url)
     add_code_user(root)
+
+
+def write_pip_index(root: Path, url: str | None) -> None:
+    """Root-owned and read-only to user code: %pip installs from this index only (none: no file, no %pip)."""
+    if url is None:
+        return
+    path = root / PIP_INDEX_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(url + "\n")
+    path.chmod(0o644)
 
 
 def add_code_user(root: Path) -> None:

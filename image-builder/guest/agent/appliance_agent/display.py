@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import sys
 from collections.abc import Callable
 
@@ -28,7 +29,10 @@ _REPR_METHODS = (
     ("_repr_png_", "image/png", True),
     ("_repr_jpeg_", "image/jpeg", True),
     ("_repr_latex_", "text/latex", False),
+    ("_repr_javascript_", "application/javascript", False),
+    ("_repr_pdf_", "application/pdf", True),
 )
+_JSON_CHECK = json.JSONEncoder(separators=(",", ":"))
 PYPLOT = "matplotlib.pyplot"
 
 
@@ -63,7 +67,33 @@ def mime_bundle(obj: Any) -> dict[str, str]:
             data = base64.b64encode(data).decode("ascii")
         if isinstance(data, str) and len(data) <= RICH_LIMIT:
             bundle[mime] = data
+    json_data = _call_repr(obj, "_repr_json_")
+    if json_data is not None and _json_size(json_data) <= RICH_LIMIT:
+        bundle["application/json"] = json_data
+    extra = _call_repr(obj, "_repr_mimebundle_")
+    if isinstance(extra, dict):
+        for mime, data in extra.items():
+            if isinstance(mime, str) and mime != "text/plain" and _json_size(data) <= RICH_LIMIT:
+                bundle[mime] = data
     return bundle
+
+
+def raw_bundle(obj: Any) -> dict[str, Any]:
+    """display(bundle, raw=True): the user's own MIME bundle, kept only where it is one (str keys, JSON values)."""
+    if not isinstance(obj, dict):
+        return mime_bundle(obj)
+    bundle = {key: value for key, value in obj.items() if isinstance(key, str) and _json_size(value) <= RICH_LIMIT}
+    if not isinstance(bundle.get("text/plain"), str):
+        bundle["text/plain"] = plain_text(obj.get("text/plain", ""))
+    return bundle
+
+
+def _json_size(data: Any) -> int:
+    """Its size as JSON, or past any limit if it is not JSON (the bundle goes over the wire as JSON)."""
+    try:
+        return len(_JSON_CHECK.encode(data))
+    except (TypeError, ValueError, RecursionError):
+        return RICH_LIMIT + 1
 
 
 def _call_repr(obj: Any, name: str) -> Any:
@@ -135,6 +165,22 @@ class Figures:
             self.show()
 
         pyplot.show = show
+
+
+REAL_IPYTHON_DISPLAY = "IPython.core.display_functions"
+
+
+def route_real_ipython(display: Callable[..., None]) -> None:
+    """A real IPython (installed by the operator or %pip) outside a kernel prints what display() gets; make its
+    display() the worker's, before IPython.display copies the name."""
+
+    def patch(module: Any) -> None:
+        def routed(*objs: Any, raw: bool = False, **_kwargs: Any) -> None:
+            display(*objs, raw=raw)
+
+        module.display = routed
+
+    sys.meta_path.insert(0, _PatchOnImport(REAL_IPYTHON_DISPLAY, patch))
 
 
 class _PatchOnImport:

@@ -6,6 +6,13 @@ Every control message is written after stdout and stderr are flushed, and the ag
 it acts on a control message. A display from the cell's thread then waits for the agent's ack (matched by
 seq), so that what the cell prints next cannot overtake the display; done needs no ack, the cell is over.
 The per-exec path imports nothing and starts nothing: the target is a round trip far below a millisecond.
+
+Jupyter semantics (In/Out/_, magics, `!` lines, IPython-shaped tracebacks, IPython.display) are imitated by
+history.py, cellsyntax.py, magics.py, tbformat.py and shim/IPython, not taken from IPython itself. Measured in a
+TCG guest (2026-12-03, shared machine under load ~20, so ratios matter): IPython's InteractiveShell.run_cell
+for `x=1` took p50 38 ms in the guest against 0.23 ms for this worker's run_cell (~170x); its import took
+33-37 s (pyc cached) against 3.4 s for the worker; an exec round trip through it p50 270 ms against 33 ms
+today. The issue said to prefer real IPython only if it measured as fast: it does not.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import signal
 import sys
 
 from appliance_agent import display as display_module
+from appliance_agent import history
 from appliance_agent.pipes import CODE_ERRORS, DONE_QUIET, EXEC_HEADER
 
 # Only for annotations (never evaluated, see the __future__ import): `typing` costs start-up time under TCG.
@@ -28,7 +36,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-_OWN_FILES = frozenset({__file__, display_module.__file__})
+_HERE = os.path.dirname(__file__)
+# Frames of these files are the worker's, never shown in a traceback. cellsyntax, magics and tbformat are imported
+# only when a cell needs them (a worker starts ~30% faster under TCG without them).
+_OWN_FILES = frozenset({__file__, display_module.__file__, history.__file__, os.path.join(_HERE, "magics.py")})
+# Put last on sys.path: `import IPython` finds this stand-in only where no real IPython is installed.
+SHIM_DIR = os.path.join(_HERE, "shim")
 _COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
 TRACEBACK_LIMIT = 64 << 10
@@ -50,11 +63,13 @@ class Worker:
         self._display_seq = 0
         self._deferred: list[dict[str, Any]] = []
         self._event_loop: Any = None
+        self._shell: Any = None
         main_module = type(sys)("__main__")
         main_module.__dict__["__builtins__"] = builtins
         # pickle and multiprocessing look classes and functions up in sys.modules["__main__"].
         sys.modules["__main__"] = main_module
         self.namespace = main_module.__dict__
+        self.history = history.History(self.namespace)
         self.figures = display_module.Figures(self._display_one)
 
     # -- setup ---------------------------------------------------------------------------------------------
@@ -66,6 +81,9 @@ class Worker:
         sys.argv = [""]
         signal.signal(signal.SIGINT, self._on_sigint)
         builtins.display = self.display  # type: ignore[attr-defined]
+        builtins.get_ipython = self.get_ipython  # type: ignore[attr-defined]
+        sys.path.append(SHIM_DIR)
+        display_module.route_real_ipython(self.display)
         self.figures.install()
         os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -148,8 +166,16 @@ class Worker:
 
     def run_cell(self, code: str) -> dict[str, Any] | None:
         """Run one cell; its done message, or None for the common "no value, no error" (DONE_QUIET)."""
+        if not code or code.isspace():
+            return None  # as in IPython: an empty cell gets no number and no history
         self._cells += 1
         filename = f"<cell-{self._cells}>"
+        raw = code
+        if "%" in code or "!" in code or "?" in code:  # maybe IPython syntax: see cellsyntax.py
+            from appliance_agent import cellsyntax
+
+            code = cellsyntax.transform_cell(code)
+        self.history.store_input(self._cells, raw, code)
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         value = error = None
         pyplot_before = display_module.PYPLOT in sys.modules
@@ -166,6 +192,7 @@ class Worker:
                 result = self._evaluate(last)
                 if result is not None:
                     value = display_module.mime_bundle(result)
+                    self.history.store_output(self._cells, result)
             self._running = False
         except BaseException as exc:
             self._running = False
@@ -208,15 +235,23 @@ class Worker:
             asyncio.set_event_loop(self._event_loop)
         return self._event_loop.run_until_complete(coroutine)
 
+    def get_ipython(self) -> Any:
+        """The shell object of transformed cells (magics.py), made on first use."""
+        if self._shell is None:
+            from appliance_agent import magics
+
+            self._shell = magics.Shell(self.namespace)
+        return self._shell
+
     # -- display -------------------------------------------------------------------------------------------
 
-    def display(self, *objects: Any, **_ignored: Any) -> None:
-        """Show objects as rich output (the `display` builtin, as in Jupyter)."""
+    def display(self, *objects: Any, raw: bool = False, **_ignored: Any) -> None:
+        """Show objects as rich output (the `display` builtin, as in Jupyter); raw=True: each is a MIME bundle."""
         for obj in objects:
-            self._display_one(obj)
+            self._display_one(obj, raw)
 
-    def _display_one(self, obj: Any) -> None:
-        bundle = display_module.mime_bundle(obj)
+    def _display_one(self, obj: Any, raw: bool = False) -> None:
+        bundle = display_module.raw_bundle(obj) if raw else display_module.mime_bundle(obj)
         if _thread.get_ident() != self._main_thread:  # a background thread: no ack, order is best effort
             self._send({"ev": "display", "data": bundle, "seq": None})
             return
@@ -315,21 +350,12 @@ def _ends_with_semicolon(code: str, node: ast.expr | ast.stmt) -> bool:
 
 
 def describe_exception(exc: BaseException) -> dict[str, str]:
-    """{name, value, traceback} with the worker's own frames left out of the traceback.
-
-    Leading frames are the worker calling the cell; a trailing one is the SIGINT handler raising
-    KeyboardInterrupt.
-    """
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename in _OWN_FILES:
-        tb = tb.tb_next
+    """{name, value, traceback}: the traceback shaped like IPython's (tbformat.py), the worker's own frames
+    left out (the worker calling the cell, a magic's body, the SIGINT handler raising KeyboardInterrupt)."""
     try:
-        import traceback  # on the first error only: a worker starts faster without it
+        from appliance_agent import tbformat  # on the first error only
 
-        summary = traceback.TracebackException(type(exc), exc, tb)
-        while summary.stack and summary.stack[-1].filename in _OWN_FILES:
-            summary.stack.pop()
-        text = "".join(summary.format())
+        text = tbformat.format_exception(exc, exc.__traceback__, _OWN_FILES.__contains__)
     except Exception as format_error:
         text = f"[the traceback could not be formatted: {format_error!r}]\n"
     if len(text) > TRACEBACK_LIMIT:
