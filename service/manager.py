@@ -58,12 +58,14 @@ from .errors import (
 from .errors import NetworkUnavailable as NetworkUnavailableError
 from .registry import (
     CREATING,
+    FREEZING,
     FROZEN,
     LOST,
     POOLED,
     RESUMING,
     RUNNING,
     TOUCH_EVERY_S,
+    FrozenRoom,
     Full,
     Limits,
     Registry,
@@ -192,8 +194,8 @@ class SandboxManager:
         return _as_seen(record)
 
     def list(self, owner: str, state: str | None = None) -> list[SandboxRecord]:
-        return [_as_seen(record) for record in self.registry.list(owner=owner, state=state)
-                if record.state != CREATING]
+        seen = [_as_seen(record) for record in self.registry.list(owner=owner) if record.state != CREATING]
+        return [record for record in seen if state is None or record.state == state]
 
     def delete(self, owner: str, sandbox_id: str) -> None:
         self._destroy(self.get(owner, sandbox_id))
@@ -328,13 +330,21 @@ class SandboxManager:
         return self.freeze_record(self._running(owner, sandbox_id))
 
     def freeze_record(self, record: SandboxRecord) -> SandboxRecord:
-        self._check_frozen_share(record)
-        self._check_frozen_quota(record)
-        sandbox = self._attach_alive(record)
-        self._check_freeze_disk(record)
-        with _code_locked(record, f"freezing {record.id} failed; it keeps running"):
-            self.engine.freeze(sandbox, self.snapshot_dir(record.id), self.config.compress_snapshots,
-                               networked=record.network is not None)
+        # The key's frozen share, the quota and free disk are checked and the freeze reserved in one registry
+        # transaction (FREEZING): two concurrent freezes cannot both pass a check made before either is stored.
+        if not self._reserve_freeze(record):
+            now = self.registry.get(record.id)
+            if now is not None and now.state == FROZEN:
+                return _as_seen(now)
+            raise Busy(f"sandbox {record.id} is being frozen or resumed by another request; retry when it is done")
+        try:
+            sandbox = self._attach_alive(record)
+            with _code_locked(record, f"freezing {record.id} failed; it keeps running"):
+                self.engine.freeze(sandbox, self.snapshot_dir(record.id), self.config.compress_snapshots,
+                                   networked=record.network is not None)
+        except BaseException:
+            self.registry.release([record.id])  # FREEZING: running again (a lost one stays lost)
+            raise
         self.attachments.forget(record.id)
         self._stamped.pop(record.id, None)
         self.registry.set_state(record.id, FROZEN, template_id=None)  # a snapshot holds all of its RAM
@@ -429,34 +439,38 @@ class SandboxManager:
             self._stamped[place.id] = place.last_active_at
         return places
 
-    def _check_frozen_share(self, record: SandboxRecord) -> None:
-        """One key may not take the whole frozen quota: at most service.max_frozen_per_key frozen sandboxes."""
-        share = self.config.max_frozen_per_key
-        if self.registry.count(record.owner, states=(FROZEN, RESUMING)) >= share:
-            raise LimitReached(f"this key already holds {share} frozen sandboxes (service.max_frozen_per_key); "
-                               "delete or resume one first", retry_after=5)
+    def _reserve_freeze(self, record: SandboxRecord) -> bool:
+        """Admit a freeze of `record` (False: it is not running any more)."""
+        memory_mib = self.engine.memory_mib(record.machine)
+        try:
+            return self.registry.reserve_freeze(record.id, memory_mib, self._frozen_room(self._frozen_root()))
+        except Full as exc:
+            raise self._frozen_refusal(exc, f"sandbox {record.id} keeps running") from None
 
-    def _check_freeze_disk(self, record: SandboxRecord) -> None:
-        """A freeze writes up to all of the guest's RAM: refused before it starts if the state filesystem has not
-        that much free, plus a margin (a freeze that ran out of disk half way would fail anyway, after filling it)."""
+    def _frozen_root(self) -> Path:
         root = self.config.state_dir / "snapshots"
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        need_mib = self.engine.memory_mib(record.machine) + FREEZE_DISK_MARGIN_MIB
-        free_mib = self.disk_free(root) >> 20
-        if free_mib < need_mib:
-            raise InsufficientCapacity(f"not enough disk to freeze: need {need_mib} MiB, {free_mib} MiB free; "
-                                       f"sandbox {record.id} keeps running")
+        return root
 
-    def _check_frozen_quota(self, record: SandboxRecord) -> None:
-        root = self.config.state_dir / "snapshots"
-        used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
-        worst_case = self.engine.memory_mib(record.machine) << 20
-        if used + worst_case > self.config.frozen_quota_bytes:
-            raise InsufficientStorage(
-                f"frozen sandboxes use {used >> 20} MiB of the {self.config.frozen_quota_bytes >> 20} MiB quota "
-                f"(service.frozen_quota_bytes) and this one may need up to {worst_case >> 20} MiB; delete frozen "
-                "sandboxes or raise the quota"
-            )
+    def _frozen_room(self, written_in: Path) -> FrozenRoom:
+        """What the next freeze or snapshot is admitted against, measured now: free space where it is written
+        (a freeze writes up to all of the guest's RAM; one that ran out of disk half way would fail anyway, after
+        filling it), the disk frozen sandboxes use, the key's share and the quota."""
+        root = self._frozen_root()
+        used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        return FrozenRoom(share=self.config.max_frozen_per_key, free_mib=self.disk_free(written_in) >> 20,
+                          used_bytes=used, quota_bytes=self.config.frozen_quota_bytes,
+                          margin_mib=FREEZE_DISK_MARGIN_MIB)
+
+    def _frozen_refusal(self, exc: Full, keeps: str) -> ServiceError:
+        """The API's error for a refused freeze or snapshot, naming the setting that bounds it."""
+        if exc.what == "frozen_share":
+            return LimitReached(f"{exc} (service.max_frozen_per_key), named snapshots included; delete or resume one "
+                                "first", retry_after=5)
+        if exc.what == "disk":
+            return InsufficientCapacity(f"not enough disk to freeze: {exc}; {keeps}")
+        return InsufficientStorage(f"{exc} (service.frozen_quota_bytes); delete frozen sandboxes or snapshots, or "
+                                   "raise the quota")
 
     def _admit(self, owner: str, n: int, memory_mib: int, vcpus: int, timeout_s: float, metadata: dict[str, Any],
                persistent: bool) -> list[SandboxRecord]:
@@ -623,9 +637,12 @@ class SandboxManager:
 
 
 def _as_seen(record: SandboxRecord) -> SandboxRecord:
-    """A sandbox being resumed is still frozen to its owner until it runs (the API knows no other states)."""
+    """A sandbox being resumed is still frozen to its owner until it runs, one being frozen still running until it
+    is frozen (the API knows no other states)."""
     if record.state == RESUMING:
         record.state = FROZEN
+    elif record.state == FREEZING:
+        record.state = RUNNING
     return record
 
 
