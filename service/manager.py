@@ -38,6 +38,7 @@ from service.engine import (
     SandboxLost,
     SnapshotMismatch,
     SnapshotTampered,
+    TemplateError,
 )
 
 from . import attachments
@@ -52,6 +53,7 @@ from .errors import (
     NotReady,
     SandboxLostError,
     ServiceError,
+    SnapshotExists,
     SnapshotIncompatible,
     SnapshotInvalid,
 )
@@ -62,16 +64,21 @@ from .registry import (
     FROZEN,
     LOST,
     POOLED,
+    PUBLIC,
+    READY,
     RESUMING,
     RUNNING,
     TOUCH_EVERY_S,
     FrozenRoom,
     Full,
     Limits,
+    NameTaken,
     Registry,
     SandboxRecord,
+    SnapshotRecord,
 )
 from .settings import ServiceConfig, owner_ids
+from .snapshot_names import DEFAULT_TEMPLATE, name_problem
 from .template_store import TemplateStore
 
 log = logging.getLogger(__name__)
@@ -122,11 +129,18 @@ class SandboxManager:
         metadata: dict[str, Any] | None = None,
         persistent: bool = False,
         network_policy: dict[str, Any] | None = None,
+        snapshot: str | None = None,
+        template: str | None = None,
     ) -> SandboxRecord:
         """A running sandbox for `owner`: a pooled clone if one is ready, else a clone of the warm template, else
         (a non-default size) a cold boot. `persistent` sandboxes are frozen, not closed, when idle too long.
-        `network_policy` ({"egress": ...}, see netpolicy.py) gives it a filtered network; None: no network."""
+        `network_policy` ({"egress": ...}, see netpolicy.py) gives it a filtered network; None: no network.
+        `snapshot` (the owner's named snapshot) or `template` (a published one; "default": the warm template) is
+        what it is cloned from, in that one's size."""
+        named = self._named_source(owner, snapshot, template)
         wanted = self._network_request(network_policy)  # a bad policy or unresolvable name fails before anything
+        if named is not None:
+            return self._create_from(owner, named, timeout_s, metadata, persistent, wanted)
         template = self.templates.current()
         wants_default_size = (vcpus in (None, self.engine.config.vcpus)) and (
             memory_mib in (None, self.engine.config.memory_mib)
@@ -164,6 +178,53 @@ class SandboxManager:
             raise
         place.vm_dir, place.machine = str(sandbox.vm_dir), self.engine.machine_json(sandbox)
         sandbox.detach()  # the creating connection used port 0; workers attach on their own ports
+        self.registry.complete(place)
+        self._stamped[place.id] = place.last_active_at
+        return place
+
+    def _named_source(self, owner: str, snapshot: str | None, template: str | None) -> SnapshotRecord | None:
+        """The ready snapshot (of `owner`) or published template a create names; None for the warm template.
+        Another key's snapshot is reported exactly like one that never existed."""
+        if snapshot is not None:
+            found, what = self.registry.snapshot(owner, snapshot), f"no snapshot {snapshot!r}"
+        elif template not in (None, DEFAULT_TEMPLATE):
+            found, what = self.registry.snapshot(PUBLIC, template), f"no template {template!r}"
+        else:
+            return None
+        if found is None or found.state != READY:
+            raise NotFound(f"{what} (it never existed, was deleted, belongs to another key, or is still being "
+                           "saved)")
+        return found
+
+    def _create_from(self, owner: str, named: SnapshotRecord, timeout_s: float | None,
+                     metadata: dict[str, Any] | None, persistent: bool, wanted: NetworkRequest | None
+                     ) -> SandboxRecord:
+        """A sandbox cloned from a named snapshot or published template, as a fork's copy is made: it maps the
+        snapshot's RAM copy-on-write, is reseeded and has its clock set."""
+        origin = {"from_snapshot" if named.owner != PUBLIC else "from_template": named.name}
+        (place,) = self._admit(owner, 1, int(named.machine["memory_mib"]), _vcpus(named.machine),
+                               timeout_s or self.config.sandbox_timeout_s, {**(metadata or {}), **origin},
+                               persistent)
+        try:
+            try:
+                template = self.engine.template(named.template_id or "")
+            except TemplateError as exc:  # its files are gone (a host reboot empties the run directory)
+                raise SnapshotInvalid(f"snapshot {named.name!r} cannot be used: {exc}; delete it") from None
+            try:
+                sandbox = self.engine.clone(template, place.id)
+            except (EngineError, OSError) as exc:
+                raise ServiceError(f"creating a sandbox from {named.name!r} failed: {exc}") from None
+            try:
+                place.network = None if wanted is None else self._give_network(sandbox, wanted)
+            except BaseException:
+                sandbox.close()
+                raise
+        except BaseException:
+            self.registry.release([place.id])
+            raise
+        place.vm_dir, place.template_id = str(sandbox.vm_dir), template.template_id
+        place.machine = self.engine.machine_json(sandbox)
+        sandbox.detach()
         self.registry.complete(place)
         self._stamped[place.id] = place.last_active_at
         return place
@@ -438,6 +499,54 @@ class SandboxManager:
             self.registry.complete(place)
             self._stamped[place.id] = place.last_active_at
         return places
+
+    # ---- named snapshots ---------------------------------------------------------------------------------------
+
+    def snapshot(self, owner: str, sandbox_id: str, name: str) -> SnapshotRecord:
+        """Save the sandbox's whole live state under `name` (the owner's); it keeps running. Admitted like a
+        freeze (the key's frozen share, the quota, free space where the state is written: the run directory,
+        whose files copies map) in one registry transaction; a failure leaves the sandbox as it was."""
+        problem = name_problem(name)
+        if problem is not None:
+            raise InvalidField("name", problem)
+        record = self._running(owner, sandbox_id)
+        saved = SnapshotRecord(owner=owner, name=name, state=FREEZING, template_id=None, source=sandbox_id,
+                               machine={"memory_mib": self.engine.memory_mib(record.machine),
+                                        "vcpus": _vcpus(record.machine)})
+        self.config.templates_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.registry.reserve_snapshot(saved, self._frozen_room(self.config.templates_dir))
+        except NameTaken:
+            raise SnapshotExists(f"this key already has a snapshot named {name!r}; delete it or pick another "
+                                 "name") from None
+        except Full as exc:
+            raise self._frozen_refusal(exc, f"sandbox {sandbox_id} keeps running") from None
+        try:
+            sandbox = self._attach_alive(record)
+            with _code_locked(record, f"snapshot of {sandbox_id} failed; it keeps running unchanged"):
+                template = self.engine.snapshot(sandbox, networked=record.network is not None)
+        except BaseException:
+            self.registry.remove_snapshot(owner, name)
+            raise
+        saved.template_id, saved.size_bytes = template.template_id, template.size_bytes
+        self.registry.complete_snapshot(saved)
+        self._mark_used(sandbox_id)
+        return saved
+
+    def snapshots(self, owner: str) -> list[SnapshotRecord]:
+        return self.registry.snapshots(owner)
+
+    def get_snapshot(self, owner: str, name: str) -> SnapshotRecord:
+        found = self.registry.snapshot(owner, name) if name_problem(name) is None else None
+        if found is None:
+            raise NotFound(f"no snapshot {name!r} (it never existed, was deleted, or belongs to another key)")
+        return found
+
+    def delete_snapshot(self, owner: str, name: str) -> None:
+        """Forget the snapshot; its files go as soon as no sandbox made from it (and no template) maps them."""
+        found = self.get_snapshot(owner, name)
+        self.registry.remove_snapshot(owner, name)
+        self.templates.release(found.template_id, self.registry)
 
     def _reserve_freeze(self, record: SandboxRecord) -> bool:
         """Admit a freeze of `record` (False: it is not running any more)."""
