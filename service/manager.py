@@ -520,7 +520,8 @@ class SandboxManager:
             raise SnapshotExists(f"this key already has a snapshot named {name!r}; delete it or pick another "
                                  "name") from None
         except Full as exc:
-            raise self._frozen_refusal(exc, f"sandbox {sandbox_id} keeps running") from None
+            raise self._frozen_refusal(exc, f"sandbox {sandbox_id} keeps running", "memory filesystem for the snapshot"
+                                       ) from None
         try:
             sandbox = self._attach_alive(record)
             with _code_locked(record, f"snapshot of {sandbox_id} failed; it keeps running unchanged"):
@@ -554,7 +555,7 @@ class SandboxManager:
         try:
             return self.registry.reserve_freeze(record.id, memory_mib, self._frozen_room(self._frozen_root()))
         except Full as exc:
-            raise self._frozen_refusal(exc, f"sandbox {record.id} keeps running") from None
+            raise self._frozen_refusal(exc, f"sandbox {record.id} keeps running", "disk to freeze") from None
 
     def _frozen_root(self) -> Path:
         root = self.config.state_dir / "snapshots"
@@ -571,13 +572,13 @@ class SandboxManager:
                           used_bytes=used, quota_bytes=self.config.frozen_quota_bytes,
                           margin_mib=FREEZE_DISK_MARGIN_MIB)
 
-    def _frozen_refusal(self, exc: Full, keeps: str) -> ServiceError:
+    def _frozen_refusal(self, exc: Full, keeps: str, room: str) -> ServiceError:
         """The API's error for a refused freeze or snapshot, naming the setting that bounds it."""
         if exc.what == "frozen_share":
             return LimitReached(f"{exc} (service.max_frozen_per_key), named snapshots included; delete or resume one "
                                 "first", retry_after=5)
         if exc.what == "disk":
-            return InsufficientCapacity(f"not enough disk to freeze: {exc}; {keeps}")
+            return InsufficientCapacity(f"not enough {room}: {exc}; {keeps}")
         return InsufficientStorage(f"{exc} (service.frozen_quota_bytes); delete frozen sandboxes or snapshots, or "
                                    "raise the quota")
 

@@ -49,6 +49,8 @@ def live() -> Iterator[LiveService]:
         workers=2, pool_size=1,
         env_extra={
             "APPLIANCE_GUEST__MEMORY_MIB": "512",
+            # a deadline that only catches a hang: 2 cores shared with other suites make a boot take minutes
+            "APPLIANCE_ENGINE__BOOT_TIMEOUT_S": "240",
             "APPLIANCE_SERVICE__WARM_CODE": "import json",
             "APPLIANCE_SERVICE__MAX_SANDBOXES_PER_KEY": str(COPIES + 2),
             "APPLIANCE_SERVICE__MAX_SANDBOXES": str(COPIES + 6),

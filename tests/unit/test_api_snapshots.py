@@ -148,3 +148,14 @@ def test_a_published_template_is_every_keys(client, sandbox_id, manager):
         assert run(client, made.json["id"], "x * 2", headers=headers) == "10"
     assert [s.name for s in manager.registry.snapshots(PUBLIC)] == ["team-base"]
     assert client.simulate_get("/v1/snapshots", headers=B).json == {"snapshots": []}  # not a key's snapshot
+
+
+def test_a_snapshot_needs_free_space_where_it_is_written(client, sandbox_id, manager):
+    asked = []
+    manager.disk_free = lambda path: asked.append(path) or (256 + 63) << 20  # the guest's 256 MiB + 64 MiB, less 1
+    refused = assert_error(snap(client, sandbox_id, "s"), 507, "insufficient_capacity")["message"]
+    assert "not enough memory filesystem for the snapshot: need 320 MiB, 319 MiB free" in refused
+    assert asked == [manager.config.templates_dir]  # the run directory's tmpfs, where copies map it from
+    assert client.simulate_get("/v1/snapshots", headers=A).json == {"snapshots": []}
+    manager.disk_free = lambda path: 320 << 20
+    assert snap(client, sandbox_id, "s").status_code == 201
