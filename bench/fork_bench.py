@@ -234,6 +234,7 @@ def main() -> None:
     parser.add_argument("--max-n", type=int, default=16)
     parser.add_argument("--idle-s", type=float, default=5.0, help="how long copies idle before Pss is read")
     parser.add_argument("--compressed", action="store_true", help="also measure zstd-compressed freezes")
+    parser.add_argument("--warm", default=WARM, help="the source's warm-up code (a lighter one on a loaded host)")
     args = parser.parse_args()
     spec = load_spec()
     root = Path(tempfile.mkdtemp(prefix="appliance-fork-bench-", dir="/dev/shm"))
@@ -249,7 +250,8 @@ def main() -> None:
     try:
         started = time.perf_counter()
         source = engine.boot()
-        assert source.run_code(WARM, timeout_s=300).error is None
+        warmed = source.run_code(args.warm, timeout_s=300)
+        assert warmed.error is None, warmed.error
         rows.append(Row("source: boot + imports", ms(time.perf_counter() - started), "", "",
                         f"{engine.config.memory_mib} MiB guest, {engine.config.vcpus} vCPU"))
         in_use = guest_in_use(source)
