@@ -197,7 +197,7 @@ def bench_idle_pss(source: Sandbox, n: int, templates: Path, run_dir: Path, laun
 def bench_freeze_resume(engine: Engine, source: Sandbox, dirty_mib: int, runs: int, snapshots: Path,
                         compress: bool, rows: list[Row]) -> Sandbox:
     """Freeze/resume cycles of `source` (which is consumed); returns the last resumed sandbox."""
-    result = source.run_code(f"ballast = np.ones({dirty_mib << 20} // 8)")
+    result = source.run_code(f"import numpy as np\nballast = np.ones({dirty_mib << 20} // 8)")
     assert result.error is None, result.error
     in_use = guest_in_use(source)
     freezes, sizes, resumes = [], [], []
