@@ -50,8 +50,8 @@ class TemplateStore:
     def release(self, template_id: str | None, registry: Registry) -> bool:
         """Remove a template as soon as its last sandbox (and named snapshot) is gone, unless it is the published
         one."""
-        if template_id is None:
-            return False
+        if not template_id or not template_id.startswith("tpl-") or "/" in template_id:
+            return False  # none, or not a template's name: never a path to remove
         current = self.current()
         if current is not None and current.template_id == template_id:
             return False
