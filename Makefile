@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 HOST_TOOLS := /usr/bin/python3 -m appliance.host_tools
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 
-.PHONY: demo test setup host-packages guest-image host-image lint unit integration provisioning bench fuzz load clean
+.PHONY: demo test setup host-packages guest-image host-image lint unit integration provisioning bench fuzz load test-snapshots-long clean
 
 demo: setup guest-image
 	$(APPLIANCE) doctor
@@ -81,6 +81,10 @@ fuzz: setup guest-image
 
 load: setup guest-image
 	$(PY) bench/load_bench.py
+
+# Named snapshots with 20 sandboxes from one snapshot (`make test` makes 5).
+test-snapshots-long: setup guest-image
+	APPLIANCE_TEST_SNAPSHOT_COPIES=20 $(VENV)/bin/pytest -q -p no:cacheprovider tests/integration/test_snapshots_live.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache

@@ -17,6 +17,7 @@ from .commands.run import run_command
 from .commands.sandboxes import sandboxes_group
 from .commands.serve import serve_command
 from .commands.shell import shell_command
+from .commands.templates import templates_group
 
 
 def _domain_errors() -> tuple[type[BaseException], ...]:
@@ -57,3 +58,4 @@ main.add_command(bundle_command)
 main.add_command(deploy_command)
 main.add_command(sandboxes_group)
 main.add_command(keys_group)
+main.add_command(templates_group)

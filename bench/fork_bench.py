@@ -9,6 +9,7 @@ Measures, on one source sandbox (booted, numpy and sklearn imported):
     call alone (state streamed out, loaded into a template, copies started);
   - freeze after dirtying --dirty-mib MiB (a numpy array of ones): seconds, snapshot size, seconds per GiB written;
   - resume -> first exec answered;
+  - a named snapshot: saved once, then create from it -> first exec answered (p50), beside fork(1);
   - Pss of an idle copy (from /proc/<qemu pid>/smaps_rollup, after the copies have idled), its private part, and
     from those how many idle sandboxes fit in this machine's memory.
 Ratios and orders of magnitude matter more than the last digit: this machine is shared and noisy, and VMs may run
@@ -35,7 +36,7 @@ from tables import ms, p50  # bench/, the script's own directory
 from appliance.spec import load_spec
 from service import settings
 from service.engine import Engine, Sandbox
-from service.engine.snapshot import fork
+from service.engine.snapshot import capture, fork
 from tests.vmtools import kill_qemus_under
 
 GIB = 1 << 30
@@ -143,6 +144,31 @@ def bench_forks(source: Sandbox, sizes: list[int], runs: int, templates: Path, r
     return totals
 
 
+def bench_named_snapshot(source: Sandbox, runs: int, templates: Path, run_dir: Path, launcher, rows: list[Row],
+                         fork_1: float) -> None:
+    """A named snapshot (issue 15): its state saved once as a template (snapshot.capture, the first half of a fork),
+    then each create from it, as POST /v1/sandboxes {"snapshot": name} makes it (Template.clone), until the new
+    sandbox answers its first exec; p50 beside fork(1) of the same source in the same run."""
+    started = time.perf_counter()
+    template = capture(source, templates)
+    saved = time.perf_counter() - started
+    try:
+        firsts = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            sandbox = template.clone(run_dir, LIMITS, launcher)
+            try:
+                answer_all([sandbox])
+                firsts.append(time.perf_counter() - started)
+            finally:
+                sandbox.close()
+        rows.append(Row("named snapshot: save", ms(saved), "", "", f"{template.size_bytes >> 20} MiB kept"))
+        rows.append(Row("create from a named snapshot → first exec", ms(p50(firsts)), "≈ fork(1)",
+                        verdict(p50(firsts) <= fork_1), f"fork(1) {ms(fork_1)} in this run; p50 of {runs}"))
+    finally:
+        template.remove()
+
+
 def bench_idle_pss(source: Sandbox, n: int, templates: Path, run_dir: Path, launcher, idle_s: float,
                    rows: list[Row]) -> None:
     template, clones = fork(source, n, templates, run_dir, LIMITS, launcher=launcher)
@@ -171,7 +197,7 @@ def bench_idle_pss(source: Sandbox, n: int, templates: Path, run_dir: Path, laun
 def bench_freeze_resume(engine: Engine, source: Sandbox, dirty_mib: int, runs: int, snapshots: Path,
                         compress: bool, rows: list[Row]) -> Sandbox:
     """Freeze/resume cycles of `source` (which is consumed); returns the last resumed sandbox."""
-    result = source.run_code(f"ballast = np.ones({dirty_mib << 20} // 8)")
+    result = source.run_code(f"import numpy as np\nballast = np.ones({dirty_mib << 20} // 8)")
     assert result.error is None, result.error
     in_use = guest_in_use(source)
     freezes, sizes, resumes = [], [], []
@@ -208,6 +234,7 @@ def main() -> None:
     parser.add_argument("--max-n", type=int, default=16)
     parser.add_argument("--idle-s", type=float, default=5.0, help="how long copies idle before Pss is read")
     parser.add_argument("--compressed", action="store_true", help="also measure zstd-compressed freezes")
+    parser.add_argument("--warm", default=WARM, help="the source's warm-up code (a lighter one on a loaded host)")
     args = parser.parse_args()
     spec = load_spec()
     root = Path(tempfile.mkdtemp(prefix="appliance-fork-bench-", dir="/dev/shm"))
@@ -223,7 +250,8 @@ def main() -> None:
     try:
         started = time.perf_counter()
         source = engine.boot()
-        assert source.run_code(WARM, timeout_s=300).error is None
+        warmed = source.run_code(args.warm, timeout_s=300)
+        assert warmed.error is None, warmed.error
         rows.append(Row("source: boot + imports", ms(time.perf_counter() - started), "", "",
                         f"{engine.config.memory_mib} MiB guest, {engine.config.vcpus} vCPU"))
         in_use = guest_in_use(source)
@@ -231,7 +259,8 @@ def main() -> None:
         rows.append(Row("floor: write the RAM in use to tmpfs", ms(floor), "", "",
                         f"{in_use >> 20} MiB in use in the source, dd-style, best of 3"))
         launcher = engine.launcher  # copies and resumed VMs start as the source did
-        bench_forks(source, sizes, args.runs, root / "templates", root / "clones", launcher, rows, floor)
+        forks = bench_forks(source, sizes, args.runs, root / "templates", root / "clones", launcher, rows, floor)
+        bench_named_snapshot(source, args.runs, root / "templates", root / "clones", launcher, rows, forks[1])
         bench_idle_pss(source, max(sizes), root / "templates", root / "clones", launcher, args.idle_s, rows)
         last = bench_freeze_resume(engine, source, args.dirty_mib, args.runs, snapshots, False, rows)
         if args.compressed:

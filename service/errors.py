@@ -90,3 +90,9 @@ class InsufficientCapacity(ServiceError):
 
 class InsufficientStorage(ServiceError):
     code, status = "insufficient_storage", 507
+
+
+class SnapshotExists(ServiceError):
+    """A named snapshot (or published template) of that name exists already."""
+
+    code, status = "snapshot_exists", 409

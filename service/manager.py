@@ -38,6 +38,7 @@ from service.engine import (
     SandboxLost,
     SnapshotMismatch,
     SnapshotTampered,
+    TemplateError,
 )
 
 from . import attachments
@@ -52,24 +53,32 @@ from .errors import (
     NotReady,
     SandboxLostError,
     ServiceError,
+    SnapshotExists,
     SnapshotIncompatible,
     SnapshotInvalid,
 )
 from .errors import NetworkUnavailable as NetworkUnavailableError
 from .registry import (
     CREATING,
+    FREEZING,
     FROZEN,
     LOST,
     POOLED,
+    PUBLIC,
+    READY,
     RESUMING,
     RUNNING,
     TOUCH_EVERY_S,
+    FrozenRoom,
     Full,
     Limits,
+    NameTaken,
     Registry,
     SandboxRecord,
+    SnapshotRecord,
 )
 from .settings import ServiceConfig, owner_ids
+from .snapshot_names import DEFAULT_TEMPLATE, name_problem
 from .template_store import TemplateStore
 
 log = logging.getLogger(__name__)
@@ -123,11 +132,18 @@ class SandboxManager:
         metadata: dict[str, Any] | None = None,
         persistent: bool = False,
         network_policy: dict[str, Any] | None = None,
+        snapshot: str | None = None,
+        template: str | None = None,
     ) -> SandboxRecord:
         """A running sandbox for `owner`: a pooled clone if one is ready, else a clone of the warm template, else
         (a non-default size) a cold boot. `persistent` sandboxes are frozen, not closed, when idle too long.
-        `network_policy` ({"egress": ...}, see netpolicy.py) gives it a filtered network; None: no network."""
+        `network_policy` ({"egress": ...}, see netpolicy.py) gives it a filtered network; None: no network.
+        `snapshot` (the owner's named snapshot) or `template` (a published one; "default": the warm template) is
+        what it is cloned from, in that one's size."""
+        named = self._named_source(owner, snapshot, template)
         wanted = self._network_request(network_policy)  # a bad policy or unresolvable name fails before anything
+        if named is not None:
+            return self._create_from(owner, named, timeout_s, metadata, persistent, wanted)
         template = self.templates.current()
         wants_default_size = (vcpus in (None, self.engine.config.vcpus)) and (
             memory_mib in (None, self.engine.config.memory_mib)
@@ -169,6 +185,53 @@ class SandboxManager:
         self._stamped[place.id] = place.last_active_at
         return place
 
+    def _named_source(self, owner: str, snapshot: str | None, template: str | None) -> SnapshotRecord | None:
+        """The ready snapshot (of `owner`) or published template a create names; None for the warm template.
+        Another key's snapshot is reported exactly like one that never existed."""
+        if snapshot is not None:
+            found, what = self.registry.snapshot(owner, snapshot), f"no snapshot {snapshot!r}"
+        elif template not in (None, DEFAULT_TEMPLATE):
+            found, what = self.registry.snapshot(PUBLIC, template), f"no template {template!r}"
+        else:
+            return None
+        if found is None or found.state != READY:
+            raise NotFound(f"{what} (it never existed, was deleted, belongs to another key, or is still being "
+                           "saved)")
+        return found
+
+    def _create_from(self, owner: str, named: SnapshotRecord, timeout_s: float | None,
+                     metadata: dict[str, Any] | None, persistent: bool, wanted: NetworkRequest | None
+                     ) -> SandboxRecord:
+        """A sandbox cloned from a named snapshot or published template, as a fork's copy is made: it maps the
+        snapshot's RAM copy-on-write, is reseeded and has its clock set."""
+        origin = {"from_snapshot" if named.owner != PUBLIC else "from_template": named.name}
+        (place,) = self._admit(owner, 1, int(named.machine["memory_mib"]), _vcpus(named.machine),
+                               timeout_s or self.config.sandbox_timeout_s, {**(metadata or {}), **origin},
+                               persistent)
+        try:
+            try:
+                template = self.engine.template(named.template_id or "")
+            except TemplateError as exc:  # its files are gone (a host reboot empties the run directory)
+                raise SnapshotInvalid(f"snapshot {named.name!r} cannot be used: {exc}; delete it") from None
+            try:
+                sandbox = self.engine.clone(template, place.id)
+            except (EngineError, OSError) as exc:
+                raise ServiceError(f"creating a sandbox from {named.name!r} failed: {exc}") from None
+            try:
+                place.network = None if wanted is None else self._give_network(sandbox, wanted)
+            except BaseException:
+                sandbox.close()
+                raise
+        except BaseException:
+            self.registry.release([place.id])
+            raise
+        place.vm_dir, place.template_id = str(sandbox.vm_dir), template.template_id
+        place.machine = self.engine.machine_json(sandbox)
+        sandbox.detach()
+        self.registry.complete(place)
+        self._stamped[place.id] = place.last_active_at
+        return place
+
     def _usable_pooled(self, claimed: SandboxRecord) -> Sandbox | None:
         """The claimed pooled clone, attached; None if it died while it waited (its place is then the request's,
         reserved again, for a fresh clone under the same id)."""
@@ -195,8 +258,8 @@ class SandboxManager:
         return _as_seen(record)
 
     def list(self, owner: str, state: str | None = None) -> list[SandboxRecord]:
-        return [_as_seen(record) for record in self.registry.list(owner=owner, state=state)
-                if record.state != CREATING]
+        seen = [_as_seen(record) for record in self.registry.list(owner=owner) if record.state != CREATING]
+        return [record for record in seen if state is None or record.state == state]
 
     def delete(self, owner: str, sandbox_id: str) -> None:
         self._destroy(self.get(owner, sandbox_id))
@@ -331,13 +394,21 @@ class SandboxManager:
         return self.freeze_record(self._running(owner, sandbox_id))
 
     def freeze_record(self, record: SandboxRecord) -> SandboxRecord:
-        self._check_frozen_share(record)
-        self._check_frozen_quota(record)
-        sandbox = self._attach_alive(record)
-        self._check_freeze_disk(record)
-        with _code_locked(record, f"freezing {record.id} failed; it keeps running"):
-            self.engine.freeze(sandbox, self.snapshot_dir(record.id), self.config.compress_snapshots,
-                               networked=record.network is not None)
+        # The key's frozen share, the quota and free disk are checked and the freeze reserved in one registry
+        # transaction (FREEZING): two concurrent freezes cannot both pass a check made before either is stored.
+        if not self._reserve_freeze(record):
+            now = self.registry.get(record.id)
+            if now is not None and now.state == FROZEN:
+                return _as_seen(now)
+            raise Busy(f"sandbox {record.id} is being frozen or resumed by another request; retry when it is done")
+        try:
+            sandbox = self._attach_alive(record)
+            with _code_locked(record, f"freezing {record.id} failed; it keeps running"):
+                self.engine.freeze(sandbox, self.snapshot_dir(record.id), self.config.compress_snapshots,
+                                   networked=record.network is not None)
+        except BaseException:
+            self.registry.release([record.id])  # FREEZING: running again (a lost one stays lost)
+            raise
         self.attachments.forget(record.id)
         self._stamped.pop(record.id, None)
         self.registry.set_state(record.id, FROZEN, template_id=None)  # a snapshot holds all of its RAM
@@ -432,34 +503,87 @@ class SandboxManager:
             self._stamped[place.id] = place.last_active_at
         return places
 
-    def _check_frozen_share(self, record: SandboxRecord) -> None:
-        """One key may not take the whole frozen quota: at most service.max_frozen_per_key frozen sandboxes."""
-        share = self.config.max_frozen_per_key
-        if self.registry.count(record.owner, states=(FROZEN, RESUMING)) >= share:
-            raise LimitReached(f"this key already holds {share} frozen sandboxes (service.max_frozen_per_key); "
-                               "delete or resume one first", retry_after=5)
+    # ---- named snapshots ---------------------------------------------------------------------------------------
 
-    def _check_freeze_disk(self, record: SandboxRecord) -> None:
-        """A freeze writes up to all of the guest's RAM: refused before it starts if the state filesystem has not
-        that much free, plus a margin (a freeze that ran out of disk half way would fail anyway, after filling it)."""
+    def snapshot(self, owner: str, sandbox_id: str, name: str) -> SnapshotRecord:
+        """Save the sandbox's whole live state under `name` (the owner's); it keeps running. Admitted like a
+        freeze (the key's frozen share, the quota, free space where the state is written: the run directory,
+        whose files copies map) in one registry transaction; a failure leaves the sandbox as it was."""
+        problem = name_problem(name)
+        if problem is not None:
+            raise InvalidField("name", problem)
+        record = self._running(owner, sandbox_id)
+        saved = SnapshotRecord(owner=owner, name=name, state=FREEZING, template_id=None, source=sandbox_id,
+                               machine={"memory_mib": self.engine.memory_mib(record.machine),
+                                        "vcpus": _vcpus(record.machine)})
+        self.config.templates_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.registry.reserve_snapshot(saved, self._frozen_room(self.config.templates_dir))
+        except NameTaken:
+            raise SnapshotExists(f"this key already has a snapshot named {name!r}; delete it or pick another "
+                                 "name") from None
+        except Full as exc:
+            raise self._frozen_refusal(exc, f"sandbox {sandbox_id} keeps running", "memory filesystem for the snapshot"
+                                       ) from None
+        try:
+            sandbox = self._attach_alive(record)
+            with _code_locked(record, f"snapshot of {sandbox_id} failed; it keeps running unchanged"):
+                template = self.engine.snapshot(sandbox, networked=record.network is not None)
+        except BaseException:
+            self.registry.remove_snapshot(owner, name)
+            raise
+        saved.template_id, saved.size_bytes = template.template_id, template.size_bytes
+        self.registry.complete_snapshot(saved)
+        self._mark_used(sandbox_id)
+        return saved
+
+    def snapshots(self, owner: str) -> list[SnapshotRecord]:
+        return self.registry.snapshots(owner)
+
+    def get_snapshot(self, owner: str, name: str) -> SnapshotRecord:
+        found = self.registry.snapshot(owner, name) if name_problem(name) is None else None
+        if found is None:
+            raise NotFound(f"no snapshot {name!r} (it never existed, was deleted, or belongs to another key)")
+        return found
+
+    def delete_snapshot(self, owner: str, name: str) -> None:
+        """Forget the snapshot; its files go as soon as no sandbox made from it (and no template) maps them."""
+        found = self.get_snapshot(owner, name)
+        self.registry.remove_snapshot(owner, name)
+        self.templates.release(found.template_id, self.registry)
+
+    def _reserve_freeze(self, record: SandboxRecord) -> bool:
+        """Admit a freeze of `record` (False: it is not running any more)."""
+        memory_mib = self.engine.memory_mib(record.machine)
+        try:
+            return self.registry.reserve_freeze(record.id, memory_mib, self._frozen_room(self._frozen_root()))
+        except Full as exc:
+            raise self._frozen_refusal(exc, f"sandbox {record.id} keeps running", "disk to freeze") from None
+
+    def _frozen_root(self) -> Path:
         root = self.config.state_dir / "snapshots"
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        need_mib = self.engine.memory_mib(record.machine) + FREEZE_DISK_MARGIN_MIB
-        free_mib = self.disk_free(root) >> 20
-        if free_mib < need_mib:
-            raise InsufficientCapacity(f"not enough disk to freeze: need {need_mib} MiB, {free_mib} MiB free; "
-                                       f"sandbox {record.id} keeps running")
+        return root
 
-    def _check_frozen_quota(self, record: SandboxRecord) -> None:
-        root = self.config.state_dir / "snapshots"
-        used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
-        worst_case = self.engine.memory_mib(record.machine) << 20
-        if used + worst_case > self.config.frozen_quota_bytes:
-            raise InsufficientStorage(
-                f"frozen sandboxes use {used >> 20} MiB of the {self.config.frozen_quota_bytes >> 20} MiB quota "
-                f"(service.frozen_quota_bytes) and this one may need up to {worst_case >> 20} MiB; delete frozen "
-                "sandboxes or raise the quota"
-            )
+    def _frozen_room(self, written_in: Path) -> FrozenRoom:
+        """What the next freeze or snapshot is admitted against, measured now: free space where it is written
+        (a freeze writes up to all of the guest's RAM; one that ran out of disk half way would fail anyway, after
+        filling it), the disk frozen sandboxes use, the key's share and the quota."""
+        root = self._frozen_root()
+        used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        return FrozenRoom(share=self.config.max_frozen_per_key, free_mib=self.disk_free(written_in) >> 20,
+                          used_bytes=used, quota_bytes=self.config.frozen_quota_bytes,
+                          margin_mib=FREEZE_DISK_MARGIN_MIB)
+
+    def _frozen_refusal(self, exc: Full, keeps: str, room: str) -> ServiceError:
+        """The API's error for a refused freeze or snapshot, naming the setting that bounds it."""
+        if exc.what == "frozen_share":
+            return LimitReached(f"{exc} (service.max_frozen_per_key), named snapshots included; delete or resume one "
+                                "first", retry_after=5)
+        if exc.what == "disk":
+            return InsufficientCapacity(f"not enough {room}: {exc}; {keeps}")
+        return InsufficientStorage(f"{exc} (service.frozen_quota_bytes); delete frozen sandboxes or snapshots, or "
+                                   "raise the quota")
 
     def _admit(self, owner: str, n: int, memory_mib: int, vcpus: int, timeout_s: float, metadata: dict[str, Any],
                persistent: bool) -> list[SandboxRecord]:
@@ -626,9 +750,12 @@ class SandboxManager:
 
 
 def _as_seen(record: SandboxRecord) -> SandboxRecord:
-    """A sandbox being resumed is still frozen to its owner until it runs (the API knows no other states)."""
+    """A sandbox being resumed is still frozen to its owner until it runs, one being frozen still running until it
+    is frozen (the API knows no other states)."""
     if record.state == RESUMING:
         record.state = FROZEN
+    elif record.state == FREEZING:
+        record.state = RUNNING
     return record
 
 

@@ -91,6 +91,9 @@ class PoolKeeper:
         for stale in self.registry.stale_reservations(time.time() - _RESERVATION_LIFETIME_S):
             log.warning("releasing the place reserved for %s: its request never finished", stale.id)
             self.registry.release([stale.id])
+        for stale in self.registry.stale_snapshots(time.time() - _RESERVATION_LIFETIME_S):
+            log.warning("dropping snapshot %r being saved of %s: its request never finished", stale.name, stale.source)
+            self.registry.remove_snapshot(stale.owner, stale.name)  # its files, if any, go with remove_unused
         for record in self.registry.idle_since(time.time()):
             if record.persistent:
                 log.info("freezing %s: idle for more than %gs", record.id, record.timeout_s)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,20 @@ CREATING = "creating"
 # under way: it counts as live. A failed resume gives it back to FROZEN; so does the pool keeper if the process
 # that resumed it died (stale_reservations / release). The API shows it as frozen until it runs.
 RESUMING = "resuming"
-STATES = (POOLED, CREATING, RESUMING, RUNNING, FROZEN, LOST)
+# A running sandbox whose freeze was admitted (in one transaction with the frozen share, quota and free disk checks)
+# and is under way: its VM still runs (it counts as live) and its state counts as frozen for the next admission, so
+# two concurrent freezes cannot both pass a check made before either is stored. A failed freeze gives it back to
+# RUNNING; so does the pool keeper if the process that froze it died. The API shows it as running until it is frozen.
+FREEZING = "freezing"
+STATES = (POOLED, CREATING, RESUMING, FREEZING, RUNNING, FROZEN, LOST)
 # States whose VM is (or is about to be) running: what limits, committed memory and vCPUs count.
-LIVE = (RUNNING, CREATING, RESUMING)
+LIVE = (RUNNING, CREATING, RESUMING, FREEZING)
+# States whose memory is (or is about to be) written to a snapshot: what a key's frozen share counts.
+HELD_FROZEN = (FROZEN, RESUMING, FREEZING)
+# A named snapshot (table snapshots) is "freezing" while its state is written, then "ready".
+READY = "ready"
+# The owner of a template an operator published (`appliance templates publish`): every key may create from it.
+PUBLIC = ""
 # How stale a sandbox's last_active_at may be. Execs and file calls do not write the registry each time: each API
 # worker writes a sandbox's last use only when its own previous write for it is at least this old (see
 # SandboxManager._mark_used). So every use is at most this long after a stamp some worker wrote, and the registry's
@@ -51,12 +62,29 @@ class Limits:
 
 
 class Full(Exception):
-    """A reservation was refused: `what` names the limit (per_key, host, memory, vcpus), the message says by how
-    much."""
+    """A reservation was refused: `what` names the limit (per_key, host, memory, vcpus; for frozen state
+    frozen_share, disk, quota), the message says by how much."""
 
     def __init__(self, what: str, message: str) -> None:
         super().__init__(message)
         self.what = what
+
+
+class NameTaken(Exception):
+    """A named snapshot (or template) of that name exists already for that owner."""
+
+
+@dataclass(frozen=True)
+class FrozenRoom:
+    """What a freeze or a named snapshot is checked against, with what the caller measured just before: the key's
+    share (service.max_frozen_per_key), the free space where the state will be written, the bytes frozen state
+    already uses on disk and the quota for all of it (service.frozen_quota_bytes)."""
+
+    share: int
+    free_mib: int
+    used_bytes: int
+    quota_bytes: int
+    margin_mib: int
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -75,6 +103,17 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 );
 CREATE INDEX IF NOT EXISTS sandboxes_owner ON sandboxes(owner, state);
 CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes(state);
+CREATE TABLE IF NOT EXISTS snapshots (
+    owner TEXT NOT NULL,       -- key id of its owner; '' (PUBLIC): a template every key may create from
+    name TEXT NOT NULL,        -- the owner's name for it (snapshot_names.py checks it)
+    state TEXT NOT NULL,       -- freezing (being written) | ready
+    template_id TEXT,          -- the template (run_dir/templates/<id>) holding its RAM and device files
+    machine TEXT NOT NULL,     -- JSON of the source's MachineConfig size: memory_mib, vcpus
+    source TEXT,               -- the sandbox it was taken of
+    size_bytes INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (owner, name)
+);
 """
 
 
@@ -102,6 +141,27 @@ class SandboxRecord:
         data["metadata"] = json.loads(data["metadata"])
         data["persistent"] = bool(data["persistent"])
         data["network"] = None if data.get("network") is None else json.loads(data["network"])
+        return cls(**data)
+
+
+@dataclass
+class SnapshotRecord:
+    """A named snapshot of a key (or, owner PUBLIC, a published template): the live state of a sandbox as a
+    template that new sandboxes are cloned from."""
+
+    owner: str
+    name: str
+    state: str
+    template_id: str | None
+    machine: dict[str, Any]
+    source: str | None = None
+    size_bytes: int = 0
+    created_at: float = 0.0
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> SnapshotRecord:
+        data = dict(row)
+        data["machine"] = json.loads(data["machine"])
         return cls(**data)
 
 
@@ -239,6 +299,53 @@ class Registry:
             raise Full("vcpus", f"{vcpus} vCPUs are committed on this host, {wanted} more would pass its "
                                 f"{limits.vcpus:.0f}")
 
+    def reserve_freeze(self, sandbox_id: str, memory_mib: int, room: FrozenRoom) -> bool:
+        """Admit the freeze of a running sandbox in one transaction: it becomes FREEZING (its state counted as
+        frozen from now on) or Full is raised. False if it is not running (frozen, or being frozen, already)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT owner, state FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
+            if row is None or row["state"] != RUNNING:
+                return False
+            self._check_frozen_room(db, row["owner"], memory_mib, room)
+            db.execute("UPDATE sandboxes SET state=?, last_active_at=? WHERE id=?", (FREEZING, time.time(), sandbox_id))
+        return True
+
+    def reserve_snapshot(self, snapshot: SnapshotRecord, room: FrozenRoom) -> None:
+        """Admit a named snapshot in one transaction, like reserve_freeze: its row is stored as freezing (counted
+        in the owner's share and the quota) or Full (NameTaken) is raised."""
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM snapshots WHERE owner=? AND name=?", (snapshot.owner, snapshot.name)
+                          ).fetchone() is not None:
+                raise NameTaken(snapshot.name)
+            self._check_frozen_room(db, snapshot.owner, int(snapshot.machine["memory_mib"]), room)
+            snapshot.state, snapshot.created_at = FREEZING, time.time()
+            self._insert_snapshot(db, snapshot)
+
+    @staticmethod
+    def _check_frozen_room(db: sqlite3.Connection, owner: str | None, memory_mib: int, room: FrozenRoom) -> None:
+        """Full unless one more frozen state of `memory_mib` of `owner` fits `room`, counting the freezes and
+        snapshots admitted and not yet written (inside the caller's transaction)."""
+        marks = ",".join("?" * len(HELD_FROZEN))
+        held = db.execute(f"SELECT COUNT(*) FROM sandboxes WHERE owner=? AND state IN ({marks})",
+                          (owner, *HELD_FROZEN)).fetchone()[0]
+        held += db.execute("SELECT COUNT(*) FROM snapshots WHERE owner=?", (owner,)).fetchone()[0]
+        if held >= room.share:
+            raise Full("frozen_share", f"this key already holds {room.share} frozen sandboxes")
+        pending = db.execute("SELECT COALESCE(SUM(json_extract(machine, '$.memory_mib')), 0) FROM sandboxes "
+                             "WHERE state=?", (FREEZING,)).fetchone()[0]
+        pending += db.execute("SELECT COALESCE(SUM(json_extract(machine, '$.memory_mib')), 0) FROM snapshots "
+                              "WHERE state=?", (FREEZING,)).fetchone()[0]
+        need_mib = memory_mib + room.margin_mib
+        if room.free_mib - pending < need_mib:
+            raise Full("disk", f"need {need_mib} MiB, {room.free_mib - pending} MiB free"
+                               + (f" ({pending} MiB of it promised to freezes under way)" if pending else ""))
+        kept = db.execute("SELECT COALESCE(SUM(size_bytes), 0) FROM (SELECT DISTINCT template_id, size_bytes "
+                          "FROM snapshots WHERE state=?)", (READY,)).fetchone()[0]
+        used = room.used_bytes + kept + (pending << 20)
+        if used + (memory_mib << 20) > room.quota_bytes:
+            raise Full("quota", f"frozen sandboxes and snapshots use {used >> 20} MiB of the "
+                                f"{room.quota_bytes >> 20} MiB quota and this one may need up to {memory_mib} MiB")
+
     @staticmethod
     def _committed(db: sqlite3.Connection, besides: str = "") -> tuple[int, int]:
         """(guest memory in MiB, vCPUs) configured for every live and pooled VM but `besides`."""
@@ -269,10 +376,12 @@ class Registry:
         )
 
     def release(self, sandbox_ids: list[str]) -> None:
-        """Give back places reserved for sandboxes that were not made, or not resumed (those stay frozen)."""
+        """Give back places reserved for sandboxes that were not made, or not resumed (those stay frozen), or not
+        frozen (those keep running)."""
         for sandbox_id in sandbox_ids:
             self._db.execute("DELETE FROM sandboxes WHERE id=? AND state=?", (sandbox_id, CREATING))
             self._db.execute("UPDATE sandboxes SET state=? WHERE id=? AND state=?", (FROZEN, sandbox_id, RESUMING))
+            self._db.execute("UPDATE sandboxes SET state=? WHERE id=? AND state=?", (RUNNING, sandbox_id, FREEZING))
 
     def claim_pooled(
         self, owner: str, template_id: str, timeout_s: float, metadata: dict[str, Any], persistent: bool = False,
@@ -348,8 +457,8 @@ class Registry:
         """Places reserved before `older_than` (a timestamp) and never completed or resumed: their request's process
         died (release gives them back)."""
         rows = self._db.execute("SELECT * FROM sandboxes WHERE (state=? AND created_at < ?) OR "
-                                "(state=? AND last_active_at < ?)",
-                                (CREATING, older_than, RESUMING, older_than)).fetchall()
+                                "(state IN (?, ?) AND last_active_at < ?)",
+                                (CREATING, older_than, RESUMING, FREEZING, older_than)).fetchall()
         return [SandboxRecord.from_row(row) for row in rows]
 
     def idle_since(self, cutoff_for: float) -> list[SandboxRecord]:
@@ -360,3 +469,54 @@ class Registry:
             (RUNNING, cutoff_for - TOUCH_EVERY_S),
         ).fetchall()
         return [SandboxRecord.from_row(row) for row in rows]
+
+    # ---- named snapshots and published templates ----------------------------------------------------------------
+
+    @staticmethod
+    def _insert_snapshot(db: sqlite3.Connection, snapshot: SnapshotRecord) -> None:
+        db.execute("INSERT INTO snapshots (owner, name, state, template_id, machine, source, size_bytes, created_at) "
+                   "VALUES (?,?,?,?,?,?,?,?)",
+                   (snapshot.owner, snapshot.name, snapshot.state, snapshot.template_id,
+                    json.dumps(snapshot.machine), snapshot.source, snapshot.size_bytes, snapshot.created_at))
+
+    def complete_snapshot(self, snapshot: SnapshotRecord) -> None:
+        """A snapshot admitted by reserve_snapshot is written: it becomes ready."""
+        snapshot.state = READY
+        self._db.execute("UPDATE snapshots SET state=?, template_id=?, size_bytes=? WHERE owner=? AND name=?",
+                         (READY, snapshot.template_id, snapshot.size_bytes, snapshot.owner, snapshot.name))
+
+    def snapshot(self, owner: str, name: str) -> SnapshotRecord | None:
+        row = self._db.execute("SELECT * FROM snapshots WHERE owner=? AND name=?", (owner, name)).fetchone()
+        return None if row is None else SnapshotRecord.from_row(row)
+
+    def snapshots(self, owner: str | None = None) -> list[SnapshotRecord]:
+        """Every snapshot of `owner` (PUBLIC: the published templates; None: all), oldest first."""
+        query, args = "SELECT * FROM snapshots", ()
+        if owner is not None:
+            query, args = query + " WHERE owner=?", (owner,)
+        return [SnapshotRecord.from_row(row) for row in self._db.execute(query + " ORDER BY created_at", args)]
+
+    def publish_snapshot(self, snapshot: SnapshotRecord, template_name: str) -> SnapshotRecord:
+        """A PUBLIC row for the ready `snapshot`'s template under `template_name` (NameTaken if one exists). It
+        shares the snapshot's files, which stay until no row and no sandbox uses them."""
+        public = replace(snapshot, owner=PUBLIC, name=template_name, state=READY, created_at=time.time())
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM snapshots WHERE owner=? AND name=?", (PUBLIC, template_name)
+                          ).fetchone() is not None:
+                raise NameTaken(template_name)
+            self._insert_snapshot(db, public)
+        return public
+
+    def remove_snapshot(self, owner: str, name: str) -> bool:
+        return self._db.execute("DELETE FROM snapshots WHERE owner=? AND name=?", (owner, name)).rowcount > 0
+
+    def stale_snapshots(self, older_than: float) -> list[SnapshotRecord]:
+        """Snapshots admitted before `older_than` and never written: their request's process died."""
+        rows = self._db.execute("SELECT * FROM snapshots WHERE state=? AND created_at < ?",
+                                (FREEZING, older_than)).fetchall()
+        return [SnapshotRecord.from_row(row) for row in rows]
+
+    def template_ids(self) -> set[str]:
+        """Every template some sandbox maps or some snapshot or published template holds."""
+        rows = self._db.execute("SELECT template_id FROM sandboxes UNION SELECT template_id FROM snapshots")
+        return {row[0] for row in rows if row[0] is not None}

@@ -67,22 +67,24 @@ class TemplateStore:
             return None
 
     def release(self, template_id: str | None, registry: Registry) -> bool:
-        """Remove a template as soon as its last sandbox is gone, unless it is the published one."""
-        if template_id is None:
-            return False
+        """Remove a template as soon as its last sandbox (and named snapshot) is gone, unless it is the published
+        one."""
+        if not template_id or not template_id.startswith("tpl-") or "/" in template_id:
+            return False  # none, or not a template's name: never a path to remove
         current = self.current()
         if current is not None and current.template_id == template_id:
             return False
-        if any(record.template_id == template_id for record in registry.list()):
+        if template_id in registry.template_ids():
             return False
         shutil.rmtree(self.directory / template_id, ignore_errors=True)
         return True
 
     def remove_unused(self, registry: Registry, min_age_s: float = _YOUNG_S) -> list[str]:
-        """Delete templates that are neither published nor mapped by any sandbox. Templates younger than
+        """Delete templates that are neither published nor mapped by any sandbox nor held by a named snapshot.
+        Templates younger than
         `min_age_s` are spared: a fork is still starting the clones that will reference them."""
         current = self.current()
-        in_use = {record.template_id for record in registry.list()}
+        in_use = registry.template_ids()
         removed = []
         now = time.time()
         for directory in sorted(self.directory.glob("tpl-*")):

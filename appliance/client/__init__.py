@@ -16,6 +16,7 @@ from .errors import (
     SandboxBusyError,
     SandboxLostError,
     ServerError,
+    SnapshotExistsError,
 )
 from .sandbox import CommandResult, Execution, ExecutionError, ExecutionStream, Sandbox
 
@@ -40,4 +41,5 @@ __all__ = [
     "SandboxBusyError",
     "SandboxLostError",
     "ServerError",
+    "SnapshotExistsError",
 ]

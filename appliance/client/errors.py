@@ -40,6 +40,10 @@ class SandboxBusyError(ApplianceError):
     """409: the sandbox is already running code."""
 
 
+class SnapshotExistsError(SandboxBusyError):
+    """409 snapshot_exists: this key has a snapshot of that name already."""
+
+
 class SandboxLostError(ApplianceError):
     """410: the sandbox's VM stopped; create a new one."""
 
@@ -78,6 +82,7 @@ _BY_CODE: dict[str, type[ApplianceError]] = {
     "forbidden": PermissionDeniedError,
     "not_found": NotFoundError,
     "sandbox_busy": SandboxBusyError,
+    "snapshot_exists": SnapshotExistsError,
     "sandbox_lost": SandboxLostError,
     "too_large": PayloadTooLargeError,
     "invalid": InvalidRequestError,

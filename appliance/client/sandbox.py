@@ -22,6 +22,7 @@ from typing import IO, Any
 import httpx
 
 from .errors import ApplianceError, ConnectionFailed, NotReadyError, error_from_response
+from .snapshots import Snapshots
 
 URL_ENV, KEY_ENV = "APPLIANCE_URL", "APPLIANCE_API_KEY"
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -259,6 +260,8 @@ class Sandbox:
         request_timeout: float = 60.0,
         ready_timeout: float = 60.0,
         http_client: httpx.Client | None = None,
+        snapshot: str | None = None,
+        template: str | None = None,
     ) -> None:
         if idle_freeze_s is not None:
             if not persistent:
@@ -277,7 +280,8 @@ class Sandbox:
         else:
             body = {k: v for k, v in {"timeout_s": timeout_s, "vcpus": vcpus, "memory_mib": memory_mib,
                                       "metadata": metadata, "persistent": persistent or None,
-                                      "network": network_policy(network)}.items()
+                                      "network": network_policy(network), "snapshot": snapshot,
+                                      "template": template}.items()
                     if v is not None}
             info = self._create(api, body, ready_timeout)
         self._setup(api, info, request_timeout)
@@ -287,6 +291,7 @@ class Sandbox:
         self._request_timeout = request_timeout
         self.files = Files(self)
         self.commands = Commands(self)
+        self.snapshots = Snapshots(self)
         self.info = info
         self.id: str = info["id"]
         self._closed = False
@@ -302,6 +307,12 @@ class Sandbox:
         sandbox = cls.__new__(cls)
         sandbox._setup(api, info, request_timeout)
         return sandbox
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> Sandbox:
+        """A new sandbox (the constructor's arguments). `snapshot=name` starts it from one of this key's named
+        snapshots (its whole live state, reseeded, in its size); `template=name` from one an operator published."""
+        return cls(**kwargs)
 
     @classmethod
     def connect(cls, sandbox_id: str, **kwargs: Any) -> Sandbox:

@@ -13,6 +13,10 @@ Routes (all JSON unless noted; every one but the probes and the API description 
     PUT    /v1/sandboxes/{sandbox_id}/files?path=P     upload (streamed body)
     GET    /v1/sandboxes/{sandbox_id}/files?path=P     download (streamed, with Content-Length)
     GET    /v1/sandboxes/{sandbox_id}/files/list?path=D  list a directory
+    POST   /v1/sandboxes/{sandbox_id}/snapshots        save its live state under a name ({name}; 201 snapshot)
+    GET    /v1/snapshots                               list the caller's named snapshots
+    GET    /v1/snapshots/{name}                        show one
+    DELETE /v1/snapshots/{name}                        delete one (POST /v1/sandboxes {"snapshot": name} uses it)
     GET    /v1/healthz   GET /v1/readyz   GET /metrics (metrics key)   GET /v1/openapi.json   GET /v1/docs
 """
 
@@ -33,6 +37,7 @@ from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .middleware import Auth, BodyLimit, RequestContext
 from .openapi import OpenApi
 from .sandboxes import SandboxCollection, SandboxItem
+from .snapshots import SandboxSnapshots, SnapshotCollection, SnapshotItem
 
 
 def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None,
@@ -66,4 +71,7 @@ def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None,
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/v1/openapi.json", OpenApi(config.max_fork))
     app.add_route("/v1/docs", Docs(config.max_fork))
+    app.add_route(f"{sandbox}/snapshots", SandboxSnapshots(manager, config.max_body_bytes, metrics))
+    app.add_route("/v1/snapshots", SnapshotCollection(manager))
+    app.add_route("/v1/snapshots/{name}", SnapshotItem(manager))
     return app

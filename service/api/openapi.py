@@ -12,7 +12,7 @@ from typing import Any
 
 import falcon
 
-from .request_models import VISIBLE_STATES, CreateSandbox, ExecRequest, ForkRequest
+from .request_models import VISIBLE_STATES, CreateSandbox, ExecRequest, ForkRequest, SnapshotRequest
 
 API_VERSION = "1.0.0"
 
@@ -37,23 +37,26 @@ _ERROR_TEXT = {
     "(code unauthorized).",
     403: "A valid key of the wrong kind (code forbidden): a metrics key on a sandbox route, or a tenant key on "
     "/metrics.",
-    404: "No such sandbox for this key: it never existed, was closed, or belongs to another key (code not_found).",
-    409: "The sandbox is already running code: one exec at a time per sandbox, no queue, and no fork or freeze "
-    "while code runs (code sandbox_busy). Retry when it finishes, or POST .../interrupt.",
+    404: "No such sandbox (or snapshot, or template) for this key: it never existed, was closed or deleted, or "
+    "belongs to another key (code not_found).",
+    409: "The sandbox is already running code: one exec at a time per sandbox, no queue, and no fork, freeze or "
+    "snapshot while code runs (code sandbox_busy). Retry when it finishes, or POST .../interrupt. Also: this key "
+    "has a snapshot of that name already (code snapshot_exists).",
     410: "The sandbox's VM stopped (code sandbox_lost): delete it and create a new one.",
     413: "The body (or the code, or the upload) is larger than the service's limit (code too_large).",
     422: "A field is invalid (code invalid); error.field names it. Also: a frozen sandbox this host cannot "
     "restore (code snapshot_incompatible: made by another QEMU release, machine type or guest image) or whose "
     "metadata fails authentication (code snapshot_invalid); it stays frozen.",
     429: "A limit on sandboxes per key or per host is reached (code limit_reached); see Retry-After. A fork "
-    "counts each copy; frozen sandboxes do not count. Also a freeze past the key's service.max_frozen_per_key.",
+    "counts each copy; frozen sandboxes do not count. Also a freeze or named snapshot past the key's "
+    "service.max_frozen_per_key (frozen sandboxes and named snapshots together).",
     500: "The service failed (code internal). A failed fork, freeze or resume leaves the sandbox as it was "
     "(running, or frozen); the message says what failed or quotes a request id the service log explains.",
     503: "Not ready: no warm template yet (code not_ready); see Retry-After.",
     507: "Not enough room: host memory or vCPUs for the sandboxes asked for (code insufficient_capacity: committed "
     "guest memory past service.memory_overcommit, or the host's reserve; vCPUs past service.vcpu_overcommit), free "
-    "disk for a freeze (code insufficient_capacity), or the disk quota for frozen sandboxes (code "
-    "insufficient_storage); the message says what is short and by how much.",
+    "disk for a freeze or free memory filesystem for a snapshot (code insufficient_capacity), or the quota for "
+    "frozen sandboxes and snapshots (code insufficient_storage); the message says what is short and by how much.",
 }
 _WITH_RETRY_AFTER = {429, 503}
 DEFAULT_MAX_FORK = 64  # the spec's default for service.max_fork; a running service states its own
@@ -187,6 +190,23 @@ _SCHEMAS: dict[str, Any] = {
         "more": {"type": "boolean", "description": "entries remain after this page"},
         "cursor": {"type": ["string", "null"], "description": "pass as ?cursor= for the next page (null: none)"}}},
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    "SnapshotRequest": SnapshotRequest.model_json_schema(),
+    "Snapshot": {
+        "type": "object",
+        "required": ["name", "state", "source_sandbox_id", "vcpus", "memory_mib", "size_bytes", "created_at"],
+        "properties": {
+            "name": {"type": "string", "examples": ["pandas-loaded"]},
+            "state": {"enum": ["saving", "ready"], "description": "saving while its state is written; ready: "
+                                                                  "POST /v1/sandboxes {\"snapshot\": name} uses it"},
+            "source_sandbox_id": {"type": ["string", "null"]},
+            "vcpus": {"type": ["integer", "null"]},
+            "memory_mib": {"type": ["integer", "null"]},
+            "size_bytes": {"type": "integer", "description": "memory it takes on the node (the source's RAM in use)"},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "SnapshotList": {"type": "object", "required": ["snapshots"],
+                     "properties": {"snapshots": {"type": "array", "items": _ref("Snapshot")}}},
 }
 
 
@@ -200,13 +220,14 @@ def _paths() -> dict[str, Any]:
                 "or a fresh boot when vcpus/memory_mib differ from the spec's. The body may be empty. A persistent "
                 "sandbox is frozen to disk after timeout_s idle, instead of closed. With a network policy it gets "
                 "a network interface whose traffic the host filters (422 network_unavailable where the service "
-                "cannot: it needs root).",
+                "cannot: it needs root). With snapshot (one of this key's) or template (one an operator published) "
+                "it starts from that saved live state instead, in its size (404 if there is none of that name).",
                 "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("CreateSandbox")}}},
                 "responses": {"201": {**_json(_ref("Sandbox"), "Created; Location names it."),
                                       "headers": {"Location": {"required": True, "schema": {"type": "string"},
                                                                "description": "/v1/sandboxes/{id}"}},
                                       "links": _links("$response.body#/id")},
-                              **_errors(400, 401, 413, 422, 429, 503, 507)},
+                              **_errors(400, 401, 404, 413, 422, 429, 500, 503, 507)},
             },
             "get": {
                 "operationId": "listSandboxes", "tags": ["sandboxes"], "summary": "List this key's sandboxes",
@@ -359,6 +380,56 @@ def _lifecycle_paths(sandbox: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+_SNAPSHOT_NAME = {
+    "name": "name", "in": "path", "required": True,
+    "schema": {"type": "string", "pattern": SnapshotRequest.model_json_schema()["properties"]["name"]["pattern"],
+               "maxLength": 64},
+    "description": "The snapshot's name, as given to POST /v1/sandboxes/{sandbox_id}/snapshots.",
+}
+
+
+def _snapshot_paths(sandbox: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "/v1/sandboxes/{sandbox_id}/snapshots": {
+            "parameters": sandbox,
+            "post": {
+                "operationId": "snapshotSandbox", "tags": ["snapshots"],
+                "summary": "Save a sandbox's live state under a name",
+                "description": "Saves the sandbox's whole live state (memory: its Python objects and processes; "
+                "its files) as a snapshot named for this key; the sandbox keeps running, unchanged. Any number of "
+                "sandboxes can then start from it (POST /v1/sandboxes {\"snapshot\": name}), as a fork's copies "
+                "do: mapping its memory copy-on-write, reseeded, the clock set. A snapshot counts against the key's "
+                "frozen share and the frozen quota (429, 507 up front); it lives on the node's memory filesystem "
+                "and is lost if the host reboots. A failed snapshot leaves the sandbox as it was.",
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": _ref("SnapshotRequest")}}},
+                "responses": {"201": {**_json(_ref("Snapshot"), "Saved; Location names it."),
+                                      "headers": {"Location": {"required": True, "schema": {"type": "string"},
+                                                               "description": "/v1/snapshots/{name}"}},
+                                      "links": {"GetSnapshot": {"operationId": "getSnapshot",
+                                                                "parameters": {"name": "$response.body#/name"}},
+                                                "DeleteSnapshot": {"operationId": "deleteSnapshot",
+                                                                   "parameters": {"name": "$response.body#/name"}}}},
+                              **_errors(400, 401, 404, 409, 410, 413, 422, 429, 500, 507)},
+            },
+        },
+        "/v1/snapshots": {
+            "get": {"operationId": "listSnapshots", "tags": ["snapshots"], "summary": "List this key's snapshots",
+                    "responses": {"200": _json(_ref("SnapshotList"), "The caller's own snapshots, oldest first."),
+                                  **_errors(401)}},
+        },
+        "/v1/snapshots/{name}": {
+            "parameters": [_SNAPSHOT_NAME],
+            "get": {"operationId": "getSnapshot", "tags": ["snapshots"], "summary": "Show a snapshot",
+                    "responses": {"200": _json(_ref("Snapshot"), "The snapshot."), **_errors(401, 404, 422)}},
+            "delete": {"operationId": "deleteSnapshot", "tags": ["snapshots"], "summary": "Delete a snapshot",
+                       "description": "No new sandbox can start from it; its memory is freed when the last "
+                                      "sandbox made from it is gone.",
+                       "responses": {"204": {"description": "Deleted."}, **_errors(401, 404, 422)}},
+        },
+    }
+
+
 def _responses() -> dict[str, Any]:
     responses = {}
     for status, text in _ERROR_TEXT.items():
@@ -401,7 +472,7 @@ def openapi_document(max_fork: int = DEFAULT_MAX_FORK) -> dict[str, Any]:
             "schemas": _schemas(max_fork),
             "responses": _responses(),
         },
-        "paths": _paths(),
+        "paths": {**_paths(), **_snapshot_paths([_SANDBOX_ID])},
     }
 
 

@@ -10,6 +10,7 @@ from appliance_agent.protocol import MAX_DEPTH, nesting_depth
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.errors import BadRequest, TooLarge
+from service.snapshot_names import MAX_NAME, NAME_PATTERN
 
 from .body_streams import is_chunked
 from .error_responses import InvalidField
@@ -33,8 +34,16 @@ class _Body(BaseModel):
 
 
 class CreateSandbox(_Body):
-    template: Literal["default"] | None = Field(
-        None, description="template to clone; null or 'default' (the service's warm template) for now"
+    template: str | None = Field(
+        None, pattern=NAME_PATTERN, max_length=MAX_NAME,
+        description="template to clone: null or 'default' (the service's warm template), or the name of a template "
+        "an operator published (`appliance templates publish`); 404 if there is none of that name",
+    )
+    snapshot: str | None = Field(
+        None, pattern=NAME_PATTERN, max_length=MAX_NAME,
+        description="the name of one of this key's snapshots (POST /v1/sandboxes/{id}/snapshots) to start from: "
+        "its whole live state, reseeded, its clock set, in its size (not with template, vcpus or memory_mib); "
+        "404 if this key has none of that name",
     )
     vcpus: int | None = Field(None, ge=1, le=64, description="virtual CPUs (default: the spec's guest.vcpus)")
     memory_mib: int | None = Field(
@@ -70,6 +79,12 @@ class CreateSandbox(_Body):
         if value is not None and len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
             raise ValueError(f"is larger than {MAX_METADATA_BYTES} bytes as JSON; keep bulk data in files")
         return value
+
+
+class SnapshotRequest(_Body):
+    name: str = Field(..., pattern=NAME_PATTERN, max_length=MAX_NAME,
+                      description="the snapshot's name, this key's own: 1-64 of letters, digits, '.', '_', '-' "
+                      "(starting with a letter or digit)")
 
 
 class ForkRequest(_Body):

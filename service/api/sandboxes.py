@@ -10,12 +10,11 @@ import falcon
 
 from service.engine import netpolicy
 from service.registry import RUNNING, SandboxRecord
+from service.snapshot_names import DEFAULT_TEMPLATE
 
 from .error_responses import InvalidField
 from .metrics import Metrics
 from .request_models import VISIBLE_STATES, CreateSandbox, parse, read_json
-
-DEFAULT_TEMPLATE = "default"
 
 
 def _iso(timestamp: float) -> str:
@@ -50,8 +49,14 @@ class SandboxCollection:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = parse(CreateSandbox, read_json(req, self._max_body))
+        if body.snapshot is not None:  # a snapshot brings its own size and state
+            for name in ("template", "vcpus", "memory_mib"):
+                if getattr(body, name) is not None:
+                    raise InvalidField(name, "cannot be given with snapshot: a snapshot's sandboxes have its size")
         if body.template not in (None, DEFAULT_TEMPLATE):
-            raise InvalidField("template", f"unknown template {body.template!r}; use 'default' or leave it out")
+            for name in ("vcpus", "memory_mib"):
+                if getattr(body, name) is not None:
+                    raise InvalidField(name, "cannot be given with a published template: its sandboxes have its size")
         try:
             netpolicy.parse_policy(body.network)
         except netpolicy.PolicyError as exc:
@@ -60,6 +65,7 @@ class SandboxCollection:
         record = self._manager.create(
             req.context.owner, vcpus=body.vcpus, memory_mib=body.memory_mib, timeout_s=body.timeout_s,
             metadata=body.metadata, persistent=body.persistent, network_policy=body.network,
+            snapshot=body.snapshot, template=body.template,
         )
         self._metrics.create_seconds.observe(time.perf_counter() - started)
         self._metrics.creates.inc()

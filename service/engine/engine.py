@@ -22,7 +22,7 @@ from .launch import DirectLauncher, JailedLauncher, RemoteLauncher, VmmLauncher
 from .machine import MachineConfig, code_user_kernel_args, machine_from_json, machine_to_json
 from .netpolicy import NetworkPolicy, ResolvedPolicy, check_private_allow, parse_policy, resolve
 from .sandbox import ExecLimits, Sandbox
-from .template import Template
+from .template import Template, TemplateError
 from .vm import VirtualMachine
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,20 @@ class Engine:
         with _monitor_released(sandbox), self._quiet_nic(sandbox, networked):
             return snapshot.fork(sandbox, len(vm_ids), self.config.templates_dir, self.config.sandboxes_dir,
                                  self.config.limits, self.launcher, detach=True, vm_ids=vm_ids)
+
+    def snapshot(self, sandbox: Sandbox, networked: bool) -> Template:
+        """The sandbox's live state as a template new sandboxes are cloned from (Engine.clone), as a fork's copies
+        are; the sandbox keeps running. On failure nothing new is left."""
+        with _monitor_released(sandbox), self._quiet_nic(sandbox, networked):
+            return snapshot.capture(sandbox, self.config.templates_dir)
+
+    def template(self, template_id: str) -> Template:
+        """A template this engine made (TemplateError if it is gone or incomplete); `template_id` is checked to be
+        a template's name, never a path."""
+        if (not template_id.startswith("tpl-") or not template_id[4:].isascii() or not template_id[4:].isalnum()
+                or len(template_id) > 40):
+            raise TemplateError(f"{template_id!r} is not a template id")
+        return Template.load(self.config.templates_dir / template_id)
 
     def freeze(self, sandbox: Sandbox, directory: Path, compress: bool, networked: bool) -> None:
         """Write the sandbox's whole state to `directory` and stop its VM; on failure it keeps running."""

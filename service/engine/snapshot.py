@@ -256,31 +256,18 @@ def resume(snapshot: Snapshot, machine: MachineConfig, run_dir: Path, limits: Ex
                    mode="stream")
 
 
-def fork(
-    sandbox: Sandbox,
-    n: int,
-    templates_dir: Path,
-    run_dir: Path,
-    limits: ExecLimits,
-    launcher: VmmLauncher,
-    timeout_s: float = 60.0,
-    detach: bool = False,
-    vm_ids: list[str] | None = None,
-) -> tuple[Template, list[Sandbox]]:
-    """n running copies of `sandbox`, which keeps running. Returns the new template (the clones map its RAM
-    file; remove it when the last clone is gone) and the clones. On failure nothing new is left behind.
+def capture(sandbox: Sandbox, templates_dir: Path) -> Template:
+    """The sandbox's live state as a new template (a fork's, or a named snapshot's); the sandbox keeps running.
+    On failure nothing new is left.
 
     The source, paused, writes its RAM once into a mapped-ram file (QEMU itself, in parallel, zero pages left as
-    holes) and resumes; the copies map that file copy-on-write and load only its device state (mapped_ram.py)."""
-    if n < 1:
-        raise ValueError("fork needs n >= 1")
+    holes) and resumes; copies map that file copy-on-write and load only its device state (mapped_ram.py)."""
     source = sandbox.vm.config
     directory = templates_dir / f"tpl-{secrets.token_hex(6)}"
     directory.mkdir(parents=True)
     memory = directory / TEMPLATE_MEMORY
     # Written under a name of the source's, then moved into the template: one fork of a source at a time.
     written = templates_dir / f"fork-{sandbox.vm.dir.name}.ram"
-    clones: list[Sandbox] = []
     try:
         with sandbox.exclusive():
             try:
@@ -296,7 +283,32 @@ def fork(
             give_back_zero_pages(source.memory_file)  # saving a copy read all it maps: see give_back_zero_pages
         clone_machine = replace(source, memory_file=memory, memory_shared=False, memory_offset=layout.pages_offset)
         (directory / TEMPLATE_META).write_text(json.dumps(machine_to_json(clone_machine), indent=2))
-        template = Template(directory, clone_machine)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            written.unlink(missing_ok=True)
+        raise
+    return Template(directory, clone_machine)
+
+
+def fork(
+    sandbox: Sandbox,
+    n: int,
+    templates_dir: Path,
+    run_dir: Path,
+    limits: ExecLimits,
+    launcher: VmmLauncher,
+    timeout_s: float = 60.0,
+    detach: bool = False,
+    vm_ids: list[str] | None = None,
+) -> tuple[Template, list[Sandbox]]:
+    """n running copies of `sandbox`, which keeps running. Returns the new template (the clones map its RAM
+    file; remove it when the last clone is gone) and the clones. On failure nothing new is left behind."""
+    if n < 1:
+        raise ValueError("fork needs n >= 1")
+    template = capture(sandbox, templates_dir)
+    clones: list[Sandbox] = []
+    try:
         ids = vm_ids or [None] * n
         with ThreadPoolExecutor(max_workers=min(n, 4)) as pool:
             futures = [pool.submit(template.clone, run_dir, limits, launcher, timeout_s, ids[i], detach)
@@ -312,9 +324,7 @@ def fork(
     except BaseException:
         for clone in clones:
             clone.close()
-        shutil.rmtree(directory, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            written.unlink(missing_ok=True)
+        template.remove()
         raise
     return template, clones
 

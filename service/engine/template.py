@@ -114,6 +114,11 @@ class Template:
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
+    @property
+    def size_bytes(self) -> int:
+        """What its files take (the RAM file is sparse: the memory the source had in use)."""
+        return sum(path.stat().st_blocks * 512 for path in self.directory.iterdir() if path.is_file())
+
 
 def record_extents(memory_file: Path) -> None:
     """Note which parts of a finished template's RAM file hold data: the rest (holes) is guest memory never

@@ -63,6 +63,8 @@ class FuzzRun:
         if operation == "createSandbox" and positive and isinstance(case.body, dict):
             case.body.pop("vcpus", None)
             case.body.pop("memory_mib", None)
+            if case.body.get("snapshot") is not None:  # a snapshot has its own size and state: not with template
+                case.body.pop("template", None)
             if case.body.get("timeout_s") is not None:
                 case.body["timeout_s"] = max(case.body["timeout_s"], IDLE_FLOOR_S)
         if operation == "exec" and positive and isinstance(case.body, dict):

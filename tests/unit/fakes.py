@@ -167,6 +167,7 @@ class FakeEngine:
         self.interrupts: list[str] = []  # sandbox ids whose code was interrupted
         self.upload_chunk_sizes: list[int] = []
         self.fail_next_fork = False  # the fork fails half way: nothing new may be left behind
+        self.fail_next_snapshot = False  # a named snapshot fails: the sandbox keeps running, no snapshot stays
         self.unrestorable: set[str] = set()  # sandbox ids whose snapshot this "host" cannot restore
         self.tampered: set[str] = set()  # sandbox ids whose snapshot fails authentication
         self.network_unavailable: str | None = None
@@ -219,6 +220,16 @@ class FakeEngine:
         template = self._template({})
         return template, [self._start(vm_id, source.machine, _copy_namespace(source.namespace), source.files)
                           for vm_id in vm_ids]
+
+    def snapshot(self, sandbox: FakeSandbox, networked: bool) -> Template:
+        vm = self.vms[sandbox.vm_dir]
+        if self.fail_next_snapshot:
+            self.fail_next_snapshot = False
+            raise EngineError("injected: the state was not written")
+        return self._template(_copy_namespace(vm.namespace))
+
+    def template(self, template_id: str) -> Template:
+        return Template.load(self.templates_dir / template_id)
 
     def freeze(self, sandbox: FakeSandbox, directory: Path, compress: bool, networked: bool) -> None:
         vm = self.vms[sandbox.vm_dir]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from service.snapshot_names import NAME_PATTERN
+
 from .api_helpers import A, assert_error, fork
 
 MAX_FORK = 2
@@ -87,10 +89,43 @@ def test_a_policy_the_host_refuses_names_the_network_field(client, engine, monke
 
 
 def test_the_document_names_the_templates_a_create_takes(client):
-    # The document allowed any string for template; every one but "default" was refused as invalid.
-    template = client.simulate_get("/v1/openapi.json").json["components"]["schemas"]["CreateSandbox"]["properties"][
-        "template"]
-    assert {"enum": ["default"], "type": "string"} in template["anyOf"] or {"const": "default", "type": "string"} in \
-        template["anyOf"], template
-    made = client.simulate_post("/v1/sandboxes", json={"template": ""}, headers=A)
-    assert assert_error(made, 422, "invalid")["field"] == "template"
+    # Templates are named (published by an operator, or "default"); the document gives the names' pattern, and a
+    # name it allows that names no template is a 404, not a 422.
+    properties = client.simulate_get("/v1/openapi.json").json["components"]["schemas"]["CreateSandbox"]["properties"]
+    for field in ("template", "snapshot"):
+        (named,) = [choice for choice in properties[field]["anyOf"] if choice.get("type") == "string"]
+        assert named["pattern"] == NAME_PATTERN and named["maxLength"] == 64
+        made = client.simulate_post("/v1/sandboxes", json={field: ""}, headers=A)
+        assert assert_error(made, 422, "invalid")["field"] == field
+        assert_error(client.simulate_post("/v1/sandboxes", json={field: "nothing-of-that-name"}, headers=A), 404,
+                     "not_found")
+    assert client.simulate_post("/v1/sandboxes", json={"template": "default"}, headers=A).status_code == 201
+
+
+def test_the_snapshot_routes_document_every_status_they_answer(client, sandbox_id):
+    paths = client.simulate_get("/v1/openapi.json").json["paths"]
+    documented = {(route, method): set(operation["responses"])
+                  for route in ("/v1/sandboxes/{sandbox_id}/snapshots", "/v1/snapshots", "/v1/snapshots/{name}")
+                  for method, operation in paths[route].items() if method in {"get", "post", "delete"}}
+    answers = {
+        ("/v1/sandboxes/{sandbox_id}/snapshots", "post"): [
+            client.simulate_post(f"/v1/sandboxes/{sandbox_id}/snapshots", json={"name": "s"}, headers=A),  # 201
+            client.simulate_post(f"/v1/sandboxes/{sandbox_id}/snapshots", json={"name": "s"}, headers=A),  # 409
+            client.simulate_post(f"/v1/sandboxes/{sandbox_id}/snapshots", json={"name": "../s"}, headers=A),  # 422
+            client.simulate_post("/v1/sandboxes/sb-0/snapshots", json={"name": "t"}, headers=A),  # 404
+            client.simulate_post(f"/v1/sandboxes/{sandbox_id}/snapshots", json={"name": "t"}),  # 401
+            client.simulate_post(f"/v1/sandboxes/{sandbox_id}/snapshots", body=b"{", headers=A),  # 400
+        ],
+        ("/v1/snapshots", "get"): [client.simulate_get("/v1/snapshots", headers=A),
+                                   client.simulate_get("/v1/snapshots")],
+        ("/v1/snapshots/{name}", "get"): [client.simulate_get("/v1/snapshots/s", headers=A),
+                                          client.simulate_get("/v1/snapshots/nope", headers=A),
+                                          client.simulate_get("/v1/snapshots/.x", headers=A)],
+        ("/v1/snapshots/{name}", "delete"): [client.simulate_delete("/v1/snapshots/nope", headers=A),
+                                             client.simulate_delete("/v1/snapshots/.x", headers=A),
+                                             client.simulate_delete("/v1/snapshots/s", headers=A)],
+    }
+    for operation, results in answers.items():
+        assert {str(result.status_code) for result in results} <= documented[operation], operation
+    assert {"429", "507", "500"} <= documented[("/v1/sandboxes/{sandbox_id}/snapshots", "post")]
+    assert {"404", "500"} <= set(paths["/v1/sandboxes"]["post"]["responses"])  # a create from a snapshot

@@ -24,7 +24,7 @@ def test_malformed_json_is_400(client):
         ({"memory_mib": "lots"}, "memory_mib"),
         ({"timeout_s": -1}, "timeout_s"),
         ({"metadata": "not an object"}, "metadata"),
-        ({"template": "gpu-xl"}, "template"),
+        ({"template": "gpu/xl"}, "template"),
         ({"colour": "blue"}, "colour"),
     ],
 )

@@ -244,3 +244,24 @@ def test_network_shorthands_become_the_apis_policy():
     assert network_policy("all") == {"egress": "all"}
     assert network_policy(["10.1.2.0/24", "db:5432"]) == {"egress": {"allow": ["10.1.2.0/24", "db:5432"]}}
     assert network_policy({"egress": "none"}) == {"egress": "none"}
+
+
+def test_named_snapshots_through_the_sdk(connect):
+    from appliance.client import SnapshotExistsError
+
+    with connect() as source:
+        source.run_code("x = 41")
+        saved = source.snapshots.create("base")
+        assert saved["name"] == "base" and saved["state"] == "ready" and saved["source_sandbox_id"] == source.id
+        with pytest.raises(SnapshotExistsError):
+            source.snapshots.create("base")
+        assert [s["name"] for s in source.snapshots.list()] == ["base"]
+        assert source.snapshots.get("base")["memory_mib"] == source.info["memory_mib"]
+    made = connect(snapshot="base")
+    assert made.info["metadata"] == {"from_snapshot": "base"} and made.run_code("x + 1").text == "42"
+    made.snapshots.delete("base")
+    with pytest.raises(NotFoundError):
+        made.snapshots.get("base")
+    with pytest.raises(NotFoundError):
+        connect(snapshot="base")
+    made.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.attachments import take_code_lock
+from service.engine import EngineError
 from service.errors import (
     Busy,
     InsufficientCapacity,
@@ -363,6 +364,61 @@ def test_one_key_cannot_take_the_whole_frozen_quota(manager):
     assert manager.freeze(OTHER, theirs).state == FROZEN  # the other key's share is its own
     manager.resume(OWNER, mine[0])
     assert manager.freeze(OWNER, mine[1]).state == FROZEN  # a resumed one gives its share back
+
+
+def test_concurrent_freezes_are_admitted_exactly_up_to_the_keys_frozen_share(manager, engine):
+    """The frozen share is checked and reserved in one transaction (FREEZING): 3 freezes at once by 3 workers with
+    a share of 1 freeze exactly one; the refused ones keep running, and a freeze that fails gives its place back."""
+    manager.config = replace(manager.config, max_frozen_per_key=1, frozen_quota_bytes=4 << 30)
+    ids = [manager.create(OWNER).id for _ in range(3)]
+    workers = [second_process(manager, engine) for _ in ids]
+    entered, refused, outcomes = [], [], []
+    real_freeze = engine.freeze
+
+    def freeze_when_all_decided(sandbox, directory: Path, compress: bool, networked: bool):
+        entered.append(directory.name)
+        deadline = time.monotonic() + 60
+        while len(entered) + len(refused) < len(workers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return real_freeze(sandbox, directory, compress, networked)
+
+    engine.freeze = freeze_when_all_decided
+    start = threading.Barrier(len(workers))
+
+    def freeze(worker: SandboxManager, sandbox_id: str) -> None:
+        start.wait()
+        try:
+            outcomes.append(worker.freeze(OWNER, sandbox_id).state)
+        except LimitReached:
+            refused.append(sandbox_id)
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=freeze, args=pair) for pair in zip(workers, ids, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == [FROZEN, "refused", "refused"]
+    assert all(manager.get(OWNER, sandbox_id).state == RUNNING for sandbox_id in refused)
+    assert run(manager, refused[0], "1") == "1"
+    for worker in workers:
+        worker.close()
+
+
+def test_a_failed_freeze_gives_its_reservation_back(manager, engine):
+    manager.config = replace(manager.config, max_frozen_per_key=1)
+    record = manager.create(OWNER)
+    run(manager, record.id, "x = 1")
+
+    def fail(*args, **kwargs):
+        raise EngineError("injected: the state was not written")
+
+    real_freeze, engine.freeze = engine.freeze, fail
+    with pytest.raises(ServiceError, match="keeps running"):
+        manager.freeze(OWNER, record.id)
+    assert manager.registry.get(record.id).state == RUNNING and run(manager, record.id, "x") == "1"
+    engine.freeze = real_freeze
+    assert manager.freeze(OWNER, record.id).state == FROZEN  # the share is free again
 
 
 def test_an_unrestorable_snapshot_stays_frozen(manager, engine):
