@@ -5,6 +5,7 @@ from .errors import (
     AuthenticationError,
     BadRequestError,
     ConnectionFailed,
+    FileConflictError,
     InsufficientCapacityError,
     InsufficientStorageError,
     InvalidRequestError,
@@ -18,6 +19,7 @@ from .errors import (
     ServerError,
 )
 from .sandbox import CommandResult, Execution, ExecutionError, ExecutionStream, Sandbox
+from .watch import FileWatch
 
 __all__ = [
     "ApplianceError",
@@ -28,6 +30,8 @@ __all__ = [
     "Execution",
     "ExecutionError",
     "ExecutionStream",
+    "FileConflictError",
+    "FileWatch",
     "InsufficientCapacityError",
     "InsufficientStorageError",
     "InvalidRequestError",
