@@ -17,7 +17,7 @@ from .errors import Busy, ServiceError
 from .file_entries import watch_event
 
 POLL_S = 0.25  # between polls when the guest had nothing more: a poll is one short round trip
-PING_S = 10.0
+PING_S = 5.0
 MAX_REPLY_EVENTS = 500  # the guest's own bound (filewatch.MAX_REPLY); more from it are dropped
 DEFAULT_DURATION_S, MAX_DURATION_S = 60.0, 3600.0
 

@@ -19,7 +19,8 @@ HANG_DEADLINE_S = 60  # waits that only a hang reaches
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[LiveService]:
-    service = LiveService(workers=1, pool_size=0, ready_timeout_s=900)  # a busy host warms its template slowly
+    # No pandas in the template: these tests need none, and its import is most of a template's warm-up.
+    service = LiveService(workers=1, pool_size=0, env_extra={"APPLIANCE_SERVICE__WARM_CODE": "import json"})
     service.start()
     try:
         yield service
@@ -249,8 +250,9 @@ def test_bad_paths_get_the_right_codes_and_name_the_path(sb, api):
     sb.files.remove("/data/bad", recursive=True)
 
 
-def test_watches_per_sandbox_are_bounded(sb, api):
-    """The guest holds at most 8 watches; the service process serves at most 4 streams at once: the fifth is 429."""
+def test_watch_streams_are_bounded(sb, api):
+    """A service process serves at most 4 watch streams at once: the fifth is 429 with Retry-After (that a closed
+    stream frees its slot, and the guest's own bounds, are unit-tested)."""
     sb.files.make_dir("/data/many")
     opened = []
     try:
@@ -262,13 +264,3 @@ def test_watches_per_sandbox_are_bounded(sb, api):
     finally:
         for watch in opened:
             watch.stop()
-    # a stopped stream gives its slot back (the service notices the disconnect at its next ping or event)
-    deadline = time.monotonic() + HANG_DEADLINE_S
-    while True:
-        again = api.get(f"/v1/sandboxes/{sb.id}/files/watch", params={"path": "/data/many", "timeout_s": "0.5"})
-        if again.status_code == 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert again.status_code == 200, again.text
-    assert again.text.strip().splitlines()[-1] == '{"type": "end", "reason": "timeout"}'
-    sb.files.remove("/data/many", recursive=True)
