@@ -47,8 +47,22 @@ def test_remove_takes_links_not_their_targets_and_needs_recursive_for_a_full_dir
     assert code == "not_empty" and str(tmp_path / "tree") in message
     H["file_remove"]({"path": str(tmp_path / "tree"), "recursive": True})
     assert not (tmp_path / "tree").exists() and (keep / "precious").read_text() == "kept"
-    assert _code("file_remove", path="/", recursive=True)[0] == "invalid_path"
     assert _code("file_remove", path=str(tmp_path / "none"))[0] == "not_found"
+
+
+def test_remove_refuses_the_root_directory_and_never_reaches_it(monkeypatch):
+    """Run on the HOST as root: the removal calls are replaced first, so a broken guard fails this test instead of
+    emptying the host's root directory (which a mutation run of the guard once did to /etc)."""
+
+    def never(*args, **kwargs):
+        raise AssertionError(f"remove reached the filesystem for the root directory: {args}")
+
+    for name in ("rmtree",):
+        monkeypatch.setattr(fileops.shutil, name, never)
+    for name in ("unlink", "rmdir", "remove"):
+        monkeypatch.setattr(fileops.os, name, never)
+    for path in ("/", "//", "/./", "/etc/.."):
+        assert _code("file_remove", path=path, recursive=True)[0] == "invalid_path"
 
 
 def test_make_dir_is_mkdir_p_and_refuses_a_file_in_its_place(tmp_path):

@@ -20,7 +20,8 @@ from appliance_agent.files import FileOpError, _entry, _fail, _path
 
 
 def _not_root(path: str) -> str:
-    if os.path.normpath(os.path.join(os.getcwd(), path)) == "/":
+    # normpath keeps a leading "//" (POSIX leaves its meaning open): that is the root directory too
+    if os.path.normpath(os.path.join(os.getcwd(), path)).strip("/") == "":
         raise FileOpError("invalid_path", f"{path}: not allowed on the root directory")
     return path
 
