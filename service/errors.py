@@ -36,6 +36,17 @@ class Busy(ServiceError):
     code, status = "sandbox_busy", 409
 
 
+class PathConflict(ServiceError):
+    """A file operation that the sandbox's files refuse as they are: the target exists (already_exists), or a
+    directory to remove is not empty (not_empty)."""
+
+    status = 409
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class TooLarge(ServiceError):
     code, status = "too_large", 413
 

@@ -41,7 +41,7 @@ from service.engine import (
     TemplateError,
 )
 
-from . import attachments
+from . import attachments, file_entries, file_watch
 from .errors import (
     Busy,
     InsufficientCapacity,
@@ -315,16 +315,25 @@ class SandboxManager:
     # ---- files -----------------------------------------------------------------------------------------------
 
     def write_file(self, owner: str, sandbox_id: str, path: str, chunks: Iterable[bytes]) -> dict[str, Any]:
-        """Stream `chunks` into a file in the sandbox (relative paths are under /data); nothing is buffered whole."""
+        """Stream `chunks` into a file in the sandbox (relative paths are under /data); nothing is buffered whole.
+        The bytes go to a temporary name beside the file and are renamed over it at the end: nobody in the sandbox
+        ever sees a half-written file, and a failed upload leaves the old one as it was."""
         sandbox = self._attach(self._running(owner, sandbox_id))
         digest, size, append = hashlib.sha256(), 0, False
-        for piece in _rechunk(chunks, FILE_CHUNK):
-            self._file_call(sandbox, "file_write", path, payload=piece, append=append)
-            digest.update(piece)
-            size += len(piece)
-            append = True
-        if not append:  # an empty upload still makes (or empties) the file
-            self._file_call(sandbox, "file_write", path, append=False)
+        upload = secrets.token_hex(8)
+        try:
+            for piece in _rechunk(chunks, FILE_CHUNK):
+                self._file_call(sandbox, "file_write", path, payload=piece, append=append, upload=upload)
+                digest.update(piece)
+                size += len(piece)
+                append = True
+            if not append:  # an empty upload still makes (or empties) the file
+                self._file_call(sandbox, "file_write", path, append=False, upload=upload)
+            self._file_call(sandbox, "file_commit", path, upload=upload)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._file_call(sandbox, "file_commit", path, upload=upload, abort=True)
+            raise
         self._mark_used(sandbox_id)
         return {"path": path, "size": size, "sha256": digest.hexdigest()}
 
@@ -349,16 +358,49 @@ class SandboxManager:
         return size, chunks()
 
     def list_dir(self, owner: str, sandbox_id: str, path: str, limit: int = LIST_PAGE,
-                 cursor: str | None = None) -> dict[str, Any]:
+                 cursor: str | None = None, depth: int = 1) -> dict[str, Any]:
         """One page of a directory, in name order: {entries, more, cursor}; pass `cursor` back for the next page.
+        With depth > 1, subdirectories' entries follow their directory (names relative to `path`).
         The guest's reply is held to `limit` entries whatever it sends."""
         sandbox = self._attach(self._running(owner, sandbox_id))
         args: dict[str, Any] = {"limit": limit} if cursor is None else {"limit": limit, "after": cursor}
+        if depth != 1:
+            args["depth"] = depth
         reply = self._file_call(sandbox, "list_dir", path, **args)
         entries = reply.get("entries")
         entries = entries[:limit] if isinstance(entries, list) else []
         more = reply.get("more") is True and isinstance(reply.get("after"), str)
         return {"entries": entries, "more": more, "cursor": reply["after"] if more else None}
+
+    def stat_file(self, owner: str, sandbox_id: str, path: str) -> dict[str, Any]:
+        """The entry at `path` (a link as a link): {name, path, type, size, mtime, mode[, target]}."""
+        reply = self._file_op(owner, sandbox_id, "file_stat", path)
+        return file_entries.stat_reply(reply)
+
+    def remove_file(self, owner: str, sandbox_id: str, path: str, recursive: bool = False) -> None:
+        self._file_op(owner, sandbox_id, "file_remove", path, recursive=recursive)
+
+    def make_dir(self, owner: str, sandbox_id: str, path: str, parents: bool = True) -> bool:
+        """True if it was made, False if it was there already."""
+        return self._file_op(owner, sandbox_id, "file_mkdir", path, parents=parents).get("created") is True
+
+    def rename_file(self, owner: str, sandbox_id: str, path: str, to: str, overwrite: bool = False) -> None:
+        self._file_op(owner, sandbox_id, "file_rename", path, to=to, overwrite=overwrite)
+
+    def watch_files(self, owner: str, sandbox_id: str, path: str, recursive: bool, duration_s: float,
+                    clock: Callable[[], float] = time.monotonic) -> Iterator[dict[str, Any]]:
+        """Events under a directory until `duration_s` passes, the directory goes or the caller closes the
+        iterator. The watch is placed now (so a bad path fails before a stream starts); see file_watch.py."""
+        sandbox = self._attach(self._running(owner, sandbox_id))
+        started = self._file_call(sandbox, "watch_start", path, recursive=recursive)
+        self._mark_used(sandbox_id)
+        return file_watch.stream(lambda op, **args: self._file_call(sandbox, op, path, **args),
+                                 str(started.get("watch", "")), duration_s, clock)
+
+    def _file_op(self, owner: str, sandbox_id: str, op: str, path: str, **args: Any) -> dict[str, Any]:
+        reply = self._file_call(self._attach(self._running(owner, sandbox_id)), op, path, **args)
+        self._mark_used(sandbox_id)
+        return reply
 
     def _file_call(self, sandbox: Sandbox, op: str, path: str, payload: bytes = b"", **args: Any) -> dict[str, Any]:
         try:
@@ -370,11 +412,7 @@ class SandboxManager:
         if reply.get("ev") == "error":
             code = reply.get("code")
             message = reply.get("message", "file operation failed")
-            if code == "not_found":
-                raise NotFound(message)
-            if code in {"is_a_directory", "not_a_directory", "permission_denied"}:
-                raise Invalid(message)
-            raise ServiceError(message)
+            raise file_entries.error_for(code, message)
         return reply
 
     # ---- fork, freeze, resume --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from .errors import (
     AuthenticationError,
     BadRequestError,
     ConnectionFailed,
+    FileConflictError,
     InsufficientCapacityError,
     InsufficientStorageError,
     InvalidRequestError,
@@ -19,6 +20,7 @@ from .errors import (
     SnapshotExistsError,
 )
 from .sandbox import CommandResult, Execution, ExecutionError, ExecutionStream, Sandbox
+from .watch import FileWatch
 
 __all__ = [
     "ApplianceError",
@@ -29,6 +31,8 @@ __all__ = [
     "Execution",
     "ExecutionError",
     "ExecutionStream",
+    "FileConflictError",
+    "FileWatch",
     "InsufficientCapacityError",
     "InsufficientStorageError",
     "InvalidRequestError",

@@ -72,6 +72,11 @@ class InsufficientCapacityError(InsufficientStorageError):
     """507 insufficient_capacity: the host's memory cannot take the sandboxes asked for; free some, or retry later."""
 
 
+class FileConflictError(ApplianceError):
+    """409 on a file route: the target exists (already_exists) or a directory to remove is not empty
+    (not_empty); the message names the path."""
+
+
 class ServerError(ApplianceError):
     """5xx: the service failed; its log has the details (the message quotes the request id)."""
 
@@ -90,6 +95,8 @@ _BY_CODE: dict[str, type[ApplianceError]] = {
     "not_ready": NotReadyError,
     "insufficient_storage": InsufficientStorageError,
     "insufficient_capacity": InsufficientCapacityError,
+    "already_exists": FileConflictError,
+    "not_empty": FileConflictError,
 }
 _BY_STATUS: dict[int, type[ApplianceError]] = {
     400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,

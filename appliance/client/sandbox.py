@@ -21,8 +21,9 @@ from typing import IO, Any
 
 import httpx
 
-from .errors import ApplianceError, ConnectionFailed, NotReadyError, error_from_response
+from .errors import ApplianceError, ConnectionFailed, NotFoundError, NotReadyError, error_from_response
 from .snapshots import Snapshots
+from .watch import FileWatch
 
 URL_ENV, KEY_ENV = "APPLIANCE_URL", "APPLIANCE_API_KEY"
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -196,23 +197,27 @@ class Files:
         except httpx.TransportError as exc:
             raise ConnectionFailed(f"cannot reach {api.url}: {exc}", code="connection") from None
 
-    def list(self, path: str = "/") -> list[dict[str, Any]]:
-        """Entries of a directory, [{name, type, size, mtime}] in name order, fetched page by page (see iter)."""
-        return list(self.iter(path))
+    def list(self, path: str = "/", depth: int = 1) -> list[dict[str, Any]]:
+        """Entries of a directory, [{name, path, type, size, mtime}] in name order, fetched page by page (see
+        iter). With depth > 1, each subdirectory's entries follow it (name: the path relative to `path`)."""
+        return list(self.iter(path, depth=depth))
 
-    def iter(self, path: str = "/", page_size: int | None = None) -> Iterator[dict[str, Any]]:
+    def iter(self, path: str = "/", page_size: int | None = None, depth: int = 1) -> Iterator[dict[str, Any]]:
         """Entries of a directory, one page (GET /files/list) at a time: a huge directory never arrives whole."""
         cursor: str | None = None
         while True:
-            page = self.list_page(path, cursor, page_size)
+            page = self.list_page(path, cursor, page_size, depth)
             yield from page["entries"]
             cursor = page["cursor"]
             if not page["more"] or cursor is None:
                 return
 
-    def list_page(self, path: str = "/", cursor: str | None = None, limit: int | None = None) -> dict[str, Any]:
+    def list_page(self, path: str = "/", cursor: str | None = None, limit: int | None = None,
+                  depth: int = 1) -> dict[str, Any]:
         """One page: {path, entries, more, cursor}; pass `cursor` back for the next one."""
         params: dict[str, Any] = {"path": path}
+        if depth != 1:
+            params["depth"] = depth
         if cursor is not None:
             params["cursor"] = cursor
         if limit is not None:
@@ -222,6 +227,43 @@ class Files:
         page.setdefault("more", False)  # a service from before paging sends the whole directory
         page.setdefault("cursor", None)
         return page
+
+    def stat(self, path: str) -> dict[str, Any]:
+        """{name, path, type (file, dir, link, other), size, mtime, mode[, target]}; a link is not followed.
+        NotFoundError if nothing is there."""
+        return self._sandbox._api.request("GET", self._sandbox._path("/files/stat"), params={"path": path}).json()
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.stat(path)
+        except NotFoundError:
+            return False
+        return True
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """A file, a link (not its target) or an empty directory; any directory with recursive=True
+        (else FileConflictError, code not_empty)."""
+        params = {"path": path, "recursive": "true"} if recursive else {"path": path}
+        self._sandbox._api.request("DELETE", self._sandbox._path("/files"), params=params)
+
+    def make_dir(self, path: str, parents: bool = True) -> bool:
+        """mkdir -p (or plain mkdir with parents=False). True if made, False if it was there already."""
+        response = self._sandbox._api.request("POST", self._sandbox._path("/files/mkdir"),
+                                              json={"path": path, "parents": parents})
+        return bool(response.json().get("created"))
+
+    def rename(self, path: str, to: str, overwrite: bool = False) -> None:
+        """Move a file, link or directory (also across directories). An existing `to` raises FileConflictError
+        (code already_exists) unless overwrite."""
+        self._sandbox._api.request("POST", self._sandbox._path("/files/rename"),
+                                   json={"path": path, "to": to, "overwrite": overwrite})
+
+    def watch(self, path: str, recursive: bool = False, timeout: float = 60.0) -> FileWatch:
+        """create/modify/delete events under a directory, as they happen, for at most `timeout` seconds (see
+        appliance.client.watch). The watch is in place when this returns."""
+        params = {"path": path, "recursive": "true" if recursive else "false", "timeout_s": timeout}
+        return FileWatch(self._sandbox._api, self._sandbox._path("/files/watch"), params,
+                         self._sandbox._request_timeout)
 
 
 class Commands:

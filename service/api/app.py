@@ -12,7 +12,12 @@ Routes (all JSON unless noted; every one but the probes and the API description 
     POST   /v1/sandboxes/{sandbox_id}/resume           restore a frozen one (an exec does this by itself)
     PUT    /v1/sandboxes/{sandbox_id}/files?path=P     upload (streamed body)
     GET    /v1/sandboxes/{sandbox_id}/files?path=P     download (streamed, with Content-Length)
-    GET    /v1/sandboxes/{sandbox_id}/files/list?path=D  list a directory
+    GET    /v1/sandboxes/{sandbox_id}/files/list?path=D  list a directory (depth=N: recursive)
+    DELETE /v1/sandboxes/{sandbox_id}/files?path=P     remove (recursive=true for a non-empty directory)
+    GET    /v1/sandboxes/{sandbox_id}/files/stat?path=P  stat (a link as a link)
+    POST   /v1/sandboxes/{sandbox_id}/files/mkdir      {path, parents}
+    POST   /v1/sandboxes/{sandbox_id}/files/rename     {path, to, overwrite}
+    GET    /v1/sandboxes/{sandbox_id}/files/watch?path=D  NDJSON create/modify/delete events (recursive, timeout_s)
     POST   /v1/sandboxes/{sandbox_id}/snapshots        save its live state under a name ({name}; 201 snapshot)
     GET    /v1/snapshots                               list the caller's named snapshots
     GET    /v1/snapshots/{name}                        show one
@@ -30,6 +35,7 @@ from service.settings import ServiceConfig, key_ring
 from . import error_responses
 from .docs import Docs
 from .exec import Exec, Interrupt
+from .file_ops import FileStat, MakeDir, Rename, Watch
 from .files import FileList, Files
 from .health import Healthz, Readyz
 from .lifecycle import Fork, StateChange
@@ -66,6 +72,10 @@ def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None,
         app.add_route(f"{sandbox}/{action}", StateChange(manager, metrics, action))
     app.add_route(f"{sandbox}/files", Files(manager, config.max_file_bytes))
     app.add_route(f"{sandbox}/files/list", FileList(manager))
+    app.add_route(f"{sandbox}/files/stat", FileStat(manager))
+    app.add_route(f"{sandbox}/files/mkdir", MakeDir(manager))
+    app.add_route(f"{sandbox}/files/rename", Rename(manager))
+    app.add_route(f"{sandbox}/files/watch", Watch(manager))
     app.add_route("/v1/healthz", Healthz())
     app.add_route("/v1/readyz", Readyz(manager))
     app.add_route("/metrics", MetricsResource(metrics))

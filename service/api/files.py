@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import falcon
 from appliance_agent.files import DEFAULT_PAGE as LIST_PAGE
+from appliance_agent.files import MAX_DEPTH as MAX_LIST_DEPTH
 from appliance_agent.files import MAX_PAGE as MAX_LIST_PAGE
 
 from service.errors import TooLarge
@@ -19,6 +20,7 @@ from .error_responses import InvalidField
 
 CHUNK = 1 << 20
 MAX_NAME_BYTES = 255  # NAME_MAX: a cursor is a name
+MAX_PATH_BYTES = 4096  # PATH_MAX: a cursor of a recursive listing is a relative path
 
 
 def _path(req: falcon.Request, default: str | None = None) -> str:
@@ -28,6 +30,15 @@ def _path(req: falcon.Request, default: str | None = None) -> str:
     if "\x00" in path:
         raise InvalidField("path", "must not contain NUL bytes")
     return path
+
+
+def flag(req: falcon.Request, name: str) -> bool:
+    value = req.get_param(name)
+    if value is None or value in {"false", "0"}:
+        return False
+    if value in {"true", "1"}:
+        return True
+    raise InvalidField(name, "must be true or false")
 
 
 def _chunks(stream, limit: int) -> Iterator[bytes]:
@@ -61,10 +72,16 @@ class Files:
         resp.content_length = size
         resp.stream = chunks
 
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, sandbox_id: str) -> None:
+        """A file, a link (not what it points to) or an empty directory; with recursive=true any directory."""
+        self._manager.remove_file(req.context.owner, sandbox_id, _path(req), flag(req, "recursive"))
+        resp.status = falcon.HTTP_204
+
 
 class FileList:
     """A directory, one page at a time (a guest directory may hold any number of entries): at most `limit`
-    entries in name order, `more` if entries remain, and the `cursor` that asks for the next page."""
+    entries in name order, `more` if entries remain, and the `cursor` that asks for the next page. With `depth`
+    > 1 the listing is recursive: each directory's entries follow it, named by their path relative to `path`."""
 
     def __init__(self, manager) -> None:
         self._manager = manager
@@ -76,8 +93,14 @@ class FileList:
             limit = LIST_PAGE
         elif not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_PAGE:
             raise InvalidField("limit", f"must be an integer from 1 to {MAX_LIST_PAGE}")
+        depth = req.get_param("depth")
+        if depth is None:
+            depth = "1"
+        elif not depth.isdigit() or not 1 <= int(depth) <= MAX_LIST_DEPTH:
+            raise InvalidField("depth", f"must be an integer from 1 to {MAX_LIST_DEPTH}")
         cursor = req.get_param("cursor")
-        if cursor is not None and ("\x00" in cursor or "/" in cursor or len(cursor.encode()) > MAX_NAME_BYTES):
+        if cursor is not None and ("\x00" in cursor or len(cursor.encode()) > MAX_PATH_BYTES or (
+                depth == "1" and ("/" in cursor or len(cursor.encode()) > MAX_NAME_BYTES))):
             raise InvalidField("cursor", "must be the cursor of the previous page (a name in the directory)")
-        page = self._manager.list_dir(req.context.owner, sandbox_id, path, int(limit), cursor)
+        page = self._manager.list_dir(req.context.owner, sandbox_id, path, int(limit), cursor, int(depth))
         resp.media = {"path": path, **page}

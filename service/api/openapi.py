@@ -12,6 +12,7 @@ from typing import Any
 
 import falcon
 
+from .file_ops import MakeDirRequest, RenameRequest
 from .request_models import VISIBLE_STATES, CreateSandbox, ExecRequest, ForkRequest, SnapshotRequest
 
 API_VERSION = "1.0.0"
@@ -41,7 +42,8 @@ _ERROR_TEXT = {
     "belongs to another key (code not_found).",
     409: "The sandbox is already running code: one exec at a time per sandbox, no queue, and no fork, freeze or "
     "snapshot while code runs (code sandbox_busy). Retry when it finishes, or POST .../interrupt. Also: this key "
-    "has a snapshot of that name already (code snapshot_exists).",
+    "has a snapshot of that name already (code snapshot_exists). On the file routes also: the target exists (code "
+    "already_exists) or a directory to remove is not empty (code not_empty); the message names the path.",
     410: "The sandbox's VM stopped (code sandbox_lost): delete it and create a new one.",
     413: "The body (or the code, or the upload) is larger than the service's limit (code too_large).",
     422: "A field is invalid (code invalid); error.field names it. Also: a frozen sandbox this host cannot "
@@ -189,6 +191,26 @@ _SCHEMAS: dict[str, Any] = {
                         "size": {"type": "integer"}, "mtime": {"type": "number"}}}},
         "more": {"type": "boolean", "description": "entries remain after this page"},
         "cursor": {"type": ["string", "null"], "description": "pass as ?cursor= for the next page (null: none)"}}},
+    "FileStat": {"type": "object", "required": ["name", "path", "type", "size", "mtime", "mode"], "properties": {
+        "name": {"type": "string"}, "path": {"type": "string"}, "type": {"enum": ["file", "dir", "link", "other"]},
+        "size": {"type": "integer"}, "mtime": {"type": "number"}, "mode": {"type": "integer",
+                                                                          "description": "permission bits"},
+        "target": {"type": "string", "description": "for a link: what it points to (not followed)"}}},
+    "MakeDirRequest": MakeDirRequest.model_json_schema(),
+    "RenameRequest": RenameRequest.model_json_schema(),
+    "WatchEvent": {
+        "description": "One line of a watch stream (application/x-ndjson). The last line is always type end.",
+        "oneOf": [
+            {"type": "object", "required": ["type", "path", "is_dir"], "properties": {
+                "type": {"enum": ["create", "modify", "delete"]}, "path": {"type": "string"},
+                "is_dir": {"type": "boolean"}}},
+            {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["overflow", "ping"]}},
+             "description": "overflow: events were dropped (more than the guest keeps between polls); ping: "
+                            "the stream is quiet but alive"},
+            {"type": "object", "required": ["type", "reason"], "properties": {
+                "type": {"const": "end"}, "reason": {"enum": ["timeout", "deleted", "sandbox_lost", "error"]}}},
+        ],
+    },
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
     "SnapshotRequest": SnapshotRequest.model_json_schema(),
     "Snapshot": {
@@ -294,6 +316,15 @@ def _paths() -> dict[str, Any]:
                                                             "contentMediaType": "application/octet-stream"}}}},
                               **_errors(401, 404, 409, 410, 422, 429, 507)},
             },
+            "delete": {
+                "operationId": "removeFile", "tags": ["files"], "summary": "Remove a file, link or directory",
+                "description": "A link is removed, not what it points to. A directory must be empty unless "
+                "recursive=true (else 409 not_empty).",
+                "parameters": [_file_path(True, "path in the sandbox"),
+                               {"name": "recursive", "in": "query", "required": False,
+                                "schema": {"type": "boolean", "default": False}}],
+                "responses": {"204": {"description": "Removed."}, **_errors(401, 404, 409, 410, 422, 429, 507)},
+            },
         },
         "/v1/sandboxes/{sandbox_id}/files/list": {
             "parameters": sandbox,
@@ -305,10 +336,15 @@ def _paths() -> dict[str, Any]:
                                     "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000},
                                     "description": "entries per page"},
                                    {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
-                                    "description": "the previous page's cursor (omit for the first page)"}],
+                                    "description": "the previous page's cursor (omit for the first page)"},
+                                   {"name": "depth", "in": "query", "required": False,
+                                    "schema": {"type": "integer", "minimum": 1, "maximum": 32, "default": 1},
+                                    "description": "1: the directory's entries; more: each subdirectory's entries "
+                                                   "follow it, named by their path relative to `path`"}],
                     "responses": {"200": _json(_ref("DirListing"), "One page of the directory's entries."),
                                   **_errors(401, 404, 409, 410, 422, 429, 507)}},
         },
+        **_file_op_paths(sandbox),
         "/v1/healthz": {"get": {"operationId": "healthz", "tags": ["service"], "security": [],
                                 "summary": "Liveness: the process answers (no key needed)",
                                 "responses": {"200": _json(_ref("Status"), "Alive.")}}},
@@ -328,6 +364,56 @@ def _paths() -> dict[str, Any]:
                              "summary": "This document as a readable page (no key needed, no external assets)",
                              "responses": {"200": {"description": "HTML.",
                                                    "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+    }
+
+
+def _file_op_paths(sandbox: list[dict[str, Any]]) -> dict[str, Any]:
+    path = _file_path(True, "path in the sandbox (relative: under /data)")
+    errors = _errors(401, 404, 409, 410, 422, 429, 507)
+    return {
+        "/v1/sandboxes/{sandbox_id}/files/stat": {
+            "parameters": sandbox,
+            "get": {"operationId": "statFile", "tags": ["files"], "summary": "Stat a file, directory or link",
+                    "description": "404 if nothing is there (the SDK's exists()). A link is described, not followed.",
+                    "parameters": [path], "responses": {"200": _json(_ref("FileStat"), "The entry."), **errors}},
+        },
+        "/v1/sandboxes/{sandbox_id}/files/mkdir": {
+            "parameters": sandbox,
+            "post": {"operationId": "makeDir", "tags": ["files"], "summary": "Make a directory (mkdir -p)",
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": _ref("MakeDirRequest")}}},
+                     "responses": {"201": _json({"type": "object"}, "Made: {path, created: true}."),
+                                   "200": _json({"type": "object"}, "There already (parents): {path, created: "
+                                                                    "false}."),
+                                   **_errors(400, 401, 404, 409, 410, 413, 422, 429, 507)}},
+        },
+        "/v1/sandboxes/{sandbox_id}/files/rename": {
+            "parameters": sandbox,
+            "post": {"operationId": "renameFile", "tags": ["files"], "summary": "Rename or move",
+                     "description": "A file, link or directory, to another directory or filesystem too. An "
+                                    "existing `to` is 409 already_exists unless overwrite.",
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": _ref("RenameRequest")}}},
+                     "responses": {"200": _json({"type": "object"}, "Moved: {path: the new path}."),
+                                   **_errors(400, 401, 404, 409, 410, 413, 422, 429, 507)}},
+        },
+        "/v1/sandboxes/{sandbox_id}/files/watch": {
+            "parameters": sandbox,
+            "get": {"operationId": "watchDir", "tags": ["files"], "summary": "Watch a directory (NDJSON stream)",
+                    "description": "create/modify/delete events under the directory (its subdirectories too with "
+                                   "recursive=true) until timeout_s passes, the directory goes or the client "
+                                   "disconnects. A burst of writes to one file is one modify. Bounded: watches per "
+                                   "sandbox and directories per watch (429), events kept between polls (overflow).",
+                    "parameters": [
+                        _file_path(True, "the directory to watch"),
+                        {"name": "recursive", "in": "query", "required": False,
+                         "schema": {"type": "boolean", "default": False}},
+                        {"name": "timeout_s", "in": "query", "required": False,
+                         "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 60},
+                         "description": "how long the stream lasts at most"}],
+                    "responses": {"200": {"description": "One WatchEvent a line.", "content": {
+                        "application/x-ndjson": {"schema": _ref("WatchEvent")}}}, **errors}},
+        },
     }
 
 

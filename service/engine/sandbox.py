@@ -19,6 +19,7 @@ from .vm import VirtualMachine
 
 # How long past the exec's own timeout + grace we wait for the agent before declaring the VM lost.
 _HOST_SLACK_S = 15.0
+_CALL_WAIT_S = 2.0  # longest wait for a single-answer call of this process to finish (a file op, a watch poll)
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -160,7 +161,9 @@ class Sandbox:
         SandboxBusy if this process or (through another agent port) another one is already running code."""
         if self._closed:
             raise SandboxClosed("the sandbox is closed")
-        if not self._exec_lock.acquire(blocking=False):
+        # A single-answer call (a file op, a watch poll) holds the lock for one round trip: wait that out, so
+        # only a running exec (or fork, freeze) makes this one busy.
+        if not self._exec_lock.acquire(timeout=_CALL_WAIT_S):
             raise SandboxBusy()
         try:
             timeout = self.limits.timeout_s if timeout_s is None else timeout_s
@@ -190,7 +193,7 @@ class Sandbox:
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold the sandbox idle (no exec from this process can start) for a freeze or a fork."""
-        if not self._exec_lock.acquire(blocking=False):
+        if not self._exec_lock.acquire(timeout=_CALL_WAIT_S):
             raise SandboxBusy()
         try:
             yield

@@ -67,6 +67,7 @@ class _Vm:
     machine: dict[str, Any]
     namespace: dict[str, Any] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
+    uploads: dict[str, bytes] = field(default_factory=dict)  # unfinished uploads, invisible until committed
     alive: bool = True
 
 
@@ -126,8 +127,14 @@ class FakeSandbox:
         files, path = self._vm.files, args.get("path", "")
         if op == "file_write":
             self._engine.upload_chunk_sizes.append(len(payload))
-            files[path] = (files.get(path, b"") if args.get("append") else b"") + payload
+            target = files if args.get("upload") is None else self._vm.uploads  # the guest's temporary name
+            target[path] = (target.get(path, b"") if args.get("append") else b"") + payload
             return {"ev": "ok"}
+        if op == "file_commit":  # the guest renames the finished upload over the file (or drops it)
+            data = self._vm.uploads.pop(path, b"")
+            if not args.get("abort"):
+                files[path] = data
+            return {"ev": "ok", "size": len(data)}
         if op == "file_read":
             if path not in files:
                 return {"ev": "error", "code": "not_found", "message": f"no file {path!r}"}

@@ -12,7 +12,7 @@ import os
 import signal
 import time
 
-from appliance_agent import __version__, arguments, children, codegroups, files, frames, protocol, sysops
+from appliance_agent import __version__, arguments, children, codegroups, fileops, files, frames, protocol, sysops
 from appliance_agent.arguments import BadRequest, ExecArgs
 from appliance_agent.arguments import error as error_result
 from appliance_agent.arguments import seconds as _seconds
@@ -89,7 +89,7 @@ class Agent:
             "set_clock": self._op_set_clock,
             "restart_worker": self._op_restart_worker,
             **dict.fromkeys(protocol.NET_OPS, self._op_net),
-            **dict.fromkeys(files.HANDLERS, self._op_file),
+            **dict.fromkeys(fileops.HANDLERS, self._op_file),
         }
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -215,10 +215,10 @@ class Agent:
         """File operations run here, between events: they are quick, bounded I/O on the guest's RAM disk."""
         try:
             if self._user is None:
-                reply, data = files.HANDLERS[message["op"]](message)
+                reply, data = fileops.HANDLERS[message["op"]](message)
             else:
                 with self._user.acting():
-                    reply, data = files.HANDLERS[message["op"]](message)
+                    reply, data = fileops.HANDLERS[message["op"]](message)
         except files.FileOpError as exc:
             self._send_error(channel, request_id, exc.code, exc.message)
             return

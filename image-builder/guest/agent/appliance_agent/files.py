@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import os
+import re
 import stat
 from typing import Any
 
@@ -26,6 +28,15 @@ _ERRNO_CODES = {
     errno.ENOTDIR: "not_a_directory",
     errno.EACCES: "permission_denied",
     errno.EPERM: "permission_denied",
+    errno.EEXIST: "already_exists",
+    errno.ENOTEMPTY: "not_empty",
+    errno.EINVAL: "invalid_path",  # e.g. a directory moved into itself
+    errno.ENAMETOOLONG: "invalid_path",
+    errno.ELOOP: "invalid_path",
+    errno.EBUSY: "invalid_path",  # a mount point
+    errno.EROFS: "permission_denied",
+    errno.ENOSPC: "no_space",
+    errno.EDQUOT: "no_space",
 }
 
 
@@ -41,9 +52,30 @@ def _path(message: dict[str, Any]) -> str:
     return path
 
 
+# An upload is written under a temporary name beside its target and renamed over it by file_commit, so nobody
+# (user code, a download, a listing of the target) ever sees a half-written file. The host picks the token.
+_UPLOAD_TOKEN = re.compile(r"[0-9a-f]{8,32}")
+_UPLOAD_MARK = ".upload-"
+_TEMP_NAME_BYTES = 200  # of the target's name kept in the temporary one: the whole stays under NAME_MAX
+
+
+def upload_temp(path: str, token: object) -> str:
+    """The temporary name of an upload of `path` (same directory: the final rename never crosses filesystems)."""
+    if not isinstance(token, str) or not _UPLOAD_TOKEN.fullmatch(token):
+        raise FileOpError("invalid_path", "upload must be 8-32 lowercase hex digits")
+    parent, name = os.path.split(path)
+    if not name or name in {".", ".."}:
+        raise FileOpError("invalid_path", f"{path}: not a file name")
+    short = os.fsencode(name)[:_TEMP_NAME_BYTES].decode(errors="ignore")
+    return os.path.join(parent, f".{short}{_UPLOAD_MARK}{token}")
+
+
 def file_write(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    """Write (or append) the payload; parent directories are created. Replies with the file's new size."""
+    """Write (or append) the payload; parent directories are created. Replies with the file's new size. With an
+    `upload` token the bytes go to the upload's temporary name (file_commit puts it in place)."""
     path = _path(message)
+    if message.get("upload") is not None:
+        path = upload_temp(path, message["upload"])
     data = message.get(PAYLOAD_KEY, b"")
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if message.get("append") else os.O_TRUNC)
     try:
@@ -59,6 +91,26 @@ def file_write(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         finally:
             os.close(fd)
     except OSError as exc:
+        raise _fail(exc, path) from None
+    return {"size": size}, b""
+
+
+def file_commit(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """Put a finished upload in place (one rename), or with `abort` drop it."""
+    path = _path(message)
+    temp = upload_temp(path, message.get("upload"))
+    try:
+        if message.get("abort"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            return {}, b""
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise OSError(errno.EISDIR, "is a directory")
+        os.rename(temp, path)
+        size = os.lstat(path).st_size
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
         raise _fail(exc, path) from None
     return {"size": size}, b""
 
@@ -104,15 +156,24 @@ def _sorted_names(path: str) -> list[str]:
     return names
 
 
+MAX_DEPTH = 32  # of a recursive listing: deeper trees are listed from a deeper path
+
+
 def list_dir(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     """One page of a directory, in name order: the first `limit` entries whose names sort after `after`, and
-    `more` if entries remain. Only the page's entries are stat'ed, whatever the directory's size."""
+    `more` if entries remain. Only the page's entries are stat'ed, whatever the directory's size. With `depth` > 1
+    the entries of subdirectories follow their directory (names are paths relative to `path`, e.g. "a/b"), to
+    that depth; links are listed, never followed."""
     path = _path(message)
-    limit, after = message.get("limit", DEFAULT_PAGE), message.get("after")
+    limit, after, depth = message.get("limit", DEFAULT_PAGE), message.get("after"), message.get("depth", 1)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
         raise FileOpError("io_error", f"limit must be an integer from 1 to {MAX_PAGE}")
+    if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= MAX_DEPTH:
+        raise FileOpError("io_error", f"depth must be an integer from 1 to {MAX_DEPTH}")
     if after is not None and not isinstance(after, str):
         raise FileOpError("io_error", "after must be a name (the last name of the previous page)")
+    if depth > 1:
+        return _list_tree(path, limit, after, depth), b""
     try:
         names = _sorted_names(path)
     except OSError as exc:
@@ -126,10 +187,61 @@ def list_dir(message: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
             info = os.lstat(os.path.join(path, name))
         except OSError:
             continue  # gone since the scan
-        kind = "dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode) else (
-            "link" if stat.S_ISLNK(info.st_mode) else "other")
-        entries.append({"name": name, "type": kind, "size": info.st_size, "mtime": info.st_mtime})
+        entries.append(_entry(name, os.path.join(path, name), info))
     return {"entries": entries, "more": more, "after": page[-1] if more else None}, b""
 
 
-HANDLERS = {"file_write": file_write, "file_read": file_read, "list_dir": list_dir}
+def _list_tree(root: str, limit: int, after: str | None, depth: int) -> dict[str, Any]:
+    """A page of a pre-order walk (a directory, then its entries, each level in name order). The cursor is the
+    last relative path sent: the walk skips every path that sorts before it, component by component, so a page
+    costs the directories on the way to it, not the whole tree before it."""
+    try:
+        if not stat.S_ISDIR(os.stat(root).st_mode):
+            raise OSError(errno.ENOTDIR, "not a directory")
+    except OSError as exc:
+        raise _fail(exc, root) from None
+    entries: list[dict[str, Any]] = []
+    last: list[str] = []
+    skip = after.split("/") if after else []
+
+    def walk(directory: str, prefix: str, level: int, skip: list[str]) -> bool:
+        """False once the page is full (and one more entry exists)."""
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            return True  # unreadable or gone: listed as an entry of its parent, nothing below it
+        start = bisect.bisect_left(names, skip[0]) if skip else 0
+        for name in names[start:]:
+            full, rel = os.path.join(directory, name), prefix + name
+            resumed = bool(skip) and name == skip[0]
+            if not resumed:
+                if len(entries) == limit:
+                    return False
+                try:
+                    info = os.lstat(full)
+                except OSError:
+                    continue
+                entries.append(_entry(rel, full, info))
+                last[:] = [rel]
+                is_dir = stat.S_ISDIR(info.st_mode)
+            else:
+                is_dir = os.path.isdir(full) and not os.path.islink(full)
+            if is_dir and level < depth and not walk(full, rel + "/", level + 1, skip[1:] if resumed else []):
+                return False
+            skip = []
+        return True
+
+    more = not walk(root, "", 1, skip)
+    return {"entries": entries, "more": more, "after": last[0] if more else None}
+
+
+def _kind(mode: int) -> str:
+    return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else (
+        "link" if stat.S_ISLNK(mode) else "other")
+
+
+def _entry(name: str, path: str, info: os.stat_result) -> dict[str, Any]:
+    return {"name": name, "path": path, "type": _kind(info.st_mode), "size": info.st_size, "mtime": info.st_mtime}
+
+
+HANDLERS = {"file_write": file_write, "file_commit": file_commit, "file_read": file_read, "list_dir": list_dir}

@@ -18,6 +18,8 @@ Requests go host -> agent and carry an integer "id" chosen by the host and an "o
                                                  writes {name: ip} hosts to /etc/hosts; again on a clone)
     net_prepare                               -> ok {loaded} (the NIC driver loaded but not bound: no interface;
                                                  a later net_config only binds it. Done once in templates)
+    file_write {path, append, upload} + bytes -> ok {size}; file_read {path, offset, max} -> ok {size, eof} + bytes
+    list_dir {path, limit, after, depth}      -> ok {entries, more, after}   (files.py; FILE_OPS in fileops.py)
 Events go agent -> host and carry the "id" of the request they answer and an "ev". The agent sends one
 unsolicited event with id 0 when it starts: hello {protocol, agent_version}.
 
@@ -83,9 +85,12 @@ NETWORK_MODULES_DIR = "usr/lib/appliance/modules"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 # file_write, file_read and list_dir carry raw payloads: see frames.py.
+# Served by fileops.py (stat, remove, mkdir, rename; file_commit puts a finished upload in place) and filewatch.py.
+FILE_OPS = ("file_commit", "file_stat", "file_remove", "file_mkdir", "file_rename", "watch_start", "watch_poll",
+            "watch_stop")
 OPS = frozenset(
     {"ping", "exec", "interrupt", "reseed", "set_clock", "restart_worker", "file_write", "file_read", "list_dir",
-     *NET_OPS}
+     *NET_OPS, *FILE_OPS}
 )
 EVENTS = frozenset({"hello", "pong", "stdout", "stderr", "display", "done", "ok", "error"})
 LANGUAGES = frozenset({"python", "bash"})
