@@ -20,7 +20,7 @@ _LOOPBACK_NAMES = ("localhost",)
 @click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True,
               help="stdio: the client starts this command and talks over its stdin/stdout; http: streamable HTTP.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (http).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True, help="Port (http).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8811, show_default=True, help="Port (http).")
 @connection_options
 def mcp_command(target: Target, transport: str, host: str, port: int) -> None:
     """Serve run_python, run_command, files, fork, freeze/resume and close as MCP tools."""
