@@ -5,6 +5,7 @@ it ends, and how errors reach an MCP client (code and message, never a traceback
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import anyio
@@ -60,15 +61,19 @@ class StandIn:
         self.detached = True
 
 
-def session_of(world: dict[str, StandIn]) -> ToolSession:
+def session_of(world: dict[str, StandIn], create_s: float = 0.0) -> ToolSession:
     created = iter(range(1000))
+
+    def new_sandbox() -> StandIn:
+        time.sleep(create_s)  # a create takes a while (seconds, really): the window two first calls could race in
+        return StandIn(f"sb-new{next(created)}", world)
 
     def connect(sandbox_id: str) -> StandIn:
         if sandbox_id not in world or world[sandbox_id].closed:
             raise NotFoundError("no such sandbox", code="not_found", status=404)
         return world[sandbox_id]
 
-    session = ToolSession(new_sandbox=lambda: StandIn(f"sb-new{next(created)}", world), connect=connect)
+    session = ToolSession(new_sandbox=new_sandbox, connect=connect)
     session.detach_called = False  # type: ignore[attr-defined]
     detach = session.detach
 
@@ -82,7 +87,7 @@ def session_of(world: dict[str, StandIn]) -> ToolSession:
 
 def test_the_default_sandbox_is_made_on_first_use_once_and_kept():
     world: dict[str, StandIn] = {}
-    session = session_of(world)
+    session = session_of(world, create_s=0.3)
     assert world == {}  # nothing is created before a tool needs it
     threads = [threading.Thread(target=session.call, args=("run_python", {"code": "x"})) for _ in range(4)]
     for thread in threads:
