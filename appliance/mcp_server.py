@@ -11,10 +11,13 @@ any sandbox of that key by id.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anyio
@@ -61,8 +64,8 @@ class Sessions:
         with self._lock:
             sessions = list(self._sessions.values())
             self._sessions.clear()
-        for session in sessions:
-            session.close()
+        with ThreadPoolExecutor(max_workers=8) as pool:  # each close is HTTP round trips: overlap them
+            list(pool.map(lambda session: session.close(), sessions))
 
 
 def session_key(ctx: Any) -> str | None:
@@ -108,6 +111,8 @@ def build_server(sessions: Sessions) -> Server:
 
 
 def serve_stdio(sessions: Sessions) -> None:
+    """Until the client closes stdin; then delete what the sessions created. A client that stops its server sends
+    SIGTERM soon after (the SDK's waits 2 s): it ends the serving, not the clean-up."""
     from mcp.server.stdio import stdio_server
 
     server = build_server(sessions)
@@ -116,21 +121,45 @@ def serve_stdio(sessions: Sessions) -> None:
         async with stdio_server() as (read_stream, write_stream):
             await server.run(read_stream, write_stream, server.create_initialization_options())
 
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         anyio.run(main)
+    except* _Stopped:  # raised in whichever task the signal interrupted, so maybe inside a task group's
+        pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
         sessions.close()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def serve_http(sessions: Sessions, host: str, port: int, path: str = "/mcp") -> None:
+    """Until SIGINT/SIGTERM; the sessions' sandboxes are deleted as the app shuts down (uvicorn re-raises the
+    signal after it, so code after uvicorn.run would never run)."""
     import uvicorn
 
     server = build_server(sessions)
     app = server.streamable_http_app(streamable_http_path=path, host=host)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    finally:
-        sessions.close()
+    serve_sessions = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[None]:
+        try:
+            async with serve_sessions(app_):
+                yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(sessions.close)
+
+    app.router.lifespan_context = lifespan
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+class _Stopped(Exception):
+    """SIGTERM while serving stdio."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stopped
 
 
 def _version() -> str:

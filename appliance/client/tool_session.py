@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,14 +192,17 @@ class ToolSession:
             self._handles.clear()
             self._created.clear()
             self._default = None
-        for sandbox_id, handle in handles.items():
+        def let_go(sandbox_id: str, handle: Sandbox) -> None:
             try:
                 if sandbox_id in created and handle.refresh().get("state") != "frozen":
                     handle.close()
-                    continue
+                    return
             except ApplianceError:
                 pass
             handle.detach()
+
+        with ThreadPoolExecutor(max_workers=8) as pool:  # a client stopping its server waits only seconds
+            list(pool.map(let_go, handles.keys(), handles.values()))
 
 
 def format_execution(execution: Execution, max_chars: int = MAX_RESULT_CHARS) -> str:
