@@ -30,7 +30,8 @@ async def main(url: str | None) -> None:
         tools = (await client.list_tools()).tools
         print("tools:", ", ".join(tool.name for tool in tools))
         for name, arguments in [
-            ("run_python", {"code": "import numpy as np\nx = np.arange(10)\nx.sum()"}),
+            ("run_python", {"code": "squares = [i * i for i in range(10)]\nsum(squares)"}),
+            ("run_python", {"code": "print(squares[-3:])"}),
             ("run_command", {"command": "python3 --version; nproc"}),
             ("write_file", {"path": "hello.txt", "content": "hi from MCP\n"}),
             ("read_file", {"path": "hello.txt"}),
