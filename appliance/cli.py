@@ -13,6 +13,7 @@ from .commands.doctor import doctor_command
 from .commands.init import init_command
 from .commands.keys import keys_group
 from .commands.launcher import launcher_command
+from .commands.mcp import mcp_command
 from .commands.run import run_command
 from .commands.sandboxes import sandboxes_group
 from .commands.serve import serve_command
@@ -59,3 +60,4 @@ main.add_command(deploy_command)
 main.add_command(sandboxes_group)
 main.add_command(keys_group)
 main.add_command(templates_group)
+main.add_command(mcp_command)

@@ -361,6 +361,17 @@ class Sandbox:
         """An existing sandbox (one this key created), e.g. from another process."""
         return cls(sandbox_id=sandbox_id, **kwargs)
 
+    def connect_other(self, sandbox_id: str) -> Sandbox:
+        """Another sandbox of this key on the same service (e.g. a fork's copy named by id), reached with this
+        one's URL, key and settings."""
+        api = self._api.sibling()
+        try:
+            info = api.request("GET", f"/v1/sandboxes/{sandbox_id}").json()
+        except BaseException:
+            api.close()
+            raise
+        return type(self)._from_info(api, info, self._request_timeout)
+
     @staticmethod
     def list(url: str | None = None, api_key: str | None = None, state: str | None = None,
              http_client: httpx.Client | None = None) -> list[dict[str, Any]]:

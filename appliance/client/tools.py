@@ -1,11 +1,14 @@
-"""The `run_python` tool for LLM applications: its declaration in OpenAI, Anthropic and Gemini formats, and one
-function that runs a tool call from any of them in a Sandbox and returns the tool result as text.
+"""The sandbox tools for LLM applications: their declarations in OpenAI, Anthropic and Gemini formats, and one
+function that runs a tool call from any of them and returns the tool result as text.
 
     from appliance.client import Sandbox
-    from appliance.client.tools import OPENAI_TOOL, run_tool_call
-    tools = [OPENAI_TOOL]                       # or ANTHROPIC_TOOL, or GEMINI_TOOL
+    from appliance.client.tools import OPENAI_TOOLS, run_tool_call
+    tools = OPENAI_TOOLS                        # or ANTHROPIC_TOOLS, GEMINI_TOOLS; OPENAI_TOOL: run_python alone
     ... the model answers with a tool call ...
     text = run_tool_call(call, sandbox)         # the call as the provider's JSON (dict) or SDK object
+
+The tools (run_python, run_command, write_file, read_file, list_files, fork, freeze, resume, close) are defined
+once in appliance.client.tool_specs; `appliance mcp` serves the same definitions over MCP.
 """
 
 from __future__ import annotations
@@ -13,56 +16,36 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .sandbox import Execution, Sandbox
+from . import tool_specs
+from .sandbox import Sandbox
+from .tool_session import MAX_RESULT_CHARS, ToolSession, format_command, format_execution
+from .tool_specs import ToolCallError
 
-TOOL_NAME = "run_python"
-TOOL_DESCRIPTION = (
-    "Run Python code in a persistent sandbox (a Jupyter-like session in an isolated VM). Variables, imports and "
-    "files persist between calls. numpy, pandas, scikit-learn, matplotlib and scipy are installed; there is no "
-    "internet access. The result shows stdout, stderr, the value of the last expression, and any error. Use "
-    "print() or end with an expression to see values; plt.show() reports figures as images."
-)
-CODE_DESCRIPTION = "Python source to run; the value of the last line, if an expression, is returned."
-MAX_RESULT_CHARS = 20_000
+TOOL_NAME = tool_specs.RUN_PYTHON.name
+TOOL_DESCRIPTION = tool_specs.RUN_PYTHON.description
+CODE_DESCRIPTION = tool_specs.RUN_PYTHON.param("code").description
 
-_JSON_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"code": {"type": "string", "description": CODE_DESCRIPTION}},
-    "required": ["code"],
-    "additionalProperties": False,
-}
-
-# OpenAI Chat Completions (and every OpenAI-compatible endpoint): tools=[OPENAI_TOOL]
-OPENAI_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {"name": TOOL_NAME, "description": TOOL_DESCRIPTION, "parameters": _JSON_SCHEMA, "strict": True},
-}
-# OpenAI Responses API: tools=[OPENAI_RESPONSES_TOOL]
-OPENAI_RESPONSES_TOOL: dict[str, Any] = {
-    "type": "function", "name": TOOL_NAME, "description": TOOL_DESCRIPTION, "parameters": _JSON_SCHEMA,
-    "strict": True,
-}
-# Anthropic Messages API: tools=[ANTHROPIC_TOOL]
-ANTHROPIC_TOOL: dict[str, Any] = {
-    "name": TOOL_NAME,
-    "description": TOOL_DESCRIPTION,
-    "input_schema": {k: v for k, v in _JSON_SCHEMA.items() if k != "additionalProperties"},
-}
-# Gemini (generateContent REST): tools=[GEMINI_TOOL]; its schema dialect is OpenAPI's, with upper-case types.
-GEMINI_FUNCTION_DECLARATION: dict[str, Any] = {
-    "name": TOOL_NAME,
-    "description": TOOL_DESCRIPTION,
-    "parameters": {
-        "type": "OBJECT",
-        "properties": {"code": {"type": "STRING", "description": CODE_DESCRIPTION}},
-        "required": ["code"],
-    },
-}
+# OpenAI Chat Completions (and every OpenAI-compatible endpoint): tools=[OPENAI_TOOL] or tools=OPENAI_TOOLS
+OPENAI_TOOL: dict[str, Any] = tool_specs.openai_tool(tool_specs.RUN_PYTHON)
+OPENAI_TOOLS: list[dict[str, Any]] = [tool_specs.openai_tool(tool) for tool in tool_specs.TOOLS]
+# OpenAI Responses API: tools=[OPENAI_RESPONSES_TOOL] or tools=OPENAI_RESPONSES_TOOLS
+OPENAI_RESPONSES_TOOL: dict[str, Any] = tool_specs.openai_responses_tool(tool_specs.RUN_PYTHON)
+OPENAI_RESPONSES_TOOLS: list[dict[str, Any]] = [tool_specs.openai_responses_tool(t) for t in tool_specs.TOOLS]
+# Anthropic Messages API: tools=[ANTHROPIC_TOOL] or tools=ANTHROPIC_TOOLS
+ANTHROPIC_TOOL: dict[str, Any] = tool_specs.anthropic_tool(tool_specs.RUN_PYTHON)
+ANTHROPIC_TOOLS: list[dict[str, Any]] = [tool_specs.anthropic_tool(tool) for tool in tool_specs.TOOLS]
+# Gemini (generateContent REST): tools=[GEMINI_TOOL] or tools=GEMINI_TOOLS; its schema dialect is OpenAPI's.
+GEMINI_FUNCTION_DECLARATION: dict[str, Any] = tool_specs.gemini_function_declaration(tool_specs.RUN_PYTHON)
 GEMINI_TOOL: dict[str, Any] = {"function_declarations": [GEMINI_FUNCTION_DECLARATION]}
+GEMINI_TOOLS: list[dict[str, Any]] = [
+    {"function_declarations": [tool_specs.gemini_function_declaration(tool) for tool in tool_specs.TOOLS]}]
 
-
-class ToolCallError(ValueError):
-    """The tool call is not one this module can run (unknown shape, other tool, no code)."""
+__all__ = [
+    "ANTHROPIC_TOOL", "ANTHROPIC_TOOLS", "CODE_DESCRIPTION", "GEMINI_FUNCTION_DECLARATION", "GEMINI_TOOL",
+    "GEMINI_TOOLS", "MAX_RESULT_CHARS", "OPENAI_RESPONSES_TOOL", "OPENAI_RESPONSES_TOOLS", "OPENAI_TOOL",
+    "OPENAI_TOOLS", "TOOL_DESCRIPTION", "TOOL_NAME", "ToolCallError", "ToolSession", "format_command",
+    "format_execution", "parse_tool_call", "run_tool_call",
+]
 
 
 def parse_tool_call(call: Any) -> tuple[str, dict[str, Any]]:
@@ -91,56 +74,24 @@ def parse_tool_call(call: Any) -> tuple[str, dict[str, Any]]:
     raise ToolCallError(f"not a tool call in a known format (keys: {sorted(call)})")
 
 
-def run_tool_call(call: Any, sandbox: Sandbox, timeout: float | None = None,
+def run_tool_call(call: Any, sandbox: Sandbox | ToolSession, timeout: float | None = None,
                   max_chars: int = MAX_RESULT_CHARS) -> str:
-    """Run a `run_python` tool call in `sandbox`; the text to send back to the model as the tool's result.
+    """Run a tool call in `sandbox` (the default sandbox of the call; a `sandbox_id` argument names another of the
+    same key) or in a ToolSession (which remembers fork copies and creates its sandbox on first use); the text to
+    send back to the model as the tool's result.
 
-    Problems with the call itself (wrong tool, bad arguments) come back as text too, so the model can fix them."""
+    Problems with the call itself (unknown tool, bad arguments) come back as text too, so the model can fix them;
+    what the API refuses raises ApplianceError, as every SDK call does."""
+    session = sandbox if isinstance(sandbox, ToolSession) else ToolSession(
+        sandbox, connect=sandbox.connect_other, max_chars=max_chars)
     try:
         name, arguments = parse_tool_call(call)
-        if name != TOOL_NAME:
-            raise ToolCallError(f"unknown tool {name!r}; the only tool is {TOOL_NAME}")
-        code = arguments.get("code")
-        if not isinstance(code, str) or not code.strip():
-            raise ToolCallError("the run_python call has no 'code' string")
+        return session.call(name, arguments, timeout=timeout).text
     except ToolCallError as exc:
         return f"[tool call error] {exc}"
-    return format_execution(sandbox.run_code(code, timeout=timeout), max_chars)
-
-
-def format_execution(execution: Execution, max_chars: int = MAX_RESULT_CHARS) -> str:
-    """An execution as plain text for a model: stdout, stderr, outputs, error; long output cut in the middle."""
-    parts: list[str] = []
-    if execution.stdout:
-        parts.append(f"[stdout]\n{execution.stdout.rstrip()}")
-    if execution.stderr:
-        parts.append(f"[stderr]\n{execution.stderr.rstrip()}")
-    has_value = execution.text is not None and bool(execution.results)
-    displays = execution.results[:-1] if has_value else execution.results
-    for bundle in displays:
-        kinds = [kind for kind in bundle if kind != "text/plain"]
-        if kinds:
-            parts.append(f"[display: {', '.join(kinds)}] {bundle.get('text/plain', '')}".rstrip())
-        elif "text/plain" in bundle:
-            parts.append(f"[display]\n{bundle['text/plain']}")
-    if execution.text is not None:
-        kinds = [kind for kind in (execution.results[-1] if has_value else {}) if kind != "text/plain"]
-        also = f" (also as {', '.join(kinds)})" if kinds else ""
-        parts.append(f"[result{also}]\n{execution.text}")
-    if execution.truncated_bytes:
-        parts.append(f"[note] {execution.truncated_bytes} bytes of output were dropped")
-    if execution.worker_restarted:
-        parts.append("[note] the code did not stop when interrupted; the Python session was restarted and "
-                     "earlier variables are gone")
-    if execution.error is not None:
-        parts.append(f"[error]\n{execution.error}")
-    if execution.exit_code not in (None, 0):
-        parts.append(f"[exit code] {execution.exit_code}")
-    text = "\n".join(parts) if parts else "[no output]"
-    if len(text) > max_chars:
-        half = max_chars // 2
-        text = f"{text[:half]}\n[... {len(text) - max_chars} characters cut ...]\n{text[-half:]}"
-    return text
+    finally:
+        if session is not sandbox:  # a session for this call only: let go of the other sandboxes it reached
+            session.detach(keep=sandbox)
 
 
 def _as_dict(call: Any) -> Any:

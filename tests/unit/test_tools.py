@@ -26,6 +26,8 @@ CODE = "import math\nmath.sqrt(16)"
 
 
 class RecordingSandbox:
+    id = "sb-recording"
+
     def __init__(self, execution: Execution | None = None) -> None:
         self.calls: list[tuple[str, float | None]] = []
         self.execution = execution or Execution(stdout="hi\n", results=[{"text/plain": "4.0"}], text="4.0")
@@ -33,6 +35,9 @@ class RecordingSandbox:
     def run_code(self, code: str, timeout: float | None = None, stream: bool = False) -> Execution:
         self.calls.append((code, timeout))
         return self.execution
+
+    def connect_other(self, sandbox_id: str):
+        raise AssertionError(f"no other sandbox expected, got {sandbox_id}")
 
 
 # ---- declarations ----------------------------------------------------------------------------------------------
@@ -46,15 +51,20 @@ def _accepts(schema: dict, instance: dict) -> bool:
     return True
 
 
+# OpenAI's strict mode sends every argument, null for those not given
+STRICT_NULLS = {"sandbox_id": None, "timeout_s": None}
+
+
 @pytest.mark.parametrize(
-    "schema",
-    [OPENAI_TOOL["function"]["parameters"], OPENAI_RESPONSES_TOOL["parameters"], ANTHROPIC_TOOL["input_schema"]],
+    ("schema", "others"),
+    [(OPENAI_TOOL["function"]["parameters"], STRICT_NULLS), (OPENAI_RESPONSES_TOOL["parameters"], STRICT_NULLS),
+     (ANTHROPIC_TOOL["input_schema"], {})],
     ids=["openai", "openai-responses", "anthropic"],
 )
-def test_json_schema_declarations_are_valid_and_require_code(schema):
+def test_json_schema_declarations_are_valid_and_require_code(schema, others):
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["type"] == "object"
-    assert _accepts(schema, {"code": "1 + 1"})
+    assert _accepts(schema, {"code": "1 + 1", **others})
     assert not _accepts(schema, {})
     assert not _accepts(schema, {"code": 5})
 
