@@ -14,12 +14,15 @@ Routes (all JSON unless noted; every one but the probes and the API description 
     GET    /v1/sandboxes/{sandbox_id}/files?path=P     download (streamed, with Content-Length)
     GET    /v1/sandboxes/{sandbox_id}/files/list?path=D  list a directory
     GET    /v1/healthz   GET /v1/readyz   GET /metrics (metrics key)   GET /v1/openapi.json   GET /v1/docs
+    /e2b/...                                           the E2B-compatible front door (service/compat/e2b)
 """
 
 from __future__ import annotations
 
 import falcon
 
+from service.compat import e2b
+from service.engine.deployment_secret import read_or_create
 from service.keys import KeyRing
 from service.settings import ServiceConfig, key_ring
 
@@ -43,7 +46,8 @@ def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None,
     keys = keys or key_ring(config)
     app = falcon.App(
         middleware=[
-            RequestContext(), MetricsMiddleware(metrics), Auth(keys), BodyLimit(config.max_body_bytes),
+            RequestContext(), MetricsMiddleware(metrics), Auth(keys, own_auth_prefixes=(f"{e2b.PREFIX}/",)),
+            BodyLimit(config.max_body_bytes),
         ],
     )
     app.req_options.auto_parse_qs_csv = False
@@ -66,4 +70,5 @@ def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None,
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/v1/openapi.json", OpenApi(config.max_fork))
     app.add_route("/v1/docs", Docs(config.max_fork))
+    e2b.install(app, manager, keys, read_or_create(config.secret_file), config.max_body_bytes, config.max_code_bytes)
     return app
