@@ -26,7 +26,7 @@ def test_an_access_token_opens_its_own_sandbox_only():
     assert token_key_id(SECRET, "sb-0123abcd", token) == "key_aaaaaaaaaaaa"
     assert token_key_id(SECRET, "sb-0123abce", token) is None  # another sandbox
     assert token_key_id(b"t" * 32, "sb-0123abcd", token) is None  # another deployment
-    key_id, _, mac = token.partition(".")
+    _, _, mac = token.partition(".")
     assert token_key_id(SECRET, "sb-0123abcd", f"key_bbbbbbbbbbbb.{mac}") is None  # another key's id, same MAC
     assert token_key_id(SECRET, "sb-0123abcd", token[:-1]) is None
     assert token_key_id(SECRET, "sb-0123abcd", "") is None
