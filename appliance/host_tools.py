@@ -114,6 +114,7 @@ VENV_PROGRAMS = {
     "molecule": "the provisioning tests' scenarios",
     "gunicorn": "appliance serve",
     "appliance": "this project's own CLI",
+    "python": "the E2B SDKs' own venvs (tests/e2b_sdk.py), made by the venv's python3 -m venv",
 }
 
 

@@ -268,6 +268,15 @@ class KeyRing:
             return None
         return stored.credential
 
+    def has_id(self, key_id: str) -> bool:
+        """Whether a key of this id is valid now (a configured one, or a stored one neither revoked nor expired):
+        credentials derived from a key (E2B's in-sandbox access tokens) die with it."""
+        if any(credential.key_id == key_id for credential in self._configured.values()):
+            return True
+        now = self._clock()
+        return any(stored.credential.key_id == key_id and (stored.valid_until is None or now < stored.valid_until)
+                   for stored in self._store().values())
+
     def _store(self) -> dict[str, _Stored]:
         try:
             info = os.stat(self._store_path)

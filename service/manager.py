@@ -261,6 +261,12 @@ class SandboxManager:
         seen = [_as_seen(record) for record in self.registry.list(owner=owner) if record.state != CREATING]
         return [record for record in seen if state is None or record.state == state]
 
+    def set_timeout(self, owner: str, sandbox_id: str, timeout_s: float) -> SandboxRecord:
+        """The sandbox's idle period from now on (its clock restarts now)."""
+        self.get(owner, sandbox_id)
+        self.registry.set_timeout(sandbox_id, timeout_s, self.clock())
+        return self.get(owner, sandbox_id)
+
     def delete(self, owner: str, sandbox_id: str) -> None:
         self._destroy(self.get(owner, sandbox_id))
 

@@ -450,6 +450,11 @@ class Registry:
                   for name, v in columns.items()]
         self._db.execute(f"UPDATE sandboxes SET {sets} WHERE id=?", (state, *values, sandbox_id))
 
+    def set_timeout(self, sandbox_id: str, timeout_s: float, now: float) -> None:
+        """A new idle period, counted from `now` at the latest (E2B's set_timeout); the state is not touched."""
+        self._db.execute("UPDATE sandboxes SET timeout_s=?, last_active_at=MAX(last_active_at, ?) WHERE id=?",
+                         (timeout_s, now, sandbox_id))
+
     def remove(self, sandbox_id: str) -> bool:
         return self._db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,)).rowcount > 0
 

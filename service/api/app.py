@@ -23,12 +23,15 @@ Routes (all JSON unless noted; every one but the probes and the API description 
     GET    /v1/snapshots/{name}                        show one
     DELETE /v1/snapshots/{name}                        delete one (POST /v1/sandboxes {"snapshot": name} uses it)
     GET    /v1/healthz   GET /v1/readyz   GET /metrics (metrics key)   GET /v1/openapi.json   GET /v1/docs
+    /e2b/...                                           the E2B-compatible front door (service/compat/e2b)
 """
 
 from __future__ import annotations
 
 import falcon
 
+from service.compat import e2b
+from service.engine.deployment_secret import read_or_create
 from service.keys import KeyRing
 from service.settings import ServiceConfig, key_ring
 
@@ -54,7 +57,8 @@ def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None,
     keys = keys or key_ring(config)
     app = falcon.App(
         middleware=[
-            RequestContext(), MetricsMiddleware(metrics), Auth(keys), BodyLimit(config.max_body_bytes),
+            RequestContext(), MetricsMiddleware(metrics), Auth(keys, own_auth_prefixes=(f"{e2b.PREFIX}/",)),
+            BodyLimit(config.max_body_bytes),
         ],
     )
     app.req_options.auto_parse_qs_csv = False
@@ -84,4 +88,5 @@ def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None,
     app.add_route(f"{sandbox}/snapshots", SandboxSnapshots(manager, config.max_body_bytes, metrics))
     app.add_route("/v1/snapshots", SnapshotCollection(manager))
     app.add_route("/v1/snapshots/{name}", SnapshotItem(manager))
+    e2b.install(app, manager, keys, read_or_create(config.secret_file), config.max_body_bytes, config.max_code_bytes)
     return app

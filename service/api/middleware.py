@@ -40,12 +40,14 @@ class Auth:
     id becomes req.context.owner (and key_id, for logs: the key itself is never logged). A key of the wrong kind
     for the route is 403."""
 
-    def __init__(self, keys: KeyRing) -> None:
+    def __init__(self, keys: KeyRing, own_auth_prefixes: tuple[str, ...] = ()) -> None:
         self._keys = keys
+        # front doors of service/compat: they authenticate by their own protocol's headers (E2B's X-API-Key)
+        self._own_auth = own_auth_prefixes
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.owner = req.context.key_id = None
-        if req.path in PUBLIC_PATHS:
+        if req.path in PUBLIC_PATHS or (self._own_auth and req.path.startswith(self._own_auth)):
             return
         header = req.get_header("Authorization") or ""
         scheme, _, key = header.partition(" ")
