@@ -26,6 +26,15 @@ log = logging.getLogger("appliance.pool")
 _TICK_S = 0.1
 _HEALTH_EVERY_S = 2.0
 _RESERVATION_LIFETIME_S = 900.0  # longer than any create or fork takes (a fork of 64 under TCG: minutes)
+MAX_TEMPLATE_BOOT_S = 600.0  # the longest boot deadline the keeper gives a template (the spec's own maximum)
+
+
+def boot_deadlines(first_s: float, cap_s: float = MAX_TEMPLATE_BOOT_S) -> list[float]:
+    """The boot deadlines of the template's tries: engine.boot_timeout_s, doubled each time, up to `cap_s`."""
+    deadlines = [first_s]
+    while deadlines[-1] < cap_s:
+        deadlines.append(min(deadlines[-1] * 2, cap_s))
+    return deadlines
 
 
 class PoolKeeper:
@@ -47,7 +56,18 @@ class PoolKeeper:
             return current
         log.info("booting a new template (accelerator %s)", self.engine.accelerator.name)
         started = time.monotonic()
-        template = self.engine.make_template(self.config.agent_ports, self.config.warm_code)
+        deadlines = boot_deadlines(self.config.engine.boot_timeout_s)
+        for attempt, deadline in enumerate(deadlines, start=1):
+            try:
+                template = self.engine.make_template(self.config.agent_ports, self.config.warm_code, deadline)
+                break
+            except BootFailed as exc:
+                if attempt == len(deadlines) or self._stop.is_set():
+                    raise
+                # A host loaded by other work can boot slower than the deadline every time: killing the guest
+                # just short of ready and starting over would never end. The next try waits longer.
+                log.warning("the template did not boot within %gs (%s); trying again with %gs", deadline, exc,
+                            deadlines[attempt])
         self.templates.publish(template)
         self.templates.clear_failure()
         log.info("template %s warm in %.1fs", template.template_id, time.monotonic() - started)

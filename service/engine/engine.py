@@ -133,10 +133,11 @@ class Engine:
         return Sandbox.boot(machine, run_dir, self.config.limits, self.config.boot_timeout_s, self.launcher,
                             die_with_parent=die_with_parent, detach=detach, vm_id=vm_id)
 
-    def make_template(self, agent_ports: int, warm_code: str) -> Template:
-        """Boot, run `warm_code` (imports), save: the warm state clones start from."""
+    def make_template(self, agent_ports: int, warm_code: str, boot_timeout_s: float | None = None) -> Template:
+        """Boot, run `warm_code` (imports), save: the warm state clones start from. `boot_timeout_s`: instead of
+        engine.boot_timeout_s (the pool keeper gives a slow host more time on each try)."""
         return Template.create(self.machine(agent_ports=agent_ports), self.config.templates_dir, self.config.limits,
-                               self.config.boot_timeout_s, self.launcher, warm_code=warm_code)
+                               boot_timeout_s or self.config.boot_timeout_s, self.launcher, warm_code=warm_code)
 
     def template_fits(self, template: Template, agent_ports: int) -> bool:
         """Was `template` made for this image, accelerator and size? (Equal but for where its RAM lives.)"""

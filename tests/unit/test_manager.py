@@ -560,3 +560,11 @@ def test_the_default_reserve_is_2_gib_or_a_tenth_but_never_more_than_half_the_ho
     assert manager._host_reserve_mib(total_gib * 1024) == pytest.approx(reserve_mib)
     manager.config = replace(manager.config, memory_reserve_mib=100)
     assert manager._host_reserve_mib(total_gib * 1024) == 100
+
+
+def test_the_pool_keeper_gives_a_slow_template_boot_more_time_on_each_try():
+    from service.pool import boot_deadlines
+
+    assert boot_deadlines(60.0) == [60.0, 120.0, 240.0, 480.0, 600.0]
+    assert boot_deadlines(600.0) == [600.0]
+    assert boot_deadlines(45.0, cap_s=100.0) == [45.0, 90.0, 100.0]
