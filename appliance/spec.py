@@ -105,6 +105,11 @@ class ServiceSpec(_Section):
 
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8080, ge=1, le=65535, description="TCP port of the API")
+    proxy_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="TLS port of the node's HAProxy in front of the API (the node_proxy role sets it); "
+                    "`appliance doctor` checks it",
+    )
     workers: int = Field(2, ge=1, le=16, description="gunicorn worker processes (any worker serves any sandbox)")
     api_keys: list[str] = Field(
         default_factory=list,
