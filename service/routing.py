@@ -5,9 +5,10 @@ Ids: `sb-<16 hex>` on a node without a tag (every id made before tags existed st
 node with `service.node_tag`. The balancer (roles/balancer) reads the tag from the path and sends the request to
 that node; fork copies and resumed sandboxes get ids from the node that holds their memory, so they carry its tag.
 
-Agent-check (HAProxy's `agent-check`): the node answers one line on a TCP port. `up <N>%` sets the server's weight
-to N % of its configured weight, so creates go where there is most room; `drain` stops new creates (while the node
-is being upgraded, or is full) and leaves the sandboxes already there reachable by their ids.
+Agent-check (HAProxy's `agent-check`): the node answers one line on a TCP port. `ready up <N>%` sets the server's
+weight to N % of its configured weight, so creates go where there is most room (`ready` ends a drain: HAProxy keeps a
+server draining until told so); `drain` stops new creates (while the node is being upgraded, or is full) and leaves
+the sandboxes already there reachable by their ids.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Capacity:
 
 
 def agent_reply(capacity: Capacity, draining: bool) -> str:
-    """The agent-check line for this capacity: `drain` when draining or full, else `up N%` with N the smaller of
+    """The agent-check line for this capacity: `drain` when draining or full, else `ready up N%` with N the smaller of
     the free fractions of slots and memory (at least 1, so a node with room always gets some creates)."""
     if draining or capacity.slots_free <= 0:
         return "drain\n"
@@ -56,4 +57,4 @@ def agent_reply(capacity: Capacity, draining: bool) -> str:
             return "drain\n"
         fractions.append(capacity.memory_free_mib / capacity.memory_total_mib)
     percent = max(1, min(100, round(100 * min(fractions)))) if fractions else 100
-    return f"up {percent}%\n"
+    return f"ready up {percent}%\n"

@@ -1,5 +1,5 @@
 """Fleet routing on a node (service/routing.py, service/agent_check.py): sandbox ids that name their node (and old
-ids that stay valid), and the agent-check line the balancer weighs creates by: free slots and memory as `up N%`,
+ids that stay valid), and the agent-check line the balancer weighs creates by: free slots and memory as `ready up N%`,
 `drain` while draining or full. The manager's real capacity over a fake engine; the server on a real TCP port."""
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ def test_the_manager_gives_new_sandboxes_the_nodes_tag(tmp_path: Path):
 
 
 @pytest.mark.parametrize(("capacity", "reply"), [
-    (Capacity(64, 64, 4096.0, 4096.0), "up 100%\n"),
-    (Capacity(48, 64, 4096.0, 4096.0), "up 75%\n"),  # slots are the scarcer
-    (Capacity(60, 64, 1024.0, 4096.0), "up 25%\n"),  # memory is the scarcer
-    (Capacity(60, 64, 1.0, 4096.0), "up 1%\n"),  # a node with any room still gets some creates
+    (Capacity(64, 64, 4096.0, 4096.0), "ready up 100%\n"),
+    (Capacity(48, 64, 4096.0, 4096.0), "ready up 75%\n"),  # slots are the scarcer
+    (Capacity(60, 64, 1024.0, 4096.0), "ready up 25%\n"),  # memory is the scarcer
+    (Capacity(60, 64, 1.0, 4096.0), "ready up 1%\n"),  # a node with any room still gets some creates
     (Capacity(0, 64, 4096.0, 4096.0), "drain\n"),  # no slot left
     (Capacity(10, 64, -512.0, 4096.0), "drain\n"),  # memory overcommitted already
-    (Capacity(10, 64), "up 16%\n"),  # host memory unknown: slots alone
+    (Capacity(10, 64), "ready up 16%\n"),  # host memory unknown: slots alone
 ])
 def test_the_weight_is_the_scarcer_of_free_slots_and_free_memory(capacity: Capacity, reply: str):
     assert agent_reply(capacity, draining=False) == reply
@@ -84,7 +84,7 @@ def test_the_agent_check_port_answers_haproxys_one_line(tmp_path: Path):
     manager, _ = fake_manager(make_config(tmp_path, max_sandboxes=4, max_sandboxes_per_key=4))
     server = AgentCheckServer("127.0.0.1", 0, manager.free_capacity, drain_flag(tmp_path)).start()
     try:
-        assert re.fullmatch(r"up \d+%\n", _ask(server.port))
+        assert re.fullmatch(r"ready up \d+%\n", _ask(server.port))
         (tmp_path / DRAIN_FILE).touch()  # what the upgrade does first
         assert _ask(server.port) == "drain\n"
     finally:
