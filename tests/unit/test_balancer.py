@@ -183,7 +183,7 @@ def test_creates_follow_the_agent_checks_and_skip_a_draining_node(fleet: Fleet):
 def test_a_node_that_is_down_answers_503_node_unavailable_naming_it(fleet: Fleet):
     fleet.nodes["n1"].httpd.shutdown()
     fleet.nodes["n1"].httpd.server_close()
-    status, body = _until(lambda: (r := fleet.call("GET", "/v1/sandboxes/sb-n1-0123456789abcdef"))[0] == 503 and r,
+    _, body = _until(lambda: (r := fleet.call("GET", "/v1/sandboxes/sb-n1-0123456789abcdef"))[0] == 503 and r,
                           "no 503 for the down node's sandbox")
     assert body["error"]["code"] == "node_unavailable" and "node-n1" in body["error"]["message"]
     assert fleet.call("GET", "/v1/sandboxes/sb-n2-0123456789abcdef")[1]["node"] == "node-n2"
