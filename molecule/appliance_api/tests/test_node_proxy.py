@@ -132,7 +132,10 @@ def test_one_client_address_holds_at_most_the_limit(address, tls):
         for _ in range(CLIENT_LIMIT + 10):
             held.append(socket.create_connection((address, PORT), timeout=10))
         _wait_for(lambda: len(select.select(held, [], [], 0)[0]) >= 10, "10 connections over the limit not closed")
-        assert len(select.select(held, [], [], 0)[0]) == 10
+        # the previous test's last connections may still count for a moment: a few more may be refused, never
+        # fewer (no limit) and never most (a much lower limit)
+        closed = len(select.select(held, [], [], 0)[0])
+        assert 10 <= closed <= 13, closed
     finally:
         for conn in held:
             conn.close()
