@@ -137,6 +137,18 @@ def playbook_argv(ansible_playbook: str, playbook: Path, inventory: Path, extra_
     return argv
 
 
+def site_ca_dir(inventory: Path, ca_dir: Path | None) -> Path:
+    """Where the site CA lives: kept beside the inventory unless the operator says otherwise, so each fleet (one
+    inventory) has its own, made once by the node_proxy role on the first deploy and reused on every later one."""
+    return (ca_dir if ca_dir is not None else inventory.resolve().parent / "appliance-ca").resolve()
+
+
+def deploy_vars(unpacked: Path, inventory: Path, ca_dir: Path | None) -> dict[str, str]:
+    """The extra variables every playbook gets. The site CA's directory goes in as appliance_site_ca_dir, which
+    node_proxy_ca_dir defaults to: an inventory that sets node_proxy_ca_dir itself still wins."""
+    return {"appliance_bundle_dir": str(unpacked), "appliance_site_ca_dir": str(site_ca_dir(inventory, ca_dir))}
+
+
 def playbook_env(base: Mapping[str, str], ansible_dir: Path, events_file: Path) -> dict[str, str]:
     """Only the bundle's roles; our callback on; Ansible's own settings otherwise from the bundle's ansible.cfg."""
     env = dict(base)
@@ -173,6 +185,7 @@ def run_deploy(
     limit: str | None = None,
     quiet: bool = False,
     progress: Progress | None = None,
+    ca_dir: Path | None = None,
 ) -> Summary:
     """Verify and unpack the bundle, run the playbook; raise DeployError (one line per failure) if it failed."""
     progress = progress or Progress(quiet=quiet)
@@ -192,7 +205,7 @@ def run_deploy(
         ansible_dir = unpacked / "ansible"
         events_file = scratch / "events.jsonl"
         argv = playbook_argv(ansible_playbook, ansible_dir / "playbooks" / f"{playbook}.yml", inventory.resolve(),
-                             {"appliance_bundle_dir": str(unpacked)}, check, limit)
+                             deploy_vars(unpacked, inventory, ca_dir), check, limit)
         env = playbook_env(os.environ, ansible_dir, events_file)
         label = f"{playbook}.yml{' --check' if check else ''}{f' --limit {limit}' if limit else ''}"
         progress.note(f"running {label}")

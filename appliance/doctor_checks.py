@@ -95,3 +95,76 @@ def accelerator_findings(
 
 def can_run_sandboxes(findings: list[Finding]) -> bool:
     return not any(finding.level == "fail" for finding in findings)
+
+
+# --- the node's TLS front door (roles/node_proxy) ------------------------------------------------------------------
+
+PROXY_CA_FILE = Path("/etc/haproxy/tls/site-ca.pem")  # the node_proxy role's node_proxy_ca_file
+CERT_RENEW_DAYS = 30
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+@dataclass(frozen=True)
+class ProxyProbe:
+    """What one HTTPS GET /v1/healthz through the proxy on loopback showed."""
+
+    status: int | None = None  # HTTP status; None: no answer (error says why)
+    cert_days_left: float | None = None
+    error: str = ""
+
+
+def proxy_findings(api_host: str, proxy_port: int | None, probe: ProxyProbe | None) -> list[Finding]:
+    """The API behind HAProxy: the proxy answers over TLS with a certificate that is not about to expire, and the
+    API itself is on loopback (else clients can go around TLS and the proxy's limits). No proxy configured (a
+    developer's machine): nothing to say unless the API faces the network."""
+    fix_role = "appliance deploy (the node_proxy role puts HAProxy in front of the API)"
+    findings = []
+    if api_host not in _LOOPBACK:
+        findings.append(Finding("warn", "api address", f"the API listens on {api_host}: plain HTTP from the network, "
+                                "no TLS", f"set service.host = '127.0.0.1' and reach it through HAProxy; {fix_role}"))
+    if proxy_port is None:
+        return findings
+    where = f"https://127.0.0.1:{proxy_port}"
+    if probe is None or probe.status is None:
+        why = probe.error if probe is not None else "not probed"
+        findings.append(Finding("warn", "tls proxy", f"{where}: {why}",
+                                "systemctl status haproxy; journalctl -u haproxy"))
+    elif probe.status != 200:
+        findings.append(Finding("warn", "tls proxy", f"{where}/v1/healthz answered {probe.status}",
+                                "systemctl status appliance-api; journalctl -u appliance-api"))
+    else:
+        findings.append(Finding("ok", "tls proxy", f"{where} answers /v1/healthz"))
+    if probe is not None and probe.cert_days_left is not None:
+        days = probe.cert_days_left
+        if days < CERT_RENEW_DAYS:
+            findings.append(Finding("warn", "tls certificate", f"expires in {days:.0f} days",
+                                    f"{fix_role}: a site CA certificate is renewed {CERT_RENEW_DAYS} days before "
+                                    "its end; an operator's certificate must be replaced in the inventory"))
+        else:
+            findings.append(Finding("ok", "tls certificate", f"valid {days:.0f} more days"))
+    return findings
+
+
+def probe_proxy(port: int, ca_file: Path = PROXY_CA_FILE, timeout_s: float = 10) -> ProxyProbe:
+    """One GET /v1/healthz over TLS to the proxy on loopback, verified against the site CA when the node has one
+    (the system's trust store otherwise). The host name is not checked: loopback is not a name a certificate
+    carries unless the site CA issued it."""
+    import socket
+    import ssl
+    import time
+
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file.is_file() else None)
+    context.check_hostname = False
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as raw, \
+                context.wrap_socket(raw) as stream:
+            not_after = stream.getpeercert().get("notAfter")
+            days = (ssl.cert_time_to_seconds(not_after) - time.time()) / 86400 if not_after else None
+            stream.sendall(b"GET /v1/healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            head = stream.recv(64).split(b"\r\n", 1)[0].split()
+    except ssl.SSLCertVerificationError as exc:
+        return ProxyProbe(error=f"certificate not trusted ({exc.verify_message}; CA file {ca_file})")
+    except (OSError, ssl.SSLError) as exc:
+        return ProxyProbe(error=f"no TLS answer ({exc})")
+    status = int(head[1]) if len(head) >= 2 and head[1].isdigit() else None
+    return ProxyProbe(status=status, cert_days_left=days, error="" if status else "no HTTP status line")

@@ -95,6 +95,8 @@ PROGRAMS = (
     Program("systemd-nspawn", "systemd-container", ("provisioning-tests",)),
     Program("ssh", "openssh-client", ("provisioning-tests", "hostimage-tests")),
     Program("ssh-keygen", "openssh-client", ("provisioning-tests", "hostimage-tests")),
+    # the node's TLS front door (roles/node_proxy): its configuration is checked and run by the unit tests
+    Program("haproxy", "haproxy", ("tests",)),
 )
 
 DATA = (

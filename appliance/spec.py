@@ -121,6 +121,21 @@ class ServiceSpec(_Section):
 
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8080, ge=1, le=65535, description="TCP port of the API")
+    node_tag: str = Field(
+        "", pattern=r"^[a-z0-9]{0,12}$",
+        description="this node's name in the sandbox ids it makes (sb-<tag>-<hex>), so a fleet's balancer routes "
+                    "each call to the node that holds the sandbox; empty: plain ids (one node)",
+    )
+    agent_check_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="TCP port of the HAProxy agent check (free capacity as a weight, or drain) on this node; the "
+                    "fleet's balancer polls it. None: off",
+    )
+    proxy_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="TLS port of the node's HAProxy in front of the API (the node_proxy role sets it); "
+                    "`appliance doctor` checks it",
+    )
     workers: int = Field(2, ge=1, le=16, description="gunicorn worker processes (any worker serves any sandbox)")
     api_keys: list[str] = Field(
         default_factory=list,

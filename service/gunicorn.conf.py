@@ -25,6 +25,10 @@ from service.settings import SPEC_FILE_ENV, load
 _spec = load()
 
 bind = f"{_spec.service.host}:{_spec.service.port}"
+# Forwarding headers (X-Forwarded-For/-Proto) are believed from the node's own HAProxy on loopback only, never from
+# a client that reaches gunicorn some other way (an operator who binds it to 0.0.0.0); set here, not left to
+# gunicorn's default or its FORWARDED_ALLOW_IPS environment variable.
+forwarded_allow_ips = "127.0.0.1,::1"
 workers = _spec.service.workers
 worker_class = "gthread"
 threads = int(os.environ.get("APPLIANCE_GUNICORN_THREADS", "8"))

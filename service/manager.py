@@ -41,7 +41,7 @@ from service.engine import (
     TemplateError,
 )
 
-from . import attachments, file_entries, file_watch
+from . import attachments, file_entries, file_watch, routing
 from .errors import (
     Busy,
     InsufficientCapacity,
@@ -88,8 +88,9 @@ FILE_CALL_TIMEOUT_S = 60.0
 FREEZE_DISK_MARGIN_MIB = 64
 
 
-def new_sandbox_id() -> str:
-    return "sb-" + secrets.token_hex(8)
+def new_sandbox_id(node_tag: str = "") -> str:
+    """`sb-<hex>`, or `sb-<tag>-<hex>` on a node with service.node_tag (service/routing.py)."""
+    return routing.new_sandbox_id(node_tag)
 
 
 class SandboxManager:
@@ -635,8 +636,8 @@ class SandboxManager:
         and host limits and of committed guest memory, so concurrent requests cannot overshoot them."""
         self._check_host_memory(n, memory_mib)
         places = [
-            SandboxRecord(id=new_sandbox_id(), owner=owner, state=CREATING, vm_dir="", template_id=None,
-                          machine={"memory_mib": memory_mib, "vcpus": vcpus}, timeout_s=timeout_s,
+            SandboxRecord(id=new_sandbox_id(self.config.node_tag), owner=owner, state=CREATING, vm_dir="",
+                          template_id=None, machine={"memory_mib": memory_mib, "vcpus": vcpus}, timeout_s=timeout_s,
                           metadata=dict(metadata), persistent=persistent)
             for _ in range(n)
         ]
@@ -661,6 +662,15 @@ class SandboxManager:
                                         "host CPUs); delete or freeze sandboxes")
         return InsufficientCapacity(f"not enough host memory: {exc} (service.memory_overcommit × host memory "
                                     "less the reserve); delete or freeze sandboxes")
+
+    def free_capacity(self) -> routing.Capacity:
+        """Room for new sandboxes, as the node reports it to the balancer's agent check (service/agent_check.py):
+        slots under service.max_sandboxes and committable guest memory left."""
+        committable = self._committable_mib()
+        return routing.Capacity(
+            slots_free=self.config.max_sandboxes - self.registry.count(), slots_total=self.config.max_sandboxes,
+            memory_free_mib=None if committable is None else committable - self.registry.committed_mib(),
+            memory_total_mib=committable)
 
     def has_room(self, memory_mib: int, vcpus: int = 1) -> bool:
         """Could one more guest of `memory_mib` and `vcpus` be admitted now (the pool keeper asks before making a

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from service.engine import BootFailed, Engine, EngineError, Template, TemplateError
 
+from .agent_check import AgentCheckServer, drain_flag
 from .errors import ServiceError
 from .manager import SandboxManager, new_sandbox_id
 from .registry import LOST, POOLED, RUNNING, Registry, SandboxRecord
@@ -82,7 +83,7 @@ class PoolKeeper:
                 return
             if not self.manager.has_room(template.machine.memory_mib, template.machine.vcpus):
                 return  # pooled clones commit memory too: users' sandboxes come first
-            sandbox_id = new_sandbox_id()
+            sandbox_id = new_sandbox_id(self.config.node_tag)
             try:
                 sandbox = self.engine.clone(template, sandbox_id)
             except BootFailed as exc:
@@ -173,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     keeper = PoolKeeper(load_service_config(args.spec))
     signal.signal(signal.SIGTERM, lambda *_: keeper.stop())
     signal.signal(signal.SIGINT, lambda *_: keeper.stop())
+    agent = None
+    if keeper.config.agent_check_port is not None:  # the fleet balancer's view of this node's room
+        agent = AgentCheckServer("0.0.0.0", keeper.config.agent_check_port, keeper.manager.free_capacity,
+                                 drain_flag(keeper.config.state_dir)).start()
     try:
         keeper.run()
     except (TemplateError, BootFailed) as exc:
@@ -182,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug or a host problem: readiness says so while the supervisor restarts the keeper
         keeper.templates.record_failure(f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        if agent is not None:
+            agent.close()
     return 0
 
 

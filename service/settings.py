@@ -75,6 +75,8 @@ class ServiceConfig:
     vcpu_overcommit: float
     max_frozen_per_key: int
     network: NetworkSettings
+    node_tag: str = ""  # in every sandbox id this node makes (service/routing.py)
+    agent_check_port: int | None = None  # the balancer's agent check (service/agent_check.py); None: off
 
     @property
     def run_dir(self) -> Path:
@@ -185,7 +187,7 @@ def key_store_path(spec: ApplianceSpec) -> Path:
 _AS_IN_SPEC = ("pool_size", "warm_code", "sandbox_timeout_s", "max_sandboxes_per_key", "max_sandboxes",
                "max_body_bytes", "max_code_bytes", "max_file_bytes", "max_fork", "frozen_quota_bytes",
                "compress_snapshots", "memory_overcommit", "memory_reserve_mib", "vcpu_overcommit",
-               "max_frozen_per_key")
+               "max_frozen_per_key", "node_tag", "agent_check_port")
 
 
 def service_config(spec: ApplianceSpec, keys: list[str], image_dir: Path | None = None,

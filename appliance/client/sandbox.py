@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import httpx
 
+from . import tls
 from .errors import ApplianceError, ConnectionFailed, NotFoundError, NotReadyError, error_from_response
 from .snapshots import Snapshots
 from .watch import FileWatch
@@ -113,7 +114,13 @@ class _Api:
         self._key = key
         self._request_timeout = request_timeout
         self._owns_http = http is None
-        self.http = http or httpx.Client(base_url=self.url, timeout=request_timeout)
+        if http is None:
+            try:  # https: the site's CA (APPLIANCE_CA_BUNDLE) or the system's, and a pin if set (client/tls.py)
+                verify = tls.httpx_verify(self.url)
+            except ValueError as exc:
+                raise ApplianceError(str(exc), code="tls_settings") from None
+            http = httpx.Client(base_url=self.url, timeout=request_timeout, verify=verify)
+        self.http = http
         self.headers = {"Authorization": f"Bearer {key}"}
 
     def sibling(self) -> _Api:

@@ -17,15 +17,18 @@ from .options import quiet_option
                                       "upgrade: one host at a time, stopping at the first unhealthy one.")
 @click.option("--check", is_flag=True, help="Dry run: show what would change, with diffs; change nothing.")
 @click.option("--limit", default=None, help="Only these hosts (an Ansible host pattern).")
+@click.option("--ca-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="The site CA that issues the nodes' TLS certificates (made on first use, then kept; its ca.pem "
+                   "is what clients trust). Default: appliance-ca/ beside the inventory.")
 @quiet_option
 def deploy_command(inventory: Path, bundle_path: Path, playbook: str, check: bool, limit: str | None,
-                   quiet: bool) -> None:
+                   ca_dir: Path | None, quiet: bool) -> None:
     """Turn Debian 12 hosts into appliance nodes from one offline bundle (wraps ansible-playbook)."""
     from ..deploy import DeployError, run_deploy
 
     try:
         summary = run_deploy(inventory=inventory, bundle=bundle_path, playbook=playbook, check=check, limit=limit,
-                             quiet=quiet)
+                             quiet=quiet, ca_dir=ca_dir)
     except DeployError as exc:
         raise click.ClickException(str(exc)) from None
     if not quiet:

@@ -16,8 +16,8 @@ _MARKS = {"ok": ("✓", "green"), "warn": ("!", "yellow"), "fail": ("✗", "red"
 @click.command("doctor")
 @spec_option
 def doctor_command(spec_path: Path | None) -> None:
-    """What this host can do: KVM or TCG, tools, QEMU >= 10, disk, guest image. Exits non-zero if it cannot run
-    sandboxes."""
+    """What this host can do: KVM or TCG, tools, QEMU >= 10, disk, guest image, the TLS proxy in front of the API.
+    Exits non-zero if it cannot run sandboxes."""
     from service import settings
     from service.engine import EngineError, accel, jail, qemu_probe
     from service.engine.machine import QEMU_BINARY
@@ -50,6 +50,9 @@ def doctor_command(spec_path: Path | None) -> None:
                 findings.append(doctor_checks.Finding("fail", "accelerator", str(exc), fix))
     jail_kvm = jail.kvm_device_jail_problem() if jailed else None
     findings += doctor_checks.accelerator_findings(accel.kvm_device_problem(), choice, jail_kvm)
+    proxy_port = spec.service.proxy_port
+    probe = doctor_checks.probe_proxy(proxy_port) if proxy_port is not None else None
+    findings += doctor_checks.proxy_findings(spec.service.host, proxy_port, probe)
     for finding in findings:
         mark, color = _MARKS[finding.level]
         fix = f"  → {finding.fix}" if finding.fix else ""

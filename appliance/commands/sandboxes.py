@@ -83,7 +83,13 @@ def http_client(target: Target) -> httpx.Client:
     """The connection every call of one command shares (tests swap this for an in-process transport)."""
     import httpx  # not at import time: every `appliance` command loads this module
 
-    return httpx.Client(base_url=target.url, timeout=_REQUEST_TIMEOUT_S)
+    from appliance.client import tls
+
+    try:  # https: APPLIANCE_CA_BUNDLE / APPLIANCE_TLS_PIN, as the SDK
+        verify = tls.httpx_verify(target.url)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    return httpx.Client(base_url=target.url, timeout=_REQUEST_TIMEOUT_S, verify=verify)
 
 
 def _one_line(target: Target, exc: Exception) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 import falcon
 
+from ..routing import SANDBOX_ID_PATTERN
 from .file_ops import MakeDirRequest, RenameRequest
 from .request_models import VISIBLE_STATES, CreateSandbox, ExecRequest, ForkRequest, SnapshotRequest
 
@@ -64,7 +65,7 @@ _WITH_RETRY_AFTER = {429, 503}
 DEFAULT_MAX_FORK = 64  # the spec's default for service.max_fork; a running service states its own
 
 _SANDBOX_ID = {
-    "name": "sandbox_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^sb-[0-9a-f]+$"},
+    "name": "sandbox_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": SANDBOX_ID_PATTERN},
     "description": "The sandbox's id, as returned by POST /v1/sandboxes.",
 }
 

@@ -9,6 +9,7 @@ alone cannot (a real second run would report no change too).
 from __future__ import annotations
 
 import re
+import ssl
 import subprocess
 import sys
 import urllib.request
@@ -85,8 +86,11 @@ def test_deploy_converges_a_fresh_host_into_a_node(converged, test_host, ssh_key
     assert changed_count(result) > 0  # a fresh host: the roles really ran
     state = _on_host(test_host, ssh_key, "systemctl is-active appliance-api.service").strip()
     assert state == "active", f"appliance-api.service is {state!r} after the deploy"
-    # The API answers on the node's address, over the test's own veth link.
-    with urllib.request.urlopen(f"http://{test_host.address}:8080/v1/healthz", timeout=30) as response:
+    # The API answers on the node's address, over the test's own veth link, through HAProxy with TLS: the
+    # certificate comes from the site CA the deploy made beside the inventory.
+    inventory, _, _ = converged
+    tls = ssl.create_default_context(cafile=inventory.parent / "appliance-ca" / "ca.pem")
+    with urllib.request.urlopen(f"https://{test_host.address}:8443/v1/healthz", timeout=30, context=tls) as response:
         assert response.status == 200
 
 

@@ -108,7 +108,8 @@ class ScenarioRunner:
                            "image first (`appliance build guest`; `make test` does)\n")
             return ScenarioRun(scenario, -1, log, 0.0)
         venv_bin = str(Path(sys.executable).parent)
-        addopts = f"{os.environ.get('PYTEST_ADDOPTS', '')} --junitxml={junit} -o junit_family=xunit2".strip()
+        # -rP: what passed checks print (measured figures, e.g. health-check latency under slow clients) in the log
+        addopts = f"{os.environ.get('PYTEST_ADDOPTS', '')} --junitxml={junit} -o junit_family=xunit2 -rP".strip()
         env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
                "APPLIANCE_TEST_BUNDLE_DIR": str(unpacked), "PYTEST_ADDOPTS": addopts,
                "ANSIBLE_FORCE_COLOR": "0", "NO_COLOR": "1", "PY_COLORS": "0"}

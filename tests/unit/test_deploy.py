@@ -186,3 +186,12 @@ def test_callback_and_summary_on_a_real_local_run(tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     summary = summarize(deploy.read_events(events_file))
     assert [f.line() for f in summary.failures] == ["localhost: failed at 'Check the answer': the answer is not 41"]
+
+
+def test_the_site_ca_is_kept_beside_the_inventory_unless_told_otherwise(tmp_path):
+    inventory = tmp_path / "fleet" / "inventory.yml"
+    given = deploy.deploy_vars(tmp_path / "unpacked", inventory, None)
+    assert given == {"appliance_bundle_dir": str(tmp_path / "unpacked"),
+                     "appliance_site_ca_dir": str(tmp_path / "fleet" / "appliance-ca")}
+    chosen = deploy.deploy_vars(tmp_path / "unpacked", inventory, tmp_path / "ca")
+    assert chosen["appliance_site_ca_dir"] == str(tmp_path / "ca")

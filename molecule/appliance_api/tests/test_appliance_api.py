@@ -1,5 +1,6 @@
 """The API service as an operator checks it: installed offline into its venv, configured from variables, secrets
-readable by root only, running unprivileged under a hardened unit, answering a real HTTP request.
+readable by root only, running unprivileged under a hardened unit, answering a real HTTPS request through the
+node's HAProxy (test_node_proxy.py checks the front door itself).
 
 The unit's cgroup settings (DeviceAllow, DevicePolicy) are declared but not enforced on this cgroup-v1 test
 machine, so they are checked with `systemctl show`; privileges (user, capabilities, no_new_privs) are checked on the
@@ -7,7 +8,10 @@ running process, where the kernel enforces them everywhere.
 """
 
 import json
+import os
+import ssl
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -31,25 +35,31 @@ def address(host):
     return host.ansible.get_variables()["ansible_host"]
 
 
+@pytest.fixture(scope="module")
+def tls():
+    """Trusts the site CA the node_proxy role made on the control machine, and nothing else."""
+    return ssl.create_default_context(cafile=Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "site-ca" / "ca.pem")
+
+
 def test_service_is_enabled_and_running(host):
     service = host.service(UNIT)
     assert service.is_enabled
     assert service.is_running
 
 
-def test_healthz_answers_from_the_control_machine(address):
-    with urllib.request.urlopen(f"http://{address}:8080/v1/healthz", timeout=10) as response:
+def test_healthz_answers_from_the_control_machine(address, tls):
+    with urllib.request.urlopen(f"https://{address}:8443/v1/healthz", timeout=10, context=tls) as response:
         assert response.status == 200
         assert json.load(response) == {"status": "ok"}
 
 
-def test_api_refuses_a_request_without_a_key_and_accepts_the_configured_one(address):
-    request = urllib.request.Request(f"http://{address}:8080/v1/sandboxes")
+def test_api_refuses_a_request_without_a_key_and_accepts_the_configured_one(address, tls):
+    request = urllib.request.Request(f"https://{address}:8443/v1/sandboxes")
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, timeout=10)
+        urllib.request.urlopen(request, timeout=10, context=tls)
     assert refused.value.code == 401
     request.add_header("Authorization", f"Bearer {KEY}")
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=tls) as response:
         assert response.status == 200
 
 

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import socket
+import ssl
 import threading
 import time
 import urllib.request
@@ -20,15 +21,18 @@ import pytest
 testinfra_hosts = ["all"]
 
 KEY = "molecule-test-key-0123456789"
+# Through the node's HAProxy, over TLS, trusting the site CA the node_proxy role made (gunicorn is on loopback only).
+PORT = 8443
+TLS = ssl.create_default_context(cafile=Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "site-ca" / "ca.pem")
 
 
 def _call(address: str, method: str, path: str, body: dict | None = None, timeout: float = 180) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://{address}:8080{path}", method=method,
+    request = urllib.request.Request(f"https://{address}:{PORT}{path}", method=method,
                                      data=None if body is None else json.dumps(body).encode())
     request.add_header("Authorization", f"Bearer {KEY}")
     request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=TLS) as response:
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
@@ -49,7 +53,7 @@ def bootable_image():
 
 
 def test_every_part_is_running(host):
-    for unit in ("appliance-api.service", "nftables.service", "run-appliance.mount"):
+    for unit in ("appliance-api.service", "haproxy.service", "nftables.service", "run-appliance.mount"):
         assert host.service(unit).is_enabled, unit
         assert host.run(f"systemctl is-active {unit}").stdout.strip() == "active", unit
     assert host.file("/var/lib/appliance-images/current").is_symlink
@@ -151,7 +155,7 @@ def test_an_allow_list_lets_through_by_traffic_what_it_names_and_rejects_the_res
         assert status == 201, sandbox
         try:
             assert sandbox["network"]["egress"] == policy["egress"]
-            targets = [(control_address, allowed.port), (control_address, other.port), (address, 8080),
+            targets = [(control_address, allowed.port), (control_address, other.port), (address, PORT),
                        (address, 22)]
             status, result = _call(address, "POST", f"/v1/sandboxes/{sandbox['id']}/exec",
                                    {"code": PROBE + f"[probe(a, p) for a, p in {targets!r}]", "timeout_s": 300},
@@ -171,8 +175,10 @@ def test_an_allow_list_lets_through_by_traffic_what_it_names_and_rejects_the_res
 
 
 def test_api_is_open_to_the_control_machine_and_other_ports_are_not(host, address):
-    with urllib.request.urlopen(f"http://{address}:8080/v1/healthz", timeout=10) as response:
+    with urllib.request.urlopen(f"https://{address}:{PORT}/v1/healthz", timeout=10, context=TLS) as response:
         assert response.status == 200
+    with pytest.raises(OSError):  # the API's own port is loopback's alone
+        socket.create_connection((address, 8080), timeout=2).close()
     host.check_output("systemd-run --unit=probe-9999 --collect python3 -m http.server --bind 0.0.0.0 9999")
     try:
         deadline = time.monotonic() + 10

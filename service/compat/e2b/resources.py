@@ -15,10 +15,10 @@ from service.api.request_models import CreateSandbox, parse, read_json
 from service.errors import BadRequest, Invalid, ServiceError, TooLarge, Unauthorized
 from service.keys import TENANT, KeyRing
 from service.registry import FROZEN
+from service.routing import SANDBOX_ID
 
 from .translate import (
     CODE_PORT,
-    SANDBOX_ID,
     TEMPLATES,
     access_token,
     created,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +25,6 @@ MIME_FIELDS = {
     "image/png": "png", "image/jpeg": "jpeg", "application/pdf": "pdf", "text/latex": "latex",
     "application/json": "json", "application/javascript": "javascript",
 }
-SANDBOX_ID = re.compile(r"sb-[0-9a-f]{1,64}")
 _TOKEN_CONTEXT = b"appliance-e2b-access-v1\0"
 
 
