@@ -36,6 +36,12 @@ class Busy(ServiceError):
     code, status = "sandbox_busy", 409
 
 
+class Conflict(ServiceError):
+    """The request does not fit the current state of what it names (a command's closed stdin)."""
+
+    code, status = "conflict", 409
+
+
 class TooLarge(ServiceError):
     code, status = "too_large", 413
 

@@ -120,10 +120,13 @@ class SandboxManager:
         metadata: dict[str, Any] | None = None,
         persistent: bool = False,
         network_policy: dict[str, Any] | None = None,
+        envs: dict[str, str] | None = None,
     ) -> SandboxRecord:
         """A running sandbox for `owner`: a pooled clone if one is ready, else a clone of the warm template, else
         (a non-default size) a cold boot. `persistent` sandboxes are frozen, not closed, when idle too long.
-        `network_policy` ({"egress": ...}, see netpolicy.py) gives it a filtered network; None: no network."""
+        `network_policy` ({"egress": ...}, see netpolicy.py) gives it a filtered network; None: no network.
+        `envs` become the sandbox's environment variables: kept in the guest's memory only (so a fork, freeze and
+        resume keep them), never in the registry or a log."""
         wanted = self._network_request(network_policy)  # a bad policy or unresolvable name fails before anything
         template = self.templates.current()
         wants_default_size = (vcpus in (None, self.engine.config.vcpus)) and (
@@ -146,6 +149,8 @@ class SandboxManager:
                         if wanted is not None:
                             claimed.network = self._give_network(pooled, wanted)
                             self.registry.set_state(claimed.id, RUNNING, network=claimed.network)
+                        if envs:
+                            self._give_envs(pooled, envs)
                         return claimed
                 sandbox = self.engine.clone(template, place.id)
                 place.template_id = template.template_id
@@ -154,6 +159,8 @@ class SandboxManager:
                                            agent_ports=self.config.agent_ports)
             try:
                 place.network = None if wanted is None else self._give_network(sandbox, wanted)
+                if envs:
+                    self._give_envs(sandbox, envs)
             except BaseException:
                 sandbox.close()
                 raise
@@ -201,7 +208,8 @@ class SandboxManager:
     # ---- code ------------------------------------------------------------------------------------------------
 
     def exec_events(
-        self, owner: str, sandbox_id: str, code: str, language: str = "python", timeout_s: float | None = None
+        self, owner: str, sandbox_id: str, code: str, language: str = "python", timeout_s: float | None = None,
+        envs: dict[str, str] | None = None,
     ) -> Iterator[dict[str, Any]]:
         """The exec's events as they come; raises Busy / NotFound / SandboxLostError before the first one."""
         record = self._running(owner, sandbox_id)
@@ -209,7 +217,8 @@ class SandboxManager:
         try:
             sandbox = self._attach(record)
             self._mark_used(sandbox_id)
-            events = sandbox.exec_events(code, timeout_s=timeout_s, language=language)
+            events = sandbox.exec_events(code, timeout_s=timeout_s, language=language,
+                                         **({"envs": envs} if envs else {}))
             first = next(events)
         except SandboxBusy as exc:
             os.close(lock_fd)
@@ -241,6 +250,20 @@ class SandboxManager:
         for event in self.exec_events(owner, sandbox_id, code, language, timeout_s):
             result.add(event)
         return result
+
+    def commands_sandbox(self, owner: str, sandbox_id: str) -> Sandbox:
+        """This process's second connection to the sandbox, for commands (service/commands.py): a frozen sandbox
+        is resumed first; use counts as activity."""
+        record = self._running(owner, sandbox_id)
+        self._mark_used(sandbox_id)
+        return self.attachments.get(record.id, Path(record.vm_dir), self.engine.agent_ports(record.machine),
+                                    lambda directory, port: self.engine.connect(directory, record.machine, port),
+                                    purpose="commands")
+
+    def _give_envs(self, sandbox: Sandbox, envs: dict[str, str]) -> None:
+        reply = sandbox.call("set_env", envs=envs)
+        if reply.get("ev") != "ok":  # the API checked them as the agent does: this is not the client's error
+            raise ServiceError(f"the guest refused the sandbox's envs: {str(reply.get('message'))[:200]}")
 
     def interrupt(self, owner: str, sandbox_id: str) -> None:
         record = self._running(owner, sandbox_id)

@@ -13,6 +13,8 @@ Routes (all JSON unless noted; every one but the probes and the API description 
     PUT    /v1/sandboxes/{sandbox_id}/files?path=P     upload (streamed body)
     GET    /v1/sandboxes/{sandbox_id}/files?path=P     download (streamed, with Content-Length)
     GET    /v1/sandboxes/{sandbox_id}/files/list?path=D  list a directory
+    POST   /v1/sandboxes/{sandbox_id}/commands           run a command beside the REPL (background: a handle);
+    GET    .../commands, .../commands/{cid}[?wait_s], .../commands/{cid}/output?offset=N, POST .../stdin, .../signal
     GET    /v1/healthz   GET /v1/readyz   GET /metrics (metrics key)   GET /v1/openapi.json   GET /v1/docs
 """
 
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import falcon
 
+from service.commands import Commands
 from service.keys import KeyRing
 from service.settings import ServiceConfig, key_ring
 
 from . import error_responses
+from .commands import CommandCollection, CommandItem, CommandOutput, CommandSignal, CommandStdin
 from .docs import Docs
 from .exec import Exec, Interrupt
 from .files import FileList, Files
@@ -61,6 +65,12 @@ def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None,
         app.add_route(f"{sandbox}/{action}", StateChange(manager, metrics, action))
     app.add_route(f"{sandbox}/files", Files(manager, config.max_file_bytes))
     app.add_route(f"{sandbox}/files/list", FileList(manager))
+    commands = Commands(manager)
+    app.add_route(f"{sandbox}/commands", CommandCollection(commands, config.max_body_bytes))
+    app.add_route(f"{sandbox}/commands/{{command_id}}", CommandItem(commands))
+    app.add_route(f"{sandbox}/commands/{{command_id}}/output", CommandOutput(commands))
+    app.add_route(f"{sandbox}/commands/{{command_id}}/stdin", CommandStdin(commands, config.max_body_bytes))
+    app.add_route(f"{sandbox}/commands/{{command_id}}/signal", CommandSignal(commands, config.max_body_bytes))
     app.add_route("/v1/healthz", Healthz())
     app.add_route("/v1/readyz", Readyz(manager))
     app.add_route("/metrics", MetricsResource(metrics))

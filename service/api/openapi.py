@@ -12,6 +12,7 @@ from typing import Any
 
 import falcon
 
+from . import openapi_commands
 from .request_models import VISIBLE_STATES, CreateSandbox, ExecRequest, ForkRequest
 
 API_VERSION = "1.0.0"
@@ -187,6 +188,7 @@ _SCHEMAS: dict[str, Any] = {
         "more": {"type": "boolean", "description": "entries remain after this page"},
         "cursor": {"type": ["string", "null"], "description": "pass as ?cursor= for the next page (null: none)"}}},
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    **openapi_commands.SCHEMAS,
 }
 
 
@@ -288,6 +290,7 @@ def _paths() -> dict[str, Any]:
                     "responses": {"200": _json(_ref("DirListing"), "One page of the directory's entries."),
                                   **_errors(401, 404, 409, 410, 422, 429, 507)}},
         },
+        **openapi_commands.paths(sandbox, _errors),
         "/v1/healthz": {"get": {"operationId": "healthz", "tags": ["service"], "security": [],
                                 "summary": "Liveness: the process answers (no key needed)",
                                 "responses": {"200": _json(_ref("Status"), "Alive.")}}},

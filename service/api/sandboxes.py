@@ -60,6 +60,7 @@ class SandboxCollection:
         record = self._manager.create(
             req.context.owner, vcpus=body.vcpus, memory_mib=body.memory_mib, timeout_s=body.timeout_s,
             metadata=body.metadata, persistent=body.persistent, network_policy=body.network,
+            **({"envs": body.envs} if body.envs else {}),
         )
         self._metrics.create_seconds.observe(time.perf_counter() - started)
         self._metrics.creates.inc()

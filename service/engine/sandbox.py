@@ -155,9 +155,11 @@ class Sandbox:
                 on_event(event)
         return result
 
-    def exec_events(self, code: str, timeout_s: float | None = None, language: str = "python") -> Iterator[dict]:
+    def exec_events(self, code: str, timeout_s: float | None = None, language: str = "python",
+                    envs: dict[str, str] | None = None) -> Iterator[dict]:
         """The agent's events for one exec as they arrive, ending with `done`. One exec at a time per sandbox:
-        SandboxBusy if this process or (through another agent port) another one is already running code."""
+        SandboxBusy if this process or (through another agent port) another one is already running code.
+        `envs`: environment variables for this exec only (the agent checks them again)."""
         if self._closed:
             raise SandboxClosed("the sandbox is closed")
         if not self._exec_lock.acquire(blocking=False):
@@ -171,6 +173,7 @@ class Sandbox:
                 timeout_s=timeout,
                 grace_s=self.limits.grace_s,
                 output_cap=self.limits.output_cap,
+                **({"envs": envs} if envs else {}),
             )
             deadline = time.monotonic() + timeout + self.limits.grace_s + _HOST_SLACK_S
             budget = ResultBudget(self.limits.result_cap)
