@@ -1,5 +1,6 @@
 """Python SDK of the appliance execution API (see also appliance.client.tools for LLM tool declarations)."""
 
+from .commands import CommandHandle, CommandResult
 from .errors import (
     ApplianceError,
     AuthenticationError,
@@ -17,12 +18,13 @@ from .errors import (
     SandboxLostError,
     ServerError,
 )
-from .sandbox import CommandResult, Execution, ExecutionError, ExecutionStream, Sandbox
+from .sandbox import Execution, ExecutionError, ExecutionStream, Sandbox
 
 __all__ = [
     "ApplianceError",
     "AuthenticationError",
     "BadRequestError",
+    "CommandHandle",
     "CommandResult",
     "ConnectionFailed",
     "Execution",
