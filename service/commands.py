@@ -151,7 +151,7 @@ def _status(value: Any) -> dict[str, Any]:
     status = {}
     for name, types in _STATUS_FIELDS.items():
         field = value.get(name)
-        if not isinstance(field, types) or (isinstance(field, bool) and bool not in types):
+        if name not in value or not isinstance(field, types) or (isinstance(field, bool) and bool not in types):
             raise ServiceError(f"the guest's command status has a malformed {name}")
         status[name] = field
     status["cmd"] = status["cmd"][:200]
