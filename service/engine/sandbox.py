@@ -207,6 +207,10 @@ class Sandbox:
 
     def call(self, op: str, timeout_s: float = 10.0, payload: bytes = b"", **args: Any) -> dict[str, Any]:
         """A request with a single answer (ping, reseed, set_clock, restart_worker, file operations)."""
+        return self.call_with(op, args, timeout_s, payload)
+
+    def call_with(self, op: str, args: dict[str, Any], timeout_s: float = 10.0, payload: bytes = b"") -> dict[str, Any]:
+        """call() with the request's arguments as a dict: they may then use any name (a command's own timeout_s)."""
         if self._closed:
             raise SandboxClosed("the sandbox is closed")
         # One reader per connection: a call waits for a running exec of this process (or gives up busy).

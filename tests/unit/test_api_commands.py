@@ -80,7 +80,7 @@ class Guest:
     def commands_sandbox(self, owner: str, sandbox_id: str) -> Guest:
         return self
 
-    def call(self, op: str, timeout_s: float = 10.0, payload: bytes = b"", **args: Any) -> dict[str, Any]:
+    def call_with(self, op: str, args: dict[str, Any], timeout_s: float = 10.0, payload: bytes = b"") -> dict[str, Any]:
         self.calls.append((op, args))
         return self.answers.pop(0)
 
@@ -132,3 +132,30 @@ def test_waiting_asks_again_until_the_command_ends_or_the_wait_is_over():
     started = now[0]
     assert commands.status("key", "sb-1", "cmd-1", wait_s=1)["running"] is True
     assert now[0] - started == pytest.approx(1.0) and 3 < len(still.calls) < 20  # slices grow, then stop at wait_s
+
+
+class _Channel:
+    """The engine Sandbox's agent channel, answering a start."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+
+    def call(self, op: str, deadline: float, payload: bytes = b"", **args: Any) -> dict[str, Any]:
+        self.requests.append((op, args))
+        return {"ev": "ok", "command_id": "cmd-1", "pid": 9}
+
+
+def test_a_commands_own_timeout_reaches_the_agent_through_the_engine_sandbox():
+    from service.engine.sandbox import ExecLimits, Sandbox
+
+    channel = _Channel()
+    sandbox = Sandbox(None, channel, ExecLimits(timeout_s=1, grace_s=1, output_cap=1, result_cap=1))  # type: ignore[arg-type]
+
+    class Manager:
+        def commands_sandbox(self, owner: str, sandbox_id: str) -> Sandbox:
+            return sandbox
+
+    started = Commands(Manager()).start("key", "sb-1", ["sleep", "9"], None, "/tmp", {"A": "b"}, 5.0)
+    assert started == {"command_id": "cmd-1", "pid": 9}
+    assert channel.requests == [("cmd_start", {"argv": ["sleep", "9"], "cwd": "/tmp", "envs": {"A": "b"},
+                                               "timeout_s": 5.0})]
