@@ -111,7 +111,7 @@ class Commands:
     def _call(self, owner: str, sandbox_id: str, op: str, payload: bytes = b"", **args: Any) -> dict[str, Any]:
         sandbox = self._manager.commands_sandbox(owner, sandbox_id)
         try:
-            reply = sandbox.call(op, timeout_s=CALL_TIMEOUT_S, payload=payload, **args)
+            reply = sandbox.call_with(op, args, timeout_s=CALL_TIMEOUT_S, payload=payload)
         except SandboxBusy as exc:
             raise Busy(str(exc)) from None
         except (SandboxLost, SandboxClosed) as exc:
