@@ -89,11 +89,14 @@ def test_commands_and_the_repl_do_not_wait_for_each_other(sb: Sandbox) -> None:
     answer: dict = {}
     runner = threading.Thread(target=lambda: answer.update(result=sb.run_code(waiting, timeout=HANG_S)))
     runner.start()
+    made = None
     try:
         made = sb.commands.run(f"while [ ! -e {started} ]; do sleep 0.02; done; touch {flag} && echo made",
                                timeout=HANG_S)
         assert made.stdout == "made\n" and made.exit_code == 0 and made.error is None
     finally:
+        if made is None:  # the command failed: end the exec that waits for it
+            sb.interrupt()
         runner.join(HANG_S)
     assert answer["result"].text == "'seen'"
 
