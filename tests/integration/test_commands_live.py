@@ -66,11 +66,13 @@ def test_a_background_server_answers_run_code_and_is_read_after_a_reconnect(live
     fetched = sb.run_code(f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{PORT}/').status")
     assert fetched.text == "200", fetched
     # A reconnect: another client, another connection, reads on from the offset it kept.
-    with Sandbox.connect(sb.id, url=live.url, api_key=live.key, request_timeout=HANG_S) as again:
+    again = Sandbox.connect(sb.id, url=live.url, api_key=live.key, request_timeout=HANG_S)
+    try:  # not `with`: leaving it would delete the module's sandbox
         handle = again.commands.connect(server.command_id, offset=offset)
         log_line = _wait_for_output(handle, '"GET / HTTP/1.1" 200')
         assert "Serving HTTP" not in log_line  # it started where the first client stopped
         assert handle.read(offset=0)["chunks"][0]["data"].startswith("Serving HTTP")  # and any offset is readable
+    finally:
         again.detach()
     listed = {item["command_id"]: item for item in sb.commands.list()}
     assert listed[server.command_id]["running"] is True
