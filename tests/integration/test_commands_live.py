@@ -123,8 +123,10 @@ def test_a_foreground_command_streams_and_reports_its_exit(live: LiveService, sb
 
 
 def test_running_commands_are_capped_per_sandbox(live: LiveService, sb: Sandbox) -> None:
-    sleepers = [sb.commands.run(["sleep", "600"], background=True) for _ in range(MAX_RUNNING)]
-    try:
+    sleepers = []
+    try:  # started inside: whatever fails, every sleeper started is killed again
+        for _ in range(MAX_RUNNING):
+            sleepers.append(sb.commands.run(["sleep", "600"], background=True))
         with pytest.raises(RateLimitError) as refused:
             sb.commands.run(["true"], background=True)
         assert refused.value.status == 429 and refused.value.code == "limit_reached"
