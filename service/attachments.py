@@ -87,13 +87,16 @@ class Attachments:
         self._handles: dict[str, _Handle] = {}
         self._lock = threading.Lock()
 
-    def get(self, sandbox_id: str, vm_dir: Path, ports: int, connect: Connector) -> Sandbox:
+    def get(self, sandbox_id: str, vm_dir: Path, ports: int, connect: Connector, purpose: str = "") -> Sandbox:
+        """`purpose` "commands" is a second connection of this process, for commands (service/commands.py): one
+        connection has one reader, and a command call must not wait for an exec that streams on the first."""
+        key = f"{sandbox_id}#{purpose}" if purpose else sandbox_id
         with self._lock:
-            handle = self._handles.get(sandbox_id)
+            handle = self._handles.get(key)
             if handle is not None and not handle.sandbox.closed and handle.vm_dir == vm_dir:
                 return handle.sandbox
             if handle is not None:  # frozen and resumed by another process since: a new VM in a new directory
-                del self._handles[sandbox_id]
+                del self._handles[key]
                 _release(handle)
             try:
                 port, lock_fd = claim_port(vm_dir, ports)
@@ -104,19 +107,20 @@ class Attachments:
             except BaseException:
                 os.close(lock_fd)
                 raise
-            self._handles[sandbox_id] = _Handle(sandbox, vm_dir, lock_fd)
+            self._handles[key] = _Handle(sandbox, vm_dir, lock_fd)
             return sandbox
 
     def forget(self, sandbox_id: str) -> None:
         """Drop this process's connection (the VM keeps running for whoever attaches next)."""
         with self._lock:
-            handle = self._handles.pop(sandbox_id, None)
-        if handle is not None:
-            _release(handle)
+            handles = [self._handles.pop(key, None) for key in (sandbox_id, f"{sandbox_id}#commands")]
+        for handle in handles:
+            if handle is not None:
+                _release(handle)
 
     def close(self) -> None:
-        for sandbox_id in list(self._handles):
-            self.forget(sandbox_id)
+        for key in list(self._handles):
+            self.forget(key.split("#", 1)[0])
 
 
 def _release(handle: _Handle) -> None:

@@ -47,6 +47,12 @@ class PathConflict(ServiceError):
         self.code = code
 
 
+class Conflict(ServiceError):
+    """The request does not fit the current state of what it names (a command's closed stdin)."""
+
+    code, status = "conflict", 409
+
+
 class TooLarge(ServiceError):
     code, status = "too_large", 413
 

@@ -135,16 +135,18 @@ class SandboxManager:
         network_policy: dict[str, Any] | None = None,
         snapshot: str | None = None,
         template: str | None = None,
+        envs: dict[str, str] | None = None,
     ) -> SandboxRecord:
         """A running sandbox for `owner`: a pooled clone if one is ready, else a clone of the warm template, else
         (a non-default size) a cold boot. `persistent` sandboxes are frozen, not closed, when idle too long.
         `network_policy` ({"egress": ...}, see netpolicy.py) gives it a filtered network; None: no network.
         `snapshot` (the owner's named snapshot) or `template` (a published one; "default": the warm template) is
-        what it is cloned from, in that one's size."""
+        what it is cloned from, in that one's size. `envs` become the sandbox's environment variables: kept in the
+        guest's memory only (so a fork, freeze and resume keep them), never in the registry or a log."""
         named = self._named_source(owner, snapshot, template)
         wanted = self._network_request(network_policy)  # a bad policy or unresolvable name fails before anything
         if named is not None:
-            return self._create_from(owner, named, timeout_s, metadata, persistent, wanted)
+            return self._create_from(owner, named, timeout_s, metadata, persistent, wanted, envs)
         template = self.templates.current()
         wants_default_size = (vcpus in (None, self.engine.config.vcpus)) and (
             memory_mib in (None, self.engine.config.memory_mib)
@@ -166,6 +168,8 @@ class SandboxManager:
                         if wanted is not None:
                             claimed.network = self._give_network(pooled, wanted)
                             self.registry.set_state(claimed.id, RUNNING, network=claimed.network)
+                        if envs:
+                            self._give_envs(pooled, envs)
                         return claimed
                 sandbox = self.engine.clone(template, place.id)
                 place.template_id = template.template_id
@@ -174,6 +178,8 @@ class SandboxManager:
                                            agent_ports=self.config.agent_ports)
             try:
                 place.network = None if wanted is None else self._give_network(sandbox, wanted)
+                if envs:
+                    self._give_envs(sandbox, envs)
             except BaseException:
                 sandbox.close()
                 raise
@@ -201,8 +207,8 @@ class SandboxManager:
         return found
 
     def _create_from(self, owner: str, named: SnapshotRecord, timeout_s: float | None,
-                     metadata: dict[str, Any] | None, persistent: bool, wanted: NetworkRequest | None
-                     ) -> SandboxRecord:
+                     metadata: dict[str, Any] | None, persistent: bool, wanted: NetworkRequest | None,
+                     envs: dict[str, str] | None = None) -> SandboxRecord:
         """A sandbox cloned from a named snapshot or published template, as a fork's copy is made: it maps the
         snapshot's RAM copy-on-write, is reseeded and has its clock set."""
         origin = {"from_snapshot" if named.owner != PUBLIC else "from_template": named.name}
@@ -220,6 +226,8 @@ class SandboxManager:
                 raise ServiceError(f"creating a sandbox from {named.name!r} failed: {exc}") from None
             try:
                 place.network = None if wanted is None else self._give_network(sandbox, wanted)
+                if envs:
+                    self._give_envs(sandbox, envs)
             except BaseException:
                 sandbox.close()
                 raise
@@ -274,7 +282,8 @@ class SandboxManager:
     # ---- code ------------------------------------------------------------------------------------------------
 
     def exec_events(
-        self, owner: str, sandbox_id: str, code: str, language: str = "python", timeout_s: float | None = None
+        self, owner: str, sandbox_id: str, code: str, language: str = "python", timeout_s: float | None = None,
+        envs: dict[str, str] | None = None,
     ) -> Iterator[dict[str, Any]]:
         """The exec's events as they come; raises Busy / NotFound / SandboxLostError before the first one."""
         record = self._running(owner, sandbox_id)
@@ -282,7 +291,8 @@ class SandboxManager:
         try:
             sandbox = self._attach(record)
             self._mark_used(sandbox_id)
-            events = sandbox.exec_events(code, timeout_s=timeout_s, language=language)
+            events = sandbox.exec_events(code, timeout_s=timeout_s, language=language,
+                                         **({"envs": envs} if envs else {}))
             first = next(events)
         except SandboxBusy as exc:
             os.close(lock_fd)
@@ -314,6 +324,20 @@ class SandboxManager:
         for event in self.exec_events(owner, sandbox_id, code, language, timeout_s):
             result.add(event)
         return result
+
+    def commands_sandbox(self, owner: str, sandbox_id: str) -> Sandbox:
+        """This process's second connection to the sandbox, for commands (service/commands.py): a frozen sandbox
+        is resumed first; use counts as activity."""
+        record = self._running(owner, sandbox_id)
+        self._mark_used(sandbox_id)
+        return self.attachments.get(record.id, Path(record.vm_dir), self.engine.agent_ports(record.machine),
+                                    lambda directory, port: self.engine.connect(directory, record.machine, port),
+                                    purpose="commands")
+
+    def _give_envs(self, sandbox: Sandbox, envs: dict[str, str]) -> None:
+        reply = sandbox.call("set_env", envs=envs)
+        if reply.get("ev") != "ok":  # the API checked them as the agent does: this is not the client's error
+            raise ServiceError(f"the guest refused the sandbox's envs: {str(reply.get('message'))[:200]}")
 
     def interrupt(self, owner: str, sandbox_id: str) -> None:
         record = self._running(owner, sandbox_id)

@@ -201,7 +201,7 @@ def service_config(spec: ApplianceSpec, keys: list[str], image_dir: Path | None 
         metrics_keys=tuple(service.metrics_keys if metrics_keys is None else metrics_keys),
         network=network_settings(spec),
         # one port per gunicorn worker, one for the pool keeper, one spare for a worker being replaced
-        agent_ports=min(service.workers + 2, 30),
+        agent_ports=min(2 * service.workers + 2, 30),  # each worker may hold two: code and commands
         **{name: getattr(service, name) for name in _AS_IN_SPEC},
     )
 

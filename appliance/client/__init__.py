@@ -1,5 +1,6 @@
 """Python SDK of the appliance execution API (see also appliance.client.tools for LLM tool declarations)."""
 
+from .commands import CommandHandle, CommandResult
 from .errors import (
     ApplianceError,
     AuthenticationError,
@@ -19,13 +20,14 @@ from .errors import (
     ServerError,
     SnapshotExistsError,
 )
-from .sandbox import CommandResult, Execution, ExecutionError, ExecutionStream, Sandbox
+from .sandbox import Execution, ExecutionError, ExecutionStream, Sandbox
 from .watch import FileWatch
 
 __all__ = [
     "ApplianceError",
     "AuthenticationError",
     "BadRequestError",
+    "CommandHandle",
     "CommandResult",
     "ConnectionFailed",
     "Execution",

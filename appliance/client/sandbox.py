@@ -22,6 +22,7 @@ from typing import IO, Any
 import httpx
 
 from . import tls
+from .commands import Commands
 from .errors import ApplianceError, ConnectionFailed, NotFoundError, NotReadyError, error_from_response
 from .snapshots import Snapshots
 from .watch import FileWatch
@@ -93,14 +94,6 @@ class ExecutionStream:
             if event.get("type") == "done":
                 self.execution = Execution.from_json(event)
             yield event
-
-
-@dataclass
-class CommandResult:
-    stdout: str
-    stderr: str
-    exit_code: int | None
-    error: ExecutionError | None = None
 
 
 class _Api:
@@ -273,16 +266,6 @@ class Files:
                          self._sandbox._request_timeout)
 
 
-class Commands:
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sandbox = sandbox
-
-    def run(self, cmd: str, timeout: float | None = None) -> CommandResult:
-        """Run a bash command line in the sandbox."""
-        execution = self._sandbox.run_code(cmd, timeout=timeout, language="bash")
-        return CommandResult(execution.stdout, execution.stderr, execution.exit_code, execution.error)
-
-
 class Sandbox:
     """A sandbox on an appliance service. Creates one unless `sandbox_id` (or Sandbox.connect) names one.
 
@@ -291,6 +274,7 @@ class Sandbox:
     call resumes it with its whole process state. `ready_timeout` is how long creation waits while the service is
     still warming up (503 not_ready). `network` is what it may reach ("all", a list like ["10.1.2.0/24",
     "db.internal:5432"], or the API's {"egress": ...}); without it the sandbox has no network interface at all.
+    `envs` are environment variables of the whole sandbox (every exec and command; kept by fork and freeze).
     Leaving a `with` block deletes the sandbox, persistent or not; `detach()` keeps it."""
 
     def __init__(
@@ -306,6 +290,7 @@ class Sandbox:
         persistent: bool = False,
         idle_freeze_s: float | None = None,
         network: str | list[str] | dict[str, Any] | None = None,
+        envs: dict[str, str] | None = None,
         request_timeout: float = 60.0,
         ready_timeout: float = 60.0,
         http_client: httpx.Client | None = None,
@@ -330,7 +315,7 @@ class Sandbox:
             body = {k: v for k, v in {"timeout_s": timeout_s, "vcpus": vcpus, "memory_mib": memory_mib,
                                       "metadata": metadata, "persistent": persistent or None,
                                       "network": network_policy(network), "snapshot": snapshot,
-                                      "template": template}.items()
+                                      "template": template, "envs": envs or None}.items()
                     if v is not None}
             info = self._create(api, body, ready_timeout)
         self._setup(api, info, request_timeout)
@@ -416,10 +401,13 @@ class Sandbox:
         return f"/v1/sandboxes/{self.id}{suffix}"
 
     def run_code(self, code: str, timeout: float | None = None, stream: bool = False,
-                 language: str = "python") -> Any:
+                 language: str = "python", envs: dict[str, str] | None = None) -> Any:
         """Run code in the sandbox's persistent interpreter. Returns an Execution, or with stream=True an
-        ExecutionStream: iterate it for events as they happen; its .execution is the result afterwards."""
+        ExecutionStream: iterate it for events as they happen; its .execution is the result afterwards.
+        `envs`: environment variables for this exec only, over the sandbox's own."""
         body: dict[str, Any] = {"code": code, "language": language}
+        if envs:
+            body["envs"] = envs
         if timeout is not None:
             body["timeout_s"] = timeout
         wait = httpx.Timeout(self._request_timeout, read=(timeout or _DEFAULT_EXEC_WAIT_S) + _EXEC_SLACK_S)

@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .commands import CommandResult
 from .errors import ApplianceError
-from .sandbox import CommandResult, Execution, Sandbox
+from .sandbox import Execution, Sandbox
 from .tool_specs import BY_NAME, ToolCallError, validate_arguments
 
 MAX_RESULT_CHARS = 20_000

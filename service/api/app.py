@@ -22,6 +22,8 @@ Routes (all JSON unless noted; every one but the probes and the API description 
     GET    /v1/snapshots                               list the caller's named snapshots
     GET    /v1/snapshots/{name}                        show one
     DELETE /v1/snapshots/{name}                        delete one (POST /v1/sandboxes {"snapshot": name} uses it)
+    POST   /v1/sandboxes/{sandbox_id}/commands           run a command beside the REPL (background: a handle);
+    GET    .../commands, .../commands/{cid}[?wait_s], .../commands/{cid}/output?offset=N, POST .../stdin, .../signal
     GET    /v1/healthz   GET /v1/readyz   GET /metrics (metrics key)   GET /v1/openapi.json   GET /v1/docs
     /e2b/...                                           the E2B-compatible front door (service/compat/e2b)
 """
@@ -30,12 +32,14 @@ from __future__ import annotations
 
 import falcon
 
+from service.commands import Commands
 from service.compat import e2b
 from service.engine.deployment_secret import read_or_create
 from service.keys import KeyRing
 from service.settings import ServiceConfig, key_ring
 
 from . import error_responses
+from .commands import CommandCollection, CommandItem, CommandOutput, CommandSignal, CommandStdin
 from .docs import Docs
 from .exec import Exec, Interrupt
 from .file_ops import FileStat, MakeDir, Rename, Watch
@@ -80,6 +84,12 @@ def create_app(config: ServiceConfig, manager, metrics: Metrics | None = None,
     app.add_route(f"{sandbox}/files/mkdir", MakeDir(manager))
     app.add_route(f"{sandbox}/files/rename", Rename(manager))
     app.add_route(f"{sandbox}/files/watch", Watch(manager))
+    commands = Commands(manager)
+    app.add_route(f"{sandbox}/commands", CommandCollection(commands, config.max_body_bytes))
+    app.add_route(f"{sandbox}/commands/{{command_id}}", CommandItem(commands))
+    app.add_route(f"{sandbox}/commands/{{command_id}}/output", CommandOutput(commands))
+    app.add_route(f"{sandbox}/commands/{{command_id}}/stdin", CommandStdin(commands, config.max_body_bytes))
+    app.add_route(f"{sandbox}/commands/{{command_id}}/signal", CommandSignal(commands, config.max_body_bytes))
     app.add_route("/v1/healthz", Healthz())
     app.add_route("/v1/readyz", Readyz(manager))
     app.add_route("/metrics", MetricsResource(metrics))

@@ -76,7 +76,8 @@ class Exec:
         if len(body.code.encode()) > self._max_code:
             raise TooLarge(f"code is longer than the {self._max_code}-byte limit (service.max_code_bytes)")
         started = time.perf_counter()
-        events = self._manager.exec_events(req.context.owner, sandbox_id, body.code, body.language, body.timeout_s)
+        events = self._manager.exec_events(req.context.owner, sandbox_id, body.code, body.language, body.timeout_s,
+                                           **({"envs": body.envs} if body.envs else {}))
         streaming = req.client_prefers(["application/json", NDJSON]) == NDJSON
         if streaming:
             resp.content_type = NDJSON

@@ -13,6 +13,7 @@ from typing import Any
 import falcon
 
 from ..routing import SANDBOX_ID_PATTERN
+from . import openapi_commands
 from .file_ops import MakeDirRequest, RenameRequest
 from .request_models import VISIBLE_STATES, CreateSandbox, ExecRequest, ForkRequest, SnapshotRequest
 
@@ -230,6 +231,7 @@ _SCHEMAS: dict[str, Any] = {
     },
     "SnapshotList": {"type": "object", "required": ["snapshots"],
                      "properties": {"snapshots": {"type": "array", "items": _ref("Snapshot")}}},
+    **openapi_commands.SCHEMAS,
 }
 
 
@@ -346,6 +348,7 @@ def _paths() -> dict[str, Any]:
                                   **_errors(401, 404, 409, 410, 422, 429, 507)}},
         },
         **_file_op_paths(sandbox),
+        **openapi_commands.paths(sandbox, _errors),
         "/v1/healthz": {"get": {"operationId": "healthz", "tags": ["service"], "security": [],
                                 "summary": "Liveness: the process answers (no key needed)",
                                 "responses": {"200": _json(_ref("Status"), "Alive.")}}},

@@ -6,6 +6,8 @@ import json
 from typing import Any, Literal, TypeVar
 
 import falcon
+from appliance_agent import commands as guest_commands
+from appliance_agent import envs as guest_envs
 from appliance_agent.protocol import MAX_DEPTH, nesting_depth
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -62,6 +64,13 @@ class CreateSandbox(_Body):
         description="after timeout_s idle, freeze the sandbox to disk (its whole process state) instead of "
         "closing it; the next exec resumes it",
     )
+    envs: dict[str, str] | None = Field(
+        None,
+        description="environment variables of the whole sandbox: every exec (Python's os.environ, bash) and "
+        f"command sees them, and a fork, freeze and resume keep them. At most {guest_envs.MAX_VARS} names "
+        f"([A-Za-z_][A-Za-z0-9_]*), {guest_envs.MAX_BYTES} bytes in all; values are never logged or echoed",
+        examples=[{"API_TOKEN": "...", "MODE": "test"}],
+    )
     network: dict[str, Any] | None = Field(
         None,
         description='what the sandbox may reach: {"egress": "none" | "all" | {"allow": ["10.1.2.0/24", '
@@ -72,6 +81,7 @@ class CreateSandbox(_Body):
 
 
     _numbers = field_validator("vcpus", "memory_mib", "timeout_s", mode="before")(json_number)
+    _envs = field_validator("envs", mode="before")(lambda value: checked_envs(value))
 
     @field_validator("metadata")
     @classmethod
@@ -106,8 +116,66 @@ class ExecRequest(_Body):
     timeout_s: float | None = Field(
         None, gt=0, le=86400, description="time limit; on expiry KeyboardInterrupt, then the REPL worker is killed"
     )
+    envs: dict[str, str] | None = Field(
+        None, description="environment variables for this exec only (Python: os.environ while it runs; bash: its "
+        "environment), over the sandbox's own; same rules as at create",
+    )
 
     _number = field_validator("timeout_s", mode="before")(json_number)
+    _envs = field_validator("envs", mode="before")(lambda value: checked_envs(value))
+
+
+SIGNAL_NAMES = tuple(guest_commands.SIGNALS)  # the agent's allow-list
+
+
+class CommandRequest(_Body):
+    cmd: list[str] | str = Field(
+        ..., description="the program and its arguments (argv, run as is), or one shell line (run by bash -c)",
+        examples=[["python3", "-m", "http.server", "8000"], "make -j2 2>&1 | tail -n 20"],
+    )
+    cwd: str | None = Field(None, max_length=4096, description="working directory (default /data)")
+    envs: dict[str, str] | None = Field(None, description="environment variables for this command, over the "
+                                                          "sandbox's own; same rules as at create")
+    background: bool = Field(
+        False, strict=True,
+        description="true: answer at once with a handle (201 {command_id, pid}); false: run it to the end and "
+        "answer with its output (JSON, or NDJSON events with Accept: application/x-ndjson)",
+    )
+    timeout_s: float | None = Field(None, gt=0, le=7 * 86400,
+                                    description="the command's process group is killed (SIGKILL) after this long")
+
+    _number = field_validator("timeout_s", mode="before")(json_number)
+    _envs = field_validator("envs", mode="before")(lambda value: checked_envs(value))
+
+    @field_validator("cmd")
+    @classmethod
+    def _command(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not 1 <= len(value) <= 1024:
+            raise ValueError("as a list must hold 1 to 1024 strings")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        if any("\x00" in part for part in ([value] if isinstance(value, str) else value)):
+            raise ValueError("must not contain NUL bytes")
+        return value
+
+
+class StdinRequest(_Body):
+    data: str = Field("", description="text to write to the command's stdin (UTF-8, at most 1 MiB)")
+    eof: bool = Field(False, strict=True, description="close stdin after the data (the program then sees EOF)")
+
+
+class SignalRequest(_Body):
+    signal: Literal[SIGNAL_NAMES] = Field(  # type: ignore[valid-type]
+        "SIGTERM", description="sent to the command's process group"
+    )
+
+
+def checked_envs(value: Any) -> Any:
+    """The guest's own rules for env maps (appliance_agent.envs), so the API refuses what the agent would."""
+    try:
+        return guest_envs.check(value)
+    except guest_envs.EnvError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def read_json(req: falcon.Request, limit: int) -> Any:

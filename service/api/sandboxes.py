@@ -66,6 +66,7 @@ class SandboxCollection:
             req.context.owner, vcpus=body.vcpus, memory_mib=body.memory_mib, timeout_s=body.timeout_s,
             metadata=body.metadata, persistent=body.persistent, network_policy=body.network,
             snapshot=body.snapshot, template=body.template,
+            **({"envs": body.envs} if body.envs else {}),
         )
         self._metrics.create_seconds.observe(time.perf_counter() - started)
         self._metrics.creates.inc()

@@ -156,9 +156,11 @@ class Sandbox:
                 on_event(event)
         return result
 
-    def exec_events(self, code: str, timeout_s: float | None = None, language: str = "python") -> Iterator[dict]:
+    def exec_events(self, code: str, timeout_s: float | None = None, language: str = "python",
+                    envs: dict[str, str] | None = None) -> Iterator[dict]:
         """The agent's events for one exec as they arrive, ending with `done`. One exec at a time per sandbox:
-        SandboxBusy if this process or (through another agent port) another one is already running code."""
+        SandboxBusy if this process or (through another agent port) another one is already running code.
+        `envs`: environment variables for this exec only (the agent checks them again)."""
         if self._closed:
             raise SandboxClosed("the sandbox is closed")
         # A single-answer call (a file op, a watch poll) holds the lock for one round trip: wait that out, so
@@ -174,6 +176,7 @@ class Sandbox:
                 timeout_s=timeout,
                 grace_s=self.limits.grace_s,
                 output_cap=self.limits.output_cap,
+                **({"envs": envs} if envs else {}),
             )
             deadline = time.monotonic() + timeout + self.limits.grace_s + _HOST_SLACK_S
             budget = ResultBudget(self.limits.result_cap)
@@ -207,6 +210,10 @@ class Sandbox:
 
     def call(self, op: str, timeout_s: float = 10.0, payload: bytes = b"", **args: Any) -> dict[str, Any]:
         """A request with a single answer (ping, reseed, set_clock, restart_worker, file operations)."""
+        return self.call_with(op, args, timeout_s, payload)
+
+    def call_with(self, op: str, args: dict[str, Any], timeout_s: float = 10.0, payload: bytes = b"") -> dict[str, Any]:
+        """call() with the request's arguments as a dict: they may then use any name (a command's own timeout_s)."""
         if self._closed:
             raise SandboxClosed("the sandbox is closed")
         # One reader per connection: a call waits for a running exec of this process (or gives up busy).

@@ -84,12 +84,6 @@ def test_files_bytes_file_objects_and_iterables(connect, manager):
             sb.files.read("/d/missing")
 
 
-def test_commands_run_uses_bash(connect):
-    with connect() as sb:
-        result = sb.commands.run("ls -la /data")
-        assert result.stdout == "bash: ls -la /data\n" and result.exit_code == 0
-
-
 def test_connect_and_errors_carry_the_api_code(connect, manager, monkeypatch):
     sb = connect()
     again = connect(sandbox_id=sb.id)

@@ -12,7 +12,19 @@ import os
 import signal
 import time
 
-from appliance_agent import __version__, arguments, children, codegroups, fileops, files, frames, protocol, sysops
+from appliance_agent import (
+    __version__,
+    arguments,
+    children,
+    codegroups,
+    commands,
+    envs,
+    fileops,
+    files,
+    frames,
+    protocol,
+    sysops,
+)
 from appliance_agent.arguments import BadRequest, ExecArgs
 from appliance_agent.arguments import error as error_result
 from appliance_agent.arguments import seconds as _seconds
@@ -64,6 +76,7 @@ class Exec:
         self.started = started
         self.timed_out = False
         self.worker_request = b""  # the exec request as sent to (or held for) the worker
+        self.env_request = b""  # its envs, sent just before it (held and cancelled with it)
         self.earlier_loss: str | None = None  # the worker died while idle before this exec: a new namespace
 
 
@@ -81,6 +94,8 @@ class Agent:
         self._failed_starts = 0
         self._closing = False
         self._groups = codegroups.CodeGroups()
+        self._envs: dict[str, str] = {}  # the sandbox's own (set_env): in guest memory only, never logged
+        self._commands = commands.CommandTable(loop, self._groups, code_user, lambda: {**os.environ, **self._envs})
         self._ops = {
             "ping": self._op_ping,
             "exec": self._op_exec,
@@ -90,6 +105,8 @@ class Agent:
             "restart_worker": self._op_restart_worker,
             **dict.fromkeys(protocol.NET_OPS, self._op_net),
             **dict.fromkeys(fileops.HANDLERS, self._op_file),
+            **dict.fromkeys(commands.OPS, self._op_command),
+            "set_env": self._op_set_env,
         }
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -173,6 +190,7 @@ class Agent:
             sysops.kill_group(self._worker.pid)
         if self._exec is not None and self._exec.language == "bash":
             sysops.kill_group(self._exec.source.pid)
+        self._commands.kill_all()
         for channel in self._channels:
             channel.close()
 
@@ -223,6 +241,27 @@ class Agent:
             self._send_error(channel, request_id, exc.code, exc.message)
             return
         channel.send_encoded(frames.encode(protocol.event(request_id, "ok", **reply), data))
+
+    def _op_command(self, channel: HostChannel, request_id: int, message: dict[str, Any]) -> None:
+        """Commands beside the REPL (commands.py): answered at once, also while an exec runs."""
+        try:
+            reply, data = self._commands.handle(message)
+        except commands.CommandError as exc:
+            self._send_error(channel, request_id, exc.code, exc.message)
+            return
+        channel.send_encoded(frames.encode(protocol.event(request_id, "ok", **reply), data))
+
+    def _op_set_env(self, channel: HostChannel, request_id: int, message: dict[str, Any]) -> None:
+        try:
+            wanted = envs.check(message.get("envs"))
+        except envs.EnvError as exc:
+            raise BadRequest(str(exc)) from None
+        if len(self._envs.keys() | wanted.keys()) > envs.MAX_VARS:
+            raise BadRequest(f"a sandbox has at most {envs.MAX_VARS} variables of its own")
+        self._envs.update(wanted)
+        # Queued behind a running exec, if any, like a reseed; a restarted worker gets them at its start.
+        self._to_worker(_worker_request({"op": "env", "set": wanted}))
+        channel.send(protocol.event(request_id, "ok", names=sorted(self._envs)))
 
     def _op_ping(self, channel: HostChannel, request_id: int, _message: dict[str, Any]) -> None:
         channel.send(
@@ -289,7 +328,8 @@ class Agent:
         source: Child
         if language == "bash":
             try:
-                source = children.start_bash(args.code, self._groups.procs_file(codegroups.BASH), self._user)
+                source = children.start_bash(args.code, self._groups.procs_file(codegroups.BASH), self._user,
+                                             {**self._envs, **args.envs})
             except OSError as exc:
                 self._send_error(channel, request_id, ErrorCode.INTERNAL, f"cannot start bash: {exc}")
                 return
@@ -305,6 +345,9 @@ class Agent:
         if language == "python":
             self._exec.earlier_loss, self._lost_note = self._lost_note, None
             self._exec.worker_request = exec_request(args.code)
+            if args.envs:  # for this exec only: the worker sets them before the cell and restores them after
+                self._exec.env_request = _worker_request({"op": "exec_env", "set": args.envs})
+                self._to_worker(self._exec.env_request)
             self._to_worker(self._exec.worker_request)
         if timeout_s is not None:
             self._loop.call_later("timeout", timeout_s, self._on_timeout)
@@ -382,7 +425,8 @@ class Agent:
             return False
         if not any(data is running.worker_request for data in worker.held):
             return False
-        worker.held = [data for data in worker.held if data is not running.worker_request]
+        worker.held = [data for data in worker.held
+                       if data is not running.worker_request and data is not running.env_request]
         if running.timed_out:
             timeout = _seconds(running.timeout_s or 0)
             error = error_result("TimeoutError", f"execution exceeded {timeout} s before the Python process was ready")
@@ -504,6 +548,8 @@ class Agent:
                 self._worker_died(self._worker, status)
             elif running is not None and running.language == "bash" and pid == running.source.pid:
                 self._bash_exited(running, status)
+            elif self._commands.on_exit(pid, status):
+                pass
             # Anything else is an orphan of user code, adopted by PID 1 (or a retired child): now collected.
 
     def _bash_exited(self, running: Exec, status: int) -> None:
@@ -522,7 +568,8 @@ class Agent:
 
     def _start_worker(self) -> None:
         worker = children.start_worker(die_with_agent=self._die_with_agent, user=self._user,
-                                       cgroup_procs=self._groups.procs_file(codegroups.WORKER))
+                                       cgroup_procs=self._groups.procs_file(codegroups.WORKER),
+                                       extra_env=self._envs)
         self._worker = worker
         self._worker_requests = Outbox(self._loop, worker.requests)
         self._loop.set_reader(worker.control, lambda: self._on_control(worker))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from appliance_agent import protocol
+from appliance_agent import envs, protocol
 
 # Only for annotations (never evaluated, see the __future__ import): `typing` costs boot time under TCG.
 TYPE_CHECKING = False
@@ -40,6 +40,10 @@ class ExecArgs:
         assert grace_s is not None
         self.grace_s: float = grace_s
         self.output_cap: int = output_cap
+        try:
+            self.envs: dict[str, str] = envs.check(message.get("envs"))
+        except envs.EnvError as exc:
+            raise BadRequest(str(exc)) from None
 
 
 def seed(message: dict[str, Any]) -> bytes:

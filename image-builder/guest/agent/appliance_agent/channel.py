@@ -44,6 +44,12 @@ class Outbox:
         self._on_error = on_error
         self._pending = bytearray()
         self.enabled = True
+        self.on_drained: Callable[[], None] | None = None  # called when pending data has all been written
+
+    @property
+    def pending(self) -> int:
+        """Bytes accepted but not yet taken by the reader."""
+        return len(self._pending)
 
     def send(self, data: bytes) -> None:
         if not self.enabled:
@@ -90,6 +96,8 @@ class Outbox:
         del self._pending[:written]
         if not self._pending:
             self._loop.set_writer(self._fd, None)
+            if self.on_drained is not None:
+                self.on_drained()
 
     def _failed(self, exc: OSError) -> None:
         self.discard()

@@ -71,6 +71,9 @@ def _pipe() -> tuple[int, int]:
     return read_fd, write_fd
 
 
+pipe = _pipe  # for commands.py: the same pipes as the worker's and bash's
+
+
 class Child:
     """A child process and the read ends of its stdout and stderr pipes.
 
@@ -98,7 +101,8 @@ class WorkerProcess(Child):
 
 
 def start_worker(
-    *, die_with_agent: bool, cgroup_procs: str | None = None, user: CodeUser | None = None
+    *, die_with_agent: bool, cgroup_procs: str | None = None, user: CodeUser | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> WorkerProcess:
     """Start `python -c <boot> ...` running appliance_agent.worker.main with fresh pipes.
 
@@ -124,8 +128,9 @@ def start_worker(
     try:
         # SIGINT stays ignored (as in the agent) until the worker has installed its own handler.
         no_sigint = tuple(sig for sig in sysops.CHILD_DEFAULT_SIGNALS if sig != signal.SIGINT)
+        env = {**os.environ, **(extra_env or {})}
         pid = spawn(argv, (null, out_write, err_write), (request_read, control_write), no_sigint, cgroup_procs,
-                    None if user is None else user.environment(dict(os.environ)))
+                    env if user is None else user.environment(env))
     except OSError:
         for fd in (request_read, request_write, control_read, out_read, err_read):
             os.close(fd)
@@ -137,7 +142,8 @@ def start_worker(
     return WorkerProcess(pid=pid, stdout=out_read, stderr=err_read, requests=request_write, control=control_read)
 
 
-def start_bash(code: str, cgroup_procs: str | None = None, user: CodeUser | None = None) -> Child:
+def start_bash(code: str, cgroup_procs: str | None = None, user: CodeUser | None = None,
+               extra_env: dict[str, str] | None = None) -> Child:
     """`/bin/bash -c code` with stdin from /dev/null, in the agent's working directory (/data in the guest), as
     `user` if given (through setpriv: posix_spawn cannot change the uid, and a fork of the agent costs more)."""
     out_read, out_write = _pipe()
@@ -145,10 +151,10 @@ def start_bash(code: str, cgroup_procs: str | None = None, user: CodeUser | None
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         argv = ["/bin/bash", "-c", code]
-        env = None
+        env = {**os.environ, **(extra_env or {})}
         if user is not None:
             argv = [SETPRIV, f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", "--", *argv]
-            env = user.environment(dict(os.environ))
+            env = user.environment(env)
         pid = spawn(argv, (null, out_write, err_write), cgroup_procs=cgroup_procs, env=env)
     except OSError:
         os.close(out_read)

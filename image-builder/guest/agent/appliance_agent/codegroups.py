@@ -15,6 +15,7 @@ import time
 
 ROOT = "/sys/fs/cgroup"
 WORKER, BASH, AGENT = "worker", "bash", "agent"
+COMMANDS = "commands"  # background commands (commands.py): never killed with a bash exec's group
 # Processes and threads per group: far above what data work needs (numpy/BLAS threads, a multiprocessing pool),
 # far below what starves a 1-vCPU guest.
 PIDS_MAX = 512
@@ -33,7 +34,7 @@ class CodeGroups:
         """Create the groups; returns why not (the agent logs it and runs user code without them)."""
         try:
             _write(os.path.join(self.root, "cgroup.subtree_control"), "+pids")
-            for name in (WORKER, BASH):
+            for name in (WORKER, BASH, COMMANDS):
                 path = os.path.join(self.root, name)
                 if not os.path.isdir(path):
                     os.mkdir(path, 0o755)

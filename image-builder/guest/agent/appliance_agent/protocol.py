@@ -84,13 +84,18 @@ NETWORK_MODULES_DIR = "usr/lib/appliance/modules"
 # A host name the guest accepts in its /etc/hosts, and so what a sandbox's network policy may name.
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+# Commands beside the REPL (commands.py; cmd_stdin carries a raw payload) and the sandbox's environment:
+#     set_env {envs}  -> ok {names}  (every later exec, command and restarted worker sees them; the running
+#                                     worker's os.environ is updated before its next exec)
+# exec also takes envs {name: value}: for that exec only (bash: its environment; python: os.environ during it).
+CMD_OPS = ("cmd_start", "cmd_list", "cmd_status", "cmd_read", "cmd_stdin", "cmd_signal")
 # file_write, file_read and list_dir carry raw payloads: see frames.py.
 # Served by fileops.py (stat, remove, mkdir, rename; file_commit puts a finished upload in place) and filewatch.py.
 FILE_OPS = ("file_commit", "file_stat", "file_remove", "file_mkdir", "file_rename", "watch_start", "watch_poll",
             "watch_stop")
 OPS = frozenset(
     {"ping", "exec", "interrupt", "reseed", "set_clock", "restart_worker", "file_write", "file_read", "list_dir",
-     *NET_OPS, *FILE_OPS}
+     *NET_OPS, *FILE_OPS, *CMD_OPS, "set_env"}
 )
 EVENTS = frozenset({"hello", "pong", "stdout", "stderr", "display", "done", "ok", "error"})
 LANGUAGES = frozenset({"python", "bash"})
@@ -101,6 +106,9 @@ class ErrorCode:
     UNKNOWN_OP = "unknown_op"
     BUSY = "busy"
     INTERNAL = "internal"
+    NOT_FOUND = "not_found"  # commands: no such command id
+    TOO_MANY = "too_many"  # commands: a cap is reached
+    CONFLICT = "conflict"  # commands: the request does not fit the command's state (stdin closed)
 
 
 class ProtocolError(ValueError):

@@ -64,6 +64,7 @@ class Worker:
         self._deferred: list[dict[str, Any]] = []
         self._event_loop: Any = None
         self._shell: Any = None
+        self._exec_env: dict[str, str] = {}  # for the next exec only (pipes.py: exec_env)
         main_module = type(sys)("__main__")
         main_module.__dict__["__builtins__"] = builtins
         # pickle and multiprocessing look classes and functions up in sys.modules["__main__"].
@@ -106,23 +107,39 @@ class Worker:
             try:
                 op = request.get("op")
                 if op == "exec":
+                    restore = self._apply_exec_env()
                     try:
                         done = self.run_cell(request.get("code", ""))
                     except KeyboardInterrupt as exc:  # landed between the cell and its bookkeeping
                         self._running = False
                         done = {"ev": "done", "value": None, "error": describe_exception(exc)}
+                    if restore is not None:
+                        _restore_env(restore)
                     if done is None:
                         self._write(DONE_QUIET)
                     else:
                         self._send(done)
                 elif op == "reseed":
                     self.reseed(bytes.fromhex(request.get("seed_hex", "")))
+                elif op == "env":  # the sandbox's envs (checked by the agent): from now on
+                    os.environ.update(_str_map(request.get("set")))
+                elif op == "exec_env":
+                    self._exec_env = _str_map(request.get("set"))
             except KeyboardInterrupt:
                 pass
             except Exception as exc:  # a bad request from the agent is a bug there, not a reason to die
                 print(f"[worker: bad request: {exc!r}]", file=sys.stderr)
             if self._forked:
                 os._exit(0)  # user code forked and the child fell through the cell: it must not serve
+
+    def _apply_exec_env(self) -> dict[str, str | None] | None:
+        """Set the next exec's own envs; what they replaced, to put back after the cell (None: nothing to do)."""
+        if not self._exec_env:
+            return None
+        wanted, self._exec_env = self._exec_env, {}
+        before = {name: os.environ.get(name) for name in wanted}
+        os.environ.update(wanted)
+        return before
 
     def _next_request(self) -> dict[str, Any] | None:
         while True:
@@ -391,3 +408,17 @@ def main(argv: list[str]) -> None:
     with contextlib.suppress(BrokenPipeError):
         worker.serve()
     os._exit(0)
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {name: text for name, text in value.items() if isinstance(name, str) and isinstance(text, str)}
+
+
+def _restore_env(before: dict[str, str | None]) -> None:
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
