@@ -69,7 +69,14 @@ def legacy_owner(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def new_key() -> str:
+KEY_FORMATS = ("appliance", "e2b")
+
+
+def new_key(key_format: str = "appliance") -> str:
+    """A new key. "e2b": E2B's shape (`e2b_` and 40 hex digits, 160 bits), which some of E2B's SDKs insist on before
+    they send it (the E2B-compatible API, service/compat/e2b); rotating such a key keeps its shape."""
+    if key_format == "e2b":
+        return "e2b_" + secrets.token_hex(20)
     return "apl_" + secrets.token_urlsafe(32)
 
 
@@ -141,14 +148,17 @@ class KeyStore:
     def list(self) -> list[dict[str, Any]]:
         return read_store(self.path)
 
-    def add(self, name: str, kind: str = TENANT, expires: float | None = None) -> tuple[dict[str, Any], str]:
+    def add(self, name: str, kind: str = TENANT, expires: float | None = None,
+            key_format: str = "appliance") -> tuple[dict[str, Any], str]:
         """A new key: (its entry, the key itself: the only time it exists outside a client)."""
         if not NAME_RE.match(name):
             raise KeyStoreError(f"key name {name!r}: use 1-64 letters, digits and . _ @ - (starting with a letter "
                                 "or digit)")
         if kind not in KINDS:
             raise KeyStoreError(f"key kind {kind!r}: one of {', '.join(KINDS)}")
-        key, now = new_key(), self._clock()
+        if key_format not in KEY_FORMATS:
+            raise KeyStoreError(f"key format {key_format!r}: one of {', '.join(KEY_FORMATS)}")
+        key, now = new_key(key_format), self._clock()
         with self._changing() as entries:
             if any(entry["name"] == name and entry["revoked"] is None for entry in entries):
                 raise KeyStoreError(f"a key named {name!r} exists already (rotate it, or revoke it first)")
@@ -157,6 +167,7 @@ class KeyStore:
             while key_id in taken:
                 key_id = new_key_id()
             entry = {"id": key_id, "name": name, "kind": kind, "created": now, "expires": expires, "revoked": None,
+                     "format": key_format,
                      "secrets": [{"hmac": key_hash(self._secret, key), "created": now, "valid_until": None}]}
             entries.append(entry)
         return entry, key
@@ -164,9 +175,10 @@ class KeyStore:
     def rotate(self, key_id: str, overlap_s: float) -> tuple[dict[str, Any], str]:
         """A new secret for the same key id (same owner, same sandboxes); the current ones stay valid for
         `overlap_s` more seconds, so clients can switch without a failed call."""
-        key, now = new_key(), self._clock()
+        now = self._clock()
         with self._changing() as entries:
             entry = self._live(entries, key_id)
+            key = new_key("e2b" if entry.get("format") == "e2b" else "appliance")
             for item in entry["secrets"]:
                 if item["valid_until"] is None or item["valid_until"] > now + overlap_s:
                     item["valid_until"] = now + overlap_s

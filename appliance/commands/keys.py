@@ -98,15 +98,18 @@ def keys_group() -> None:
 @click.argument("name")
 @click.option("--expires", default=None, help="Expiry: a duration (90d, 12h) or a date (2027-01-31, UTC).")
 @click.option("--metrics", is_flag=True, help="A metrics key: may read /metrics and nothing else (for Prometheus).")
+@click.option("--e2b", "e2b_format", is_flag=True,
+              help="In E2B's shape (e2b_ and 40 hex digits), for E2B's SDKs against the E2B-compatible API.")
 @spec_option
-def add_command(name: str, expires: str | None, metrics: bool, spec_path: Path | None) -> None:
+def add_command(name: str, expires: str | None, metrics: bool, e2b_format: bool, spec_path: Path | None) -> None:
     """Add a key named NAME and print it (the only time it is shown)."""
     from service.keys import METRICS, TENANT
 
     _, store, _ = _store(spec_path)
     try:
         entry, key = store.add(name, METRICS if metrics else TENANT,
-                               None if expires is None else parse_expiry(expires, time.time()))
+                               None if expires is None else parse_expiry(expires, time.time()),
+                               key_format="e2b" if e2b_format else "appliance")
     except _errors() as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"added {entry['kind']} key {entry['id']} ({name})" +

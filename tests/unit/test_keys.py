@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,20 @@ def test_a_rotated_key_keeps_its_id_and_the_old_secret_works_for_the_overlap(sto
     _, newest = store.rotate(entry["id"], overlap_s=0)  # no overlap: the previous secret ends now
     assert ring.lookup(new_key) is None and ring.lookup(newest).key_id == entry["id"]
     assert len(store.list()[0]["secrets"]) == 1  # ended secrets are dropped from the file
+
+
+def test_a_key_in_e2b_shape_stays_in_it_through_rotation_and_has_the_has_id_lookup(store, ring):
+    entry, key = store.add("e2b-app", key_format="e2b")
+    assert re.fullmatch(r"e2b_[0-9a-f]{40}", key) and ring.lookup(key).key_id == entry["id"]
+    _, rotated = store.rotate(entry["id"], overlap_s=0)
+    assert re.fullmatch(r"e2b_[0-9a-f]{40}", rotated)
+    assert ring.has_id(entry["id"])  # what the E2B access tokens ask
+    store.revoke(entry["id"])
+    assert not ring.has_id(entry["id"])
+    _, plain = store.add("plain")
+    assert plain.startswith("apl_")
+    with pytest.raises(KeyStoreError, match="format"):
+        store.add("odd", key_format="uuid")
 
 
 def test_an_expired_key_is_refused(store, ring, clock):
