@@ -31,6 +31,15 @@ def json_number(value: Any) -> Any:
     return value
 
 
+# What an env map may hold, stated in the schema too (the agent's envs.py checks it again): names, the names the
+# sandbox sets itself, the count, and no NUL in a value. Only the 64 KiB total is left to the check.
+ENVS_SCHEMA: dict[str, Any] = {
+    "propertyNames": {"pattern": guest_envs.NAME.pattern, "not": {"enum": sorted(guest_envs.RESERVED)}},
+    "maxProperties": guest_envs.MAX_VARS,
+    "additionalProperties": {"type": "string", "pattern": "^[^\\u0000]*$"},
+}
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
@@ -65,7 +74,7 @@ class CreateSandbox(_Body):
         "closing it; the next exec resumes it",
     )
     envs: dict[str, str] | None = Field(
-        None,
+        None, json_schema_extra=ENVS_SCHEMA,
         description="environment variables of the whole sandbox: every exec (Python's os.environ, bash) and "
         f"command sees them, and a fork, freeze and resume keep them. At most {guest_envs.MAX_VARS} names "
         f"([A-Za-z_][A-Za-z0-9_]*), {guest_envs.MAX_BYTES} bytes in all; values are never logged or echoed",
@@ -117,7 +126,8 @@ class ExecRequest(_Body):
         None, gt=0, le=86400, description="time limit; on expiry KeyboardInterrupt, then the REPL worker is killed"
     )
     envs: dict[str, str] | None = Field(
-        None, description="environment variables for this exec only (Python: os.environ while it runs; bash: its "
+        None, json_schema_extra=ENVS_SCHEMA,
+        description="environment variables for this exec only (Python: os.environ while it runs; bash: its "
         "environment), over the sandbox's own; same rules as at create",
     )
 
@@ -134,7 +144,8 @@ class CommandRequest(_Body):
         examples=[["python3", "-m", "http.server", "8000"], "make -j2 2>&1 | tail -n 20"],
     )
     cwd: str | None = Field(None, max_length=4096, description="working directory (default /data)")
-    envs: dict[str, str] | None = Field(None, description="environment variables for this command, over the "
+    envs: dict[str, str] | None = Field(None, json_schema_extra=ENVS_SCHEMA,
+                                        description="environment variables for this command, over the "
                                                           "sandbox's own; same rules as at create")
     background: bool = Field(
         False, strict=True,

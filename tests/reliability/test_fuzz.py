@@ -26,6 +26,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.core.result import Ok
 from schemathesis.pytest.lazy import get_all_tests  # see the first test
+from schemathesis.specs.openapi.checks import ensure_resource_availability
 
 from tests.live_service import LiveService
 from tests.reliability.conftest import delete_all, error_shape_problem
@@ -42,7 +43,11 @@ RUNTIME_422 = frozenset({"network_unavailable", "snapshot_incompatible", "snapsh
 # Routes of one sandbox whose generated calls are pointed at a real sandbox half the time (the rest get 404);
 # fork, freeze, resume and delete reach real sandboxes through the links of the stateful phase.
 ON_TARGET = frozenset({"getSandbox", "exec", "interrupt", "writeFile", "readFile", "listDir"})
-FILE_OPERATIONS = frozenset({"writeFile", "readFile", "listDir"})
+FILE_OPERATIONS = frozenset({"writeFile", "readFile", "listDir", "removeFile", "statFile", "makeDir", "renameFile",
+                             "watchDir"})
+# Routes whose 404 may name something inside a live sandbox (a path, a command id), not the sandbox: Schemathesis's
+# "created resource not found" check cannot tell the two apart, so it is left out for them (the body says which).
+INNER_404 = FILE_OPERATIONS | {"getCommand", "readCommandOutput", "writeCommandStdin", "signalCommand"}
 SETTINGS = {"deadline": None, "database": None, "suppress_health_check": list(HealthCheck)}
 
 
@@ -67,6 +72,13 @@ class FuzzRun:
                 case.body.pop("template", None)
             if case.body.get("timeout_s") is not None:
                 case.body["timeout_s"] = max(case.body["timeout_s"], IDLE_FLOOR_S)
+        if operation == "runCommand" and positive and isinstance(case.body, dict):
+            timeout = case.body.get("timeout_s")
+            case.body["timeout_s"] = min(timeout, EXEC_TIMEOUT_CAP_S) if timeout else EXEC_TIMEOUT_CAP_S
+        if operation in ("watchDir", "getCommand", "readCommandOutput") and positive and case.query:
+            for name in ("timeout_s", "wait_s"):  # a stream or a wait as long as the schema allows: seconds here
+                if isinstance(case.query.get(name), int | float):
+                    case.query[name] = min(case.query[name], 2)
         if operation == "exec" and positive and isinstance(case.body, dict):
             timeout = case.body.get("timeout_s")
             case.body["timeout_s"] = min(timeout, EXEC_TIMEOUT_CAP_S) if timeout else EXEC_TIMEOUT_CAP_S
@@ -209,7 +221,9 @@ def test_linked_sequences_keep_the_contract(api_schema, fuzz_run, live):
             run.record(case, response)
 
         def validate_response(self, response, case, additional_checks=None, **kwargs):
-            super().validate_response(response, case, additional_checks=run.checks, **kwargs)
+            inner = case.operation.definition.raw.get("operationId") in INNER_404
+            super().validate_response(response, case, additional_checks=run.checks,
+                                      excluded_checks=[ensure_resource_availability] if inner else None, **kwargs)
 
         def teardown(self):
             delete_all(live, keep=frozenset({run.target}))
