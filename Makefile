@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 HOST_TOOLS := /usr/bin/python3 -m appliance.host_tools
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 
-.PHONY: demo test setup host-packages guest-image host-image lint unit integration provisioning bench fuzz load clean
+.PHONY: demo test setup host-packages guest-image host-image lint unit integration provisioning bench fuzz load clean chaos soak
 
 demo: setup guest-image
 	$(APPLIANCE) doctor
@@ -81,6 +81,14 @@ fuzz: setup guest-image
 
 load: setup guest-image
 	$(PY) bench/load_bench.py
+
+# Faults and soak (tests/reliability/test_faults.py, test_soak.py): `make test` runs the short matrix and a 20-cycle
+# soak; these run every fault case (a simulated host reboot too) and 1,000 cycles.
+chaos: setup guest-image
+	APPLIANCE_CHAOS=full $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/reliability/test_faults.py
+
+soak: setup guest-image
+	APPLIANCE_SOAK_CYCLES=1000 $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/reliability/test_soak.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache
