@@ -21,7 +21,7 @@ from service.engine import BootFailed, Engine, EngineError, Template, TemplateEr
 from .ages import Ages
 from .errors import ServiceError
 from .manager import SandboxManager, new_sandbox_id
-from .registry import CREATING, LOST, POOLED, RESUMING, RUNNING, TOUCH_EVERY_S, Registry, SandboxRecord
+from .registry import CREATING, LOST, POOLED, RESUMING, RUNNING, TOUCH_EVERY_S, Registry, SandboxRecord, is_busy
 from .settings import ServiceConfig, load_service_config
 from .template_store import TemplateStore
 
@@ -98,14 +98,18 @@ class PoolKeeper:
                 log.error("a fresh clone failed its first exec, dropped: %s", exc)
                 sandbox.close()
                 return
-            sandbox.detach()
-            self.registry.add(
-                SandboxRecord(
-                    id=sandbox_id, owner=None, state=POOLED, vm_dir=str(sandbox.vm_dir),
-                    template_id=template.template_id, machine=self.engine.machine_json(sandbox),
-                    timeout_s=self.config.sandbox_timeout_s,
+            try:
+                self.registry.add(
+                    SandboxRecord(
+                        id=sandbox_id, owner=None, state=POOLED, vm_dir=str(sandbox.vm_dir),
+                        template_id=template.template_id, machine=self.engine.machine_json(sandbox),
+                        timeout_s=self.config.sandbox_timeout_s,
+                    )
                 )
-            )
+            except BaseException:
+                sandbox.close()  # not registered: nobody else would ever stop it
+                raise
+            sandbox.detach()
 
     def reap(self) -> None:
         """Freeze (persistent) or close sandboxes idle past their lifetime; mark those whose VM died as lost;
@@ -162,11 +166,16 @@ class PoolKeeper:
         self.templates.remove_unused(self.registry)
         last_health = 0.0
         while not self._stop.is_set():
-            self.fill_pool(template)
-            if time.monotonic() - last_health > _HEALTH_EVERY_S:
-                self.reap()
-                self.templates.remove_unused(self.registry)
-                last_health = time.monotonic()
+            try:
+                self.fill_pool(template)
+                if time.monotonic() - last_health > _HEALTH_EVERY_S:
+                    self.reap()
+                    self.templates.remove_unused(self.registry)
+                    last_health = time.monotonic()
+            except Exception as exc:
+                if not is_busy(exc):
+                    raise
+                log.warning("the registry is locked by another process (%s); trying again", exc)
             self._stop.wait(_TICK_S)
         self.shutdown()
 

@@ -335,7 +335,7 @@ def small_snapshot_disk(live: LiveService, size_mib: int) -> Iterator[Path]:
     """The state dir's snapshots on a tmpfs of `size_mib` (a small disk of its own), unmounted at the end."""
     snapshots = live.state_dir / "snapshots"
     snapshots.mkdir(mode=0o700, parents=True, exist_ok=True)
-    assert not any(snapshots.iterdir()), "snapshots would be hidden under the mount"
+    assert not any(entry.is_dir() for entry in snapshots.iterdir()), "snapshots would be hidden under the mount"
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0700", "appliance-chaos", str(snapshots)],
                    check=True)
     try:
@@ -399,10 +399,13 @@ def test_fault(case, live, inventory):
     started = time.monotonic()
     disk = small_snapshot_disk(live, 2048) if case == "disk_full" else contextlib.nullcontext()
     with disk:
-        trio = make_trio(live)
-        may_lose = FAULTS[case](live, trio)
-        outcome = check_after(live, trio, may_lose)
-        delete_all(live)
+        try:
+            trio = make_trio(live)
+            may_lose = FAULTS[case](live, trio)
+            outcome = check_after(live, trio, may_lose)
+        finally:  # (before the small disk goes) a failed case must not leave sandboxes to the next one
+            with contextlib.suppress(httpx.HTTPError):
+                delete_all(live)
     live.wait_pool_full(time.monotonic() + HANG_S)
     check_no_leaks(live, inventory_, baseline)
     outcome["seconds"] = f"{time.monotonic() - started:.0f}"
