@@ -32,6 +32,7 @@ import httpx
 import pytest
 
 from service.engine.netpolicy import NETNS_PREFIX
+from service.manager import FREEZE_DISK_MARGIN_MIB
 from tests.live_service import LiveService
 from tests.reliability.conftest import delete_all
 from tests.reliability.leaks import Inventory, Snapshot, service_pids
@@ -345,19 +346,21 @@ def small_snapshot_disk(live: LiveService, size_mib: int) -> Iterator[Path]:
 
 
 def fault_disk_full(live: LiveService, trio: Trio) -> tuple[str, ...]:
-    """The state disk fills up while a freeze writes: the freeze is refused (507, documented), the sandbox keeps
-    running with its state, no partial snapshot stays, and once there is room a freeze and a resume work."""
+    """The state disk fills up while a freeze writes (another writer takes all of it the moment the freeze starts;
+    before, it leaves just what the freeze's own check asks for): the freeze is refused with a documented 507, the
+    sandbox keeps running with its state, no partial snapshot stays, and once there is room it freezes and resumes."""
     snapshots = live.state_dir / "snapshots"
-    filler = snapshots / "filler"
+    fillers = [snapshots / "filler-before", snapshots / "filler-during"]
     partial = snapshots / f"{trio.running}.partial"  # snapshot.freeze writes there, then renames
+    with live.client() as api:
+        memory_mib = api.get(f"/v1/sandboxes/{trio.running}").json()["memory_mib"]
+    _fill(fillers[0], _free(snapshots) - ((memory_mib + FREEZE_DISK_MARGIN_MIB + 64) << 20))
 
     def fill_when_written() -> None:
         deadline = time.monotonic() + HANG_S
         while not partial.exists() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        subprocess.run(["fallocate", "-l", f"{8 << 30}", str(filler)], capture_output=True)  # as much as fits
-        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "oflag=append", "conv=notrunc"],
-                       capture_output=True)
+            time.sleep(0.0005)
+        _fill(fillers[1], _free(snapshots) - (1 << 20))
 
     filling = threading.Thread(target=fill_when_written, daemon=True)
     filling.start()
@@ -365,12 +368,28 @@ def fault_disk_full(live: LiveService, trio: Trio) -> tuple[str, ...]:
         frozen = api.post(f"/v1/sandboxes/{trio.running}/freeze", timeout=HANG_S)
         filling.join(HANG_S)
         assert frozen.status_code == 507 and frozen.json()["error"]["code"] == "insufficient_storage", frozen.text
+        assert "keeps running" in frozen.json()["error"]["message"]
         assert not partial.exists() and not (snapshots / trio.running).exists(), "a partial snapshot stayed"
-        filler.unlink()
+        for filler in fillers:
+            filler.unlink()
         assert check_kept_or_lost(api, trio.running) == "kept"
         again = api.post(f"/v1/sandboxes/{trio.running}/freeze", timeout=HANG_S)
         assert again.status_code == 200, again.text
     return ()
+
+
+def _free(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+def _fill(path: Path, size: int) -> None:
+    """A file of `size` bytes really allocated (tmpfs pages), at once."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, max(size, 1))
+    finally:
+        os.close(fd)
 
 
 FAULTS = {name: globals()[f"fault_{name}"] for name in SHORT_CASES + FULL_CASES}
