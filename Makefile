@@ -82,7 +82,7 @@ fuzz: setup guest-image
 load: setup guest-image
 	$(PY) bench/load_bench.py
 
-# Faults and soak (tests/reliability/test_faults.py, test_soak.py): `make test` runs the short matrix and a 20-cycle
+# Faults and soak (tests/reliability/test_faults.py, test_soak.py): `make test` runs the short matrix and a 5-cycle
 # soak; these run every fault case (a simulated host reboot too) and 1,000 cycles.
 chaos: setup guest-image
 	APPLIANCE_CHAOS=full $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/reliability/test_faults.py

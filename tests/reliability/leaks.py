@@ -70,7 +70,7 @@ class Inventory:
         finally:
             db.close()
 
-    def _cgroup_dirs(self) -> list[Path]:
+    def cgroup_dirs(self) -> list[Path]:
         """The per-VM cgroups below this service's cgroup parent, in every controller hierarchy (v1) or once (v2)."""
         pid = self.service.master_pid if self.service.process and self.service.process.poll() is None else os.getpid()
         try:
@@ -138,7 +138,7 @@ class Inventory:
                     if pid not in live_pids]
         present = {entry.name for entry in vm_dirs} | {entry.name for entry in (run_dir / "templates").glob("*/*")
                                                        if entry.is_dir()}
-        cgroups = self._cgroup_dirs()
+        cgroups = self.cgroup_dirs()
         orphans += [f"cgroup {cgroup} (no VM dir)" for cgroup in cgroups if cgroup.name not in present]
         claimed = self._claimed_slots()
         orphans += [f"netns {NETNS_PREFIX}{slot} (no claim)" for slot in netns - claimed]
