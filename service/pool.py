@@ -30,6 +30,9 @@ _TICK_S = 0.1
 _HEALTH_EVERY_S = 2.0
 _RESERVATION_LIFETIME_S = 900.0  # longer than any create or fork takes (a fork of 64 under TCG: minutes)
 _PARENT_CHECK_S = 0.5
+# A VM dir no registry row names is stopped when it is this old: every create, fork and resume reserves its row
+# before it starts a VM, so only a process that died between starting one and registering it leaves such a dir.
+_UNOWNED_VM_AGE_S = 60.0
 
 
 class PoolKeeper:
@@ -144,6 +147,10 @@ class PoolKeeper:
                     log.warning("sandbox %s lost: its VM is not running", record.id)
                     self.registry.set_state(record.id, LOST)
         self._watch_every_stamp()
+        owned = {record.id for record in self.registry.list()}
+        for vm_dir in self.engine.unowned_vm_dirs(owned, _UNOWNED_VM_AGE_S):
+            log.warning("stopping the VM in %s: no sandbox owns it (its maker died before registering it)", vm_dir.name)
+            self.engine.stop_dir(vm_dir)
         for namespace in self.engine.remove_network_leftovers():
             log.warning("removed %s: a sandbox network whose VM is gone (left by a crash)", namespace)
 
