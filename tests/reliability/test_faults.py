@@ -194,15 +194,24 @@ def _service_shape(live: LiveService) -> str | None:
     """None when exactly the master, its workers and one keeper run (and no process of an older service)."""
     if len(live.worker_pids()) != live.workers or len(live.keeper_pids()) != 1:
         return f"workers {live.worker_pids()}, keepers {live.keeper_pids()}"
-    strays = [pid for pid in _old_service_pids if _alive(pid) and pid not in service_pids(live)]
+    strays = [pid for pid, started in _old_service_pids if _alive(pid) and _start_time(pid) == started
+              and pid not in service_pids(live)]
     return f"processes of an earlier service still run: {strays}" if strays else None
 
 
-_old_service_pids: set[int] = set()  # every service process this module has seen (a master kill must end them all)
+# every service process this module has seen, with its start time (PIDs get reused): a master kill must end them all
+_old_service_pids: set[tuple[int, str]] = set()
 
 
 def _remember(live: LiveService) -> None:
-    _old_service_pids.update(service_pids(live))
+    _old_service_pids.update((pid, _start_time(pid)) for pid in service_pids(live))
+
+
+def _start_time(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _alive(pid: int) -> bool:
@@ -295,9 +304,13 @@ def fault_reboot(live: LiveService, trio: Trio) -> tuple[str, ...]:
     _wait(lambda: not qemu_pids_under(live.run_dir), "the QEMUs to die")
     for slot in inventory.slots_seen:
         subprocess.run(["ip", "netns", "delete", f"{NETNS_PREFIX}{slot}"], capture_output=True)
-    for cgroup in inventory.cgroup_dirs():
-        with contextlib.suppress(OSError):
-            cgroup.rmdir()
+    def cgroups_gone() -> bool:  # a cgroup empties a moment after its last process is reaped: until then EBUSY
+        for cgroup in inventory.cgroup_dirs():
+            with contextlib.suppress(OSError):
+                cgroup.rmdir()
+        return not inventory.cgroup_dirs()
+
+    _wait(cgroups_gone, "the killed VMs' cgroups to go (a reboot clears them)")
     for entry in live.run_dir.iterdir():
         subprocess.run(["rm", "-rf", "--one-file-system", str(entry)], check=True)
     assert before.qemus > 0
