@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 HOST_TOOLS := /usr/bin/python3 -m appliance.host_tools
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 
-.PHONY: demo test setup host-packages guest-image host-image lint unit integration provisioning bench fuzz load test-snapshots-long clean
+.PHONY: demo test setup host-packages guest-image host-image lint unit integration provisioning bench fuzz load test-snapshots-long clean chaos soak
 
 demo: setup guest-image
 	$(APPLIANCE) doctor
@@ -85,6 +85,14 @@ load: setup guest-image
 # Named snapshots with 20 sandboxes from one snapshot (`make test` makes 5).
 test-snapshots-long: setup guest-image
 	APPLIANCE_TEST_SNAPSHOT_COPIES=20 $(VENV)/bin/pytest -q -p no:cacheprovider tests/integration/test_snapshots_live.py
+
+# Faults and soak (tests/reliability/test_faults.py, test_soak.py): `make test` runs the short matrix and a 5-cycle
+# soak; these run every fault case (a simulated host reboot too) and 1,000 cycles.
+chaos: setup guest-image
+	APPLIANCE_CHAOS=full $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/reliability/test_faults.py
+
+soak: setup guest-image
+	APPLIANCE_SOAK_CYCLES=1000 $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/reliability/test_soak.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache

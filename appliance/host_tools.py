@@ -73,6 +73,7 @@ PROGRAMS = (
     Program("sysctl", "procps", ("networks",)),
     Program("zstd", "zstd", ("snapshots", "tests")),
     Program("cat", "coreutils", ("snapshots",)),
+    Program("rm", "coreutils", ("tests",)),
     Program("mmdebstrap", "mmdebstrap", ("guest-image", "host-image", "provisioning-tests")),
     Program("apt-get", "apt", ("guest-image", "bundle")),
     Program("apt-cache", "apt", ("guest-image",)),

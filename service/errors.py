@@ -99,6 +99,11 @@ class NotReady(ServiceError):
     code, status = "not_ready", 503
 
 
+class NodeUnavailable(ServiceError):
+    """The node cannot serve the call now, for a while (its registry is locked by another process)."""
+    code, status = "node_unavailable", 503
+
+
 class InsufficientCapacity(ServiceError):
     """The host's memory cannot take the sandboxes asked for (committed guest memory, or its free reserve)."""
 

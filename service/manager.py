@@ -10,6 +10,7 @@ not exist.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -867,9 +868,18 @@ def _code_locked(record: SandboxRecord, failure: str) -> Iterator[None]:
     except SandboxBusy as exc:
         raise Busy(str(exc)) from None
     except (EngineError, OSError) as exc:
+        if _out_of_space(exc):  # the disk filled while the state was written: a documented 507, not a bug
+            raise InsufficientStorage(f"{failure}: the disk it writes to is full ({exc})") from None
         raise ServiceError(f"{failure}: {exc}") from None
     finally:
         os.close(lock_fd)
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT, raised here or reported by QEMU (whose migration error is text: strerror)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(os.strerror(code) in str(exc) for code in (errno.ENOSPC, errno.EDQUOT))
 
 
 def _fresh_vm_id(sandbox_id: str) -> str:

@@ -50,6 +50,13 @@ PUBLIC = ""
 TOUCH_EVERY_S = 5.0
 
 
+def is_busy(exc: BaseException) -> bool:
+    """Whether `exc` is SQLite giving up on a lock another process held for longer than the connection waits (30 s):
+    an operator's `sqlite3` shell in a transaction, a backup tool. The call can be retried; it is not a bug."""
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        word in str(exc) for word in ("database is locked", "database is busy", "database table is locked"))
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one admission is checked against: live sandboxes per key and on the host, and the configured guest

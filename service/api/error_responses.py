@@ -12,7 +12,8 @@ from typing import Any
 
 import falcon
 
-from service.errors import InvalidField, ServiceError
+from service.errors import InvalidField, NodeUnavailable, ServiceError
+from service.registry import is_busy
 
 from .body_streams import discard_unread
 
@@ -56,6 +57,9 @@ def _render(resp: falcon.Response, status: int, body: dict[str, Any], retry_afte
 def handle_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict[str, Any]) -> None:
     """Registered for Exception, falcon.HTTPError and ServiceError: the single serializer of failures."""
     discard_unread(req)
+    if is_busy(ex):  # the registry is locked by another process: retry later, not a 500
+        log.warning("registry busy in %s %s: %s", req.method, req.path, ex)
+        ex = NodeUnavailable("the node's sandbox registry is locked by another process; retry shortly", retry_after=5)
     if isinstance(ex, ServiceError):
         extra = {"field": ex.field} if isinstance(ex, InvalidField) else {}
         _render(resp, ex.status, error_body(ex.code, ex.message, **extra), ex.retry_after)

@@ -29,8 +29,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    if 401 in statuses:  # every route that takes a key also refuses a key of the wrong kind
-        statuses = tuple(sorted({*statuses, 403}))
+    if 401 in statuses:  # every route that takes a key also refuses a key of the wrong kind, and reads the registry
+        statuses = tuple(sorted({*statuses, 403, 503}))
     return {str(status): {"$ref": f"#/components/responses/E{status}"} for status in statuses}
 
 
@@ -56,7 +56,8 @@ _ERROR_TEXT = {
     "service.max_frozen_per_key (frozen sandboxes and named snapshots together).",
     500: "The service failed (code internal). A failed fork, freeze or resume leaves the sandbox as it was "
     "(running, or frozen); the message says what failed or quotes a request id the service log explains.",
-    503: "Not ready: no warm template yet (code not_ready); see Retry-After.",
+    503: "Not ready: no warm template yet (code not_ready), or the node's registry is locked by another process "
+    "(code node_unavailable); see Retry-After.",
     507: "Not enough room: host memory or vCPUs for the sandboxes asked for (code insufficient_capacity: committed "
     "guest memory past service.memory_overcommit, or the host's reserve; vCPUs past service.vcpu_overcommit), free "
     "disk for a freeze or free memory filesystem for a snapshot (code insufficient_capacity), or the quota for "

@@ -142,6 +142,12 @@ class CommandRequest(_Body):
     cmd: list[str] | str = Field(
         ..., description="the program and its arguments (argv, run as is), or one shell line (run by bash -c)",
         examples=[["python3", "-m", "http.server", "8000"], "make -j2 2>&1 | tail -n 20"],
+        # what _command checks, stated for clients and the fuzzer (the generated schema would allow [] and "")
+        json_schema_extra={"anyOf": [
+            {"type": "array", "items": {"type": "string", "pattern": "^[^\\u0000]*$"}, "minItems": 1,
+             "maxItems": 1024},
+            {"type": "string", "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"},
+        ]},
     )
     cwd: str | None = Field(None, max_length=4096, description="working directory (default /data)")
     envs: dict[str, str] | None = Field(None, json_schema_extra=ENVS_SCHEMA,

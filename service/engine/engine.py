@@ -218,6 +218,29 @@ class Engine:
         with contextlib.suppress(OSError, ValueError):
             VirtualMachine.attach(machine_from_json(machine_json), vm_dir).stop()
 
+    def unowned_vm_dirs(self, owned_ids: set[str], min_age_s: float) -> list[Path]:
+        """VM dirs of sandboxes (vm-<id>, or vm-<id>-<4 hex> for a resumed one) whose id is not in `owned_ids`,
+        older than `min_age_s`: VMs a process started and died before registering (the pool keeper killed while it
+        cloned). Stop them with stop_dir."""
+        found = []
+        now = time.time()
+        for vm_dir in sorted(self.config.sandboxes_dir.glob("vm-*")):
+            name = vm_dir.name.removeprefix("vm-")
+            if name in owned_ids or name.rsplit("-", 1)[0] in owned_ids:
+                continue
+            try:
+                if now - vm_dir.stat().st_mtime < min_age_s:
+                    continue
+            except FileNotFoundError:
+                continue
+            found.append(vm_dir)
+        return found
+
+    @staticmethod
+    def stop_dir(vm_dir: Path) -> None:
+        """Stop the VM of a directory whose machine nobody recorded (unowned_vm_dirs) and remove its files."""
+        VirtualMachine.for_dir(vm_dir).stop()
+
     @staticmethod
     def machine_json(sandbox: Sandbox) -> dict[str, Any]:
         """The machine as the registry keeps it (what connect and stop take back)."""

@@ -272,6 +272,15 @@ class FakeEngine:
             vm.alive = False
         shutil.rmtree(vm_dir, ignore_errors=True)
 
+    def unowned_vm_dirs(self, owned_ids: set[str], min_age_s: float) -> list[Path]:
+        """Running fake VMs whose dir names no owned id (no age here: the fake's VMs are made by the test)."""
+        return [vm_dir for vm_dir in self.vms
+                if not ({vm_dir.name.removeprefix("vm-"), vm_dir.name.removeprefix("vm-").rsplit("-", 1)[0]}
+                        & owned_ids)]
+
+    def stop_dir(self, vm_dir: Path) -> None:
+        self.stop(vm_dir, {})
+
     @staticmethod
     def machine_json(sandbox: FakeSandbox) -> dict[str, Any]:
         return sandbox._vm.machine

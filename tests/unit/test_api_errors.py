@@ -154,3 +154,20 @@ def test_metadata_is_bounded_and_named_when_too_large(roomy):
     assert roomy.simulate_get("/v1/sandboxes", headers=A).json == {"sandboxes": []}
     fits = {"blob": "x" * ((16 << 10) - 20)}
     assert roomy.simulate_post("/v1/sandboxes", json={"metadata": fits}, headers=A).status_code == 201
+
+
+def test_a_registry_locked_by_another_process_is_503_node_unavailable(client, manager, monkeypatch):
+    """SQLite gives up on a lock held longer than it waits (an operator's sqlite3 shell in a transaction): a documented
+    503 with Retry-After, not a 500 (tests/reliability/test_faults.py holds a real lock against a live service)."""
+    import sqlite3
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(manager.registry, "reserve", locked)
+    result = client.simulate_post("/v1/sandboxes", headers=A)
+    assert "locked" in assert_error(result, 503, "node_unavailable")["message"]
+    assert int(result.headers["retry-after"]) > 0
+    monkeypatch.setattr(manager.registry, "reserve", lambda *args, **kwargs: (_ for _ in ()).throw(
+        sqlite3.OperationalError("no such table: sandboxes")))  # a real fault stays a 500
+    assert_error(client.simulate_post("/v1/sandboxes", headers=A), 500, "internal")

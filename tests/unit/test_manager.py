@@ -4,6 +4,7 @@ service errors. The API tests (test_api_*.py) meet the same rules through HTTP; 
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ from service.engine import EngineError
 from service.errors import (
     Busy,
     InsufficientCapacity,
+    InsufficientStorage,
     Invalid,
     LimitReached,
     NetworkUnavailable,
@@ -568,3 +570,25 @@ def test_the_pool_keeper_gives_a_slow_template_boot_more_time_on_each_try():
     assert boot_deadlines(60.0) == [60.0, 120.0, 240.0, 480.0, 600.0]
     assert boot_deadlines(600.0) == [600.0]
     assert boot_deadlines(45.0, cap_s=100.0) == [45.0, 90.0, 100.0]
+
+@pytest.mark.parametrize("failure", [
+    EngineError("saving VM state failed: Unable to write to file: No space left on device"),  # as QEMU says it
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),  # the fsync or the metadata write
+], ids=["qemu", "oserror"])
+def test_a_disk_that_fills_during_a_freeze_is_507_and_the_sandbox_keeps_running(manager, engine, monkeypatch,
+                                                                                failure):
+    """(tests/reliability/test_faults.py fills a real small disk during a live freeze.) Anything else stays a 500."""
+    record = manager.create(OWNER)
+    run(manager, record.id, "x = 41")
+
+    def full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(engine, "freeze", full)
+    with pytest.raises(InsufficientStorage, match="keeps running"):
+        manager.freeze(OWNER, record.id)
+    monkeypatch.setattr(engine, "freeze", lambda *a, **k: (_ for _ in ()).throw(EngineError("QMP went away")))
+    with pytest.raises(ServiceError) as refused:
+        manager.freeze(OWNER, record.id)
+    assert refused.value.status == 500
+    assert manager.registry.get(record.id).state == RUNNING and run(manager, record.id, "x") == "41"
