@@ -25,6 +25,7 @@ POLL_FIRST_S = 0.02
 POLL_MAX_S = 0.25
 MAX_WAIT_S = 60.0  # one request's wait_s; a client that wants to wait longer asks again
 MAX_READ = agent_commands.MAX_READ
+MAX_OFFSET = 1 << 62  # a byte offset into a command's output (far past any output a ring has held)
 MAX_STDIN = agent_commands.MAX_STDIN
 SIGNALS = tuple(agent_commands.SIGNALS)
 # Fields of a command's status as the API shows them, with the JSON types the guest's answer must have.

@@ -21,7 +21,7 @@ from typing import Any
 
 import falcon
 
-from service.commands import MAX_READ, MAX_STDIN, MAX_WAIT_S, Commands
+from service.commands import MAX_OFFSET, MAX_READ, MAX_STDIN, MAX_WAIT_S, Commands
 from service.errors import TooLarge
 
 from .error_responses import InvalidField
@@ -140,7 +140,7 @@ class CommandOutput:
         self._commands = commands
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, sandbox_id: str, command_id: str) -> None:
-        offset = _int_param(req, "offset", 0, 0, 1 << 62)
+        offset = _int_param(req, "offset", 0, 0, MAX_OFFSET)
         limit = _int_param(req, "max", MAX_READ, 1, MAX_READ)
         resp.media = self._commands.read(req.context.owner, sandbox_id, _command_id(command_id), offset, limit,
                                          _wait_s(req))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.commands import MAX_READ, MAX_WAIT_S
+from service.commands import MAX_OFFSET, MAX_READ, MAX_WAIT_S
 
 from .request_models import CommandRequest, SignalRequest, StdinRequest
 
@@ -130,7 +130,7 @@ def paths(sandbox: list[dict[str, Any]], errors) -> dict[str, Any]:
                     "waits for output past the offset, or the command's end.",
                     "parameters": [
                         {"name": "offset", "in": "query", "required": False,
-                         "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}},
                         {"name": "max", "in": "query", "required": False,
                          "schema": {"type": "integer", "minimum": 1, "maximum": MAX_READ, "default": MAX_READ}},
                         _WAIT],

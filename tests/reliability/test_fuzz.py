@@ -221,9 +221,11 @@ def test_linked_sequences_keep_the_contract(api_schema, fuzz_run, live):
             run.record(case, response)
 
         def validate_response(self, response, case, additional_checks=None, **kwargs):
+            # as the parent does (its own signature has no way to leave a check out)
             inner = case.operation.definition.raw.get("operationId") in INNER_404
-            super().validate_response(response, case, additional_checks=run.checks,
-                                      excluded_checks=[ensure_resource_availability] if inner else None, **kwargs)
+            case.validate_response(response, additional_checks=run.checks, transport_kwargs=kwargs or None,
+                                   excluded_checks=[ensure_resource_availability] if inner else None,
+                                   recorder=self.recorder)
 
         def teardown(self):
             delete_all(live, keep=frozenset({run.target}))
