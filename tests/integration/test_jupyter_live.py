@@ -43,7 +43,8 @@ CELLS = [
     "sorted(k for k in Out)",
 ]
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_TIME = re.compile(r"\d+(\.\d+)? (ns|μs|ms|s)")
+# IPython prints %.3g: "1e+03 µs" on a slow host as well as "5.2 ms"
+_TIME = re.compile(r"\d+(\.\d+)?(e[+-]\d+)? (ns|μs|ms|s)")
 
 
 @dataclass
