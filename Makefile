@@ -86,8 +86,8 @@ load: setup guest-image
 test-snapshots-long: setup guest-image
 	APPLIANCE_TEST_SNAPSHOT_COPIES=20 $(VENV)/bin/pytest -q -p no:cacheprovider tests/integration/test_snapshots_live.py
 
-# Faults and soak (tests/reliability/test_faults.py, test_soak.py): `make test` runs the short matrix and a 5-cycle
-# soak; these run every fault case (a simulated host reboot too) and 1,000 cycles.
+# Faults and soak (tests/reliability/test_faults.py, test_soak.py): `make test` runs the short fault matrix (the soak
+# only when APPLIANCE_SOAK_CYCLES is set); these run every fault case (a simulated host reboot too) and 1,000 cycles.
 chaos: setup guest-image
 	APPLIANCE_CHAOS=full $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/reliability/test_faults.py
 
