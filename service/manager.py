@@ -177,13 +177,7 @@ class SandboxManager:
             else:
                 sandbox = self.engine.boot(vcpus=vcpus, memory_mib=memory_mib, detach=True, vm_id=place.id,
                                            agent_ports=self.config.agent_ports)
-            try:
-                place.network = None if wanted is None else self._give_network(sandbox, wanted)
-                if envs:
-                    self._give_envs(sandbox, envs)
-            except BaseException:
-                sandbox.close()
-                raise
+            place.network = self._equip(sandbox, wanted, envs)
         except BaseException:
             self._give_back(place)
             raise
@@ -225,13 +219,7 @@ class SandboxManager:
                 sandbox = self.engine.clone(template, place.id)
             except (EngineError, OSError) as exc:
                 raise ServiceError(f"creating a sandbox from {named.name!r} failed: {exc}") from None
-            try:
-                place.network = None if wanted is None else self._give_network(sandbox, wanted)
-                if envs:
-                    self._give_envs(sandbox, envs)
-            except BaseException:
-                sandbox.close()
-                raise
+            place.network = self._equip(sandbox, wanted, envs)
         except BaseException:
             self.registry.release([place.id])
             raise
@@ -334,6 +322,19 @@ class SandboxManager:
         return self.attachments.get(record.id, Path(record.vm_dir), self.engine.agent_ports(record.machine),
                                     lambda directory, port: self.engine.connect(directory, record.machine, port),
                                     purpose="commands")
+
+    def _equip(self, sandbox: Sandbox, wanted: NetworkRequest | None,
+               envs: dict[str, str] | None) -> dict[str, Any] | None:
+        """A new VM's network (its record, or None) and envs; the VM is closed if either fails (nobody else would
+        ever stop it)."""
+        try:
+            network = None if wanted is None else self._give_network(sandbox, wanted)
+            if envs:
+                self._give_envs(sandbox, envs)
+        except BaseException:
+            sandbox.close()
+            raise
+        return network
 
     def _give_envs(self, sandbox: Sandbox, envs: dict[str, str]) -> None:
         reply = sandbox.call("set_env", envs=envs)
