@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import ssl
 import subprocess
 import threading
@@ -24,9 +23,7 @@ from appliance import site_ca
 from service.agent_check import AgentCheckServer
 from service.routing import Capacity
 from tests.unit.role_render import render
-from tests.unit.test_node_proxy import _free_port, _require_haproxy
-
-NODE_ONLY = ("chroot ", "user ", "group ", "stats socket", "log /dev/log")
+from tests.unit.test_node_proxy import _free_port, _require_haproxy, running_haproxy
 
 
 @dataclass
@@ -122,28 +119,10 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     nodes = {tag: _node(tmp_path / "ca", f"node-{tag}", tag) for tag in ("n1", "n2")}
     port = _free_port()
     config = write_balancer(tmp_path, [node.entry() for node in nodes.values()], port)
-    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
-                              if not line.strip().startswith(NODE_ONLY)))
-    process = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"haproxy did not listen: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-                time.sleep(0.05)
-        yield Fleet(port, nodes, ssl.create_default_context(cafile=tmp_path / "ca" / "ca.pem"))
+        with running_haproxy(config, port):
+            yield Fleet(port, nodes, ssl.create_default_context(cafile=tmp_path / "ca" / "ca.pem"))
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         for node in nodes.values():
             node.agent.close()
             node.httpd.shutdown()

@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,37 @@ NODE = "node1.example.net"
 def _require_haproxy() -> None:
     if shutil.which("haproxy") is None:
         pytest.fail("haproxy is not installed: make setup (appliance/host_tools.py lists it for the tests)")
+
+
+# Lines of a node's HAProxy configuration that need the node's unit (chroot, users, syslog): left out here.
+NODE_ONLY = ("chroot ", "user ", "group ", "stats socket", "log /dev/log")
+
+
+@contextmanager
+def running_haproxy(config: Path, port: int) -> Iterator[None]:
+    """HAProxy on `config` (less the NODE_ONLY lines) until it listens on `port`; stopped by its PID at the end."""
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if not line.strip().startswith(NODE_ONLY)))
+    process = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"haproxy did not listen: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                time.sleep(0.05)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _free_port() -> int:
@@ -133,30 +165,11 @@ def proxy(tmp_path: Path) -> Iterator[Proxy]:
     port = _free_port()
     config = write_site(tmp_path, node_proxy_bind_address="127.0.0.1", node_proxy_port=port,
                         node_proxy_backend_port=backend.server_address[1])
-    node_only = ("chroot ", "user ", "group ", "stats socket", "log /dev/log")
-    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
-                              if not line.strip().startswith(node_only)))
     _require_haproxy()
-    process = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"haproxy did not listen: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-                time.sleep(0.05)
-        yield Proxy(port, backend, ssl.create_default_context(cafile=tmp_path / "ca" / "ca.pem"))
+        with running_haproxy(config, port):
+            yield Proxy(port, backend, ssl.create_default_context(cafile=tmp_path / "ca" / "ca.pem"))
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         backend.shutdown()
         backend.server_close()
 
